@@ -1,0 +1,39 @@
+// Errors, exit codes and small utilities shared by every module.
+//
+//   try { auto ds = diffuse::load_dataset("fashion-mnist:train", {}); }
+//   catch (const diffuse::Error& e) { std::cerr << "error: " << e.what() << "\n"; return e.exit_code(); }
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace diffuse {
+
+// Exit codes of the `diffuse` program.
+constexpr int kExitOk = 0;
+constexpr int kExitFailure = 1;  // a run that failed (NaN loss, I/O failure while writing)
+constexpr int kExitBadInput = 2; // bad input: missing/corrupt file, wrong shape, nonsense option
+
+// Every error the library raises on purpose. what() is one line, names the file or option at fault.
+class Error : public std::runtime_error {
+ public:
+  explicit Error(const std::string& message, int exit_code = kExitBadInput)
+      : std::runtime_error(message), exit_code_(exit_code) {}
+  int exit_code() const { return exit_code_; }
+
+ private:
+  int exit_code_;
+};
+
+// Bad input (a file, a data set, a shape, an option): exit code 2.
+inline Error input_error(const std::string& message) { return Error(message, kExitBadInput); }
+// A run that failed for another reason: exit code 1.
+inline Error run_error(const std::string& message) { return Error(message, kExitFailure); }
+
+// Number of hardware threads (at least 1).
+int64_t hardware_threads();
+// Sets LibTorch's intra-op threads (n <= 0: hardware_threads()). Debian's LibTorch starts with 1.
+void set_threads(int64_t n);
+
+}  // namespace diffuse

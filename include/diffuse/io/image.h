@@ -1,0 +1,32 @@
+// Image files (stb_image, stb_image_write) and sample grids.
+//
+//   at::Tensor img = diffuse::image_load("cat.png", 3);      // uint8 [C, H, W]
+//   diffuse::image_save_png("out.png", img);                 // atomic
+//   diffuse::image_save_png("grid.png", diffuse::make_grid(batch_uint8, 8));
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+
+namespace diffuse {
+
+// Reads PNG/JPEG/BMP (anything stb_image reads) as uint8 [C, H, W]; channels 1 or 3 converts,
+// 0 keeps the file's own (grey+alpha -> 1, RGBA -> 3). Throws input_error naming the file.
+at::Tensor image_load(const std::string& path, int64_t channels = 0);
+// Decodes an encoded image held in memory (same rules).
+at::Tensor image_decode(const std::string& bytes, int64_t channels, const std::string& context);
+// Writes uint8 [C, H, W] (C = 1 or 3) as PNG, atomically.
+void image_save_png(const std::string& path, const at::Tensor& image);
+// Encodes uint8 [C, H, W] as PNG bytes.
+std::string image_encode_png(const at::Tensor& image);
+// Tiles uint8 [N, C, H, W] into one uint8 [C, H', W'] grid with `ncol` columns and `pad` pixels between.
+at::Tensor make_grid(const at::Tensor& images, int64_t ncol = 8, int64_t pad = 2, int64_t pad_value = 0);
+// [-1, 1] float -> uint8 [0, 255] (rounded, clamped), and back.
+at::Tensor to_uint8(const at::Tensor& x);
+at::Tensor to_float(const at::Tensor& u8);
+// Resizes uint8 [C, H, W] so that the short side is `size` (area/bilinear), then center-crops to size x size.
+at::Tensor resize_center_crop(const at::Tensor& image, int64_t size);
+
+}  // namespace diffuse

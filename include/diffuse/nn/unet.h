@@ -1,0 +1,92 @@
+// The U-Net: the same function, with the same parameter names, as diffusers' UNet2DModel
+// (pixel-space blocks: DownBlock2D, AttnDownBlock2D, UpBlock2D, AttnUpBlock2D, UNetMidBlock2D).
+//
+//   diffuse::UNetConfig cfg = diffuse::unet_config_from_json(nlohmann::json::parse(text));
+//   diffuse::UNet2DModel net(cfg);
+//   at::Tensor out = net->forward(x, timesteps);              // x [N, C, H, W], timesteps [N] (float or int64)
+//   diffuse::UNet2DModel m = diffuse::load_diffusers_unet("path/to/unet");  // config.json + diffusion_pytorch_model.safetensors
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <nlohmann/json.hpp>
+#include <torch/nn/module.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "diffuse/io/safetensors.h"
+
+namespace diffuse {
+
+// Mirrors UNet2DModel.__init__'s arguments (same names, same defaults).
+struct UNetConfig {
+  int64_t sample_size = 32;                    // image side the model was made for
+  int64_t in_channels = 3;                     // input channels (SR3-style conditioning adds channels here)
+  int64_t out_channels = 3;                    // 2 x image channels for learned variances
+  bool center_input_sample = false;            // x -> 2x - 1 first
+  std::string time_embedding_type = "positional";
+  int64_t freq_shift = 0;                      // sinusoid frequency shift (downscale_freq_shift)
+  bool flip_sin_to_cos = true;                 // [cos, sin] instead of [sin, cos]
+  std::vector<std::string> down_block_types = {"DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"};
+  std::vector<std::string> up_block_types = {"AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"};
+  std::vector<int64_t> block_out_channels = {224, 448, 672, 896};
+  int64_t layers_per_block = 2;                // resnets per down block (up blocks: +1)
+  double mid_block_scale_factor = 1.0;
+  int64_t downsample_padding = 1;              // 1: conv pad 1; 0: F.pad(0,1,0,1) then conv pad 0
+  std::string downsample_type = "conv";
+  std::string upsample_type = "conv";
+  double dropout = 0.0;
+  std::string act_fn = "silu";
+  std::optional<int64_t> attention_head_dim = 8; // channels per head; nullopt: one head of all channels
+  int64_t norm_num_groups = 32;
+  std::optional<int64_t> attn_norm_num_groups;   // nullopt: norm_num_groups
+  double norm_eps = 1e-5;
+  std::string resnet_time_scale_shift = "default";
+  bool add_attention = true;                   // attention in the mid block
+  std::optional<std::string> class_embed_type; // only null (embedding table) is supported
+  std::optional<int64_t> num_class_embeds;     // class-conditional when set
+  std::optional<int64_t> time_embedding_dim;   // nullopt: 4 x block_out_channels[0]
+};
+
+// Reads a diffusers config.json object (unknown keys such as _class_name are ignored; unsupported
+// values give input_error naming the key). Writes the same keys back.
+UNetConfig unet_config_from_json(const nlohmann::json& j);
+nlohmann::json unet_config_to_json(const UNetConfig& cfg);
+
+class UNet2DModelImpl : public torch::nn::Module {
+ public:
+  explicit UNet2DModelImpl(const UNetConfig& cfg);
+  // x [N, in_channels, H, W]; timesteps [N] or a scalar, float or integer; class_labels [N] int64
+  // (required iff num_class_embeds is set). Returns [N, out_channels, H, W].
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& timesteps,
+                     const at::Tensor& class_labels = at::Tensor());
+  const UNetConfig& config() const { return cfg_; }
+  int64_t num_parameters() const;
+
+ private:
+  struct Impl;
+  UNetConfig cfg_;
+  std::shared_ptr<Impl> impl_;
+};
+TORCH_MODULE(UNet2DModel);
+
+// Parameters by their diffusers names (state_dict order).
+TensorDict unet_state_dict(UNet2DModelImpl& net);
+// Copies tensors into the model. Accepts legacy attention names (query/key/value/proj_attn). Every
+// parameter must be present with the right shape; unknown names are an error (input_error naming them).
+void unet_load_state_dict(UNet2DModelImpl& net, const TensorDict& tensors, const std::string& context);
+
+// A diffusers UNet2DModel folder: config.json + diffusion_pytorch_model.safetensors.
+UNet2DModel load_diffusers_unet(const std::string& dir);
+void save_diffusers_unet(UNet2DModelImpl& net, const std::string& dir);
+
+// true when the build uses at::scaled_dot_product_attention (LibTorch 2.x).
+bool unet_has_sdpa();
+// Attention core on [B, heads, L, d] tensors: softmax(q k^T * scale) v. use_sdpa selects the fused
+// kernel where available (ignored on 1.13). Exposed so tests can compare both paths.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool use_sdpa);
+
+}  // namespace diffuse

@@ -1,0 +1,1 @@
+// Data sets: placeholder until the loaders land.

@@ -1,0 +1,1 @@
+// Noise processes: implemented in this file (placeholder until the processes land).
