@@ -1,0 +1,73 @@
+// The run configuration: model, process, loss and training options, as one typed struct that reads and
+// writes the JSON of presets (configs/*.json) and checkpoints (config.json).
+//
+//   diffuse::RunConfig cfg = diffuse::load_preset("fmnist");        // configs/fmnist.json
+//   cfg.train.batch_size = 128;                                      // CLI flags set the same fields
+//   std::string text = diffuse::run_config_to_json(cfg).dump(2);
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <string>
+
+#include "diffuse/loss.h"
+#include "diffuse/nn/unet.h"
+#include "diffuse/process.h"
+
+namespace diffuse {
+
+struct TrainOptions {
+  std::string data = "fashion-mnist";  // data spec (see data/dataset.h)
+  int64_t image_size = 0;        // resize data to this side (0: the model's sample_size)
+  bool hflip = false;            // random horizontal flips (off: Fashion-MNIST is not mirror-symmetric)
+  int64_t batch_size = 64;       // images per step
+  int64_t steps = 10000;         // total optimizer steps of the run
+  double lr = 2e-4;              // peak learning rate (AdamW)
+  double beta1 = 0.9;            // AdamW
+  double beta2 = 0.999;
+  double adam_eps = 1e-8;
+  double weight_decay = 0.0;     // decoupled (AdamW)
+  int64_t warmup_steps = 200;    // linear warm-up from 0 to lr
+  double grad_clip = 1.0;        // max global gradient norm (0: off)
+  double ema_decay = 0.9999;     // EMA decay, ramped as min(decay, (1 + step) / (10 + step))
+  uint64_t seed = 0;             // every random draw of the run derives from it
+  int64_t log_every = 50;        // steps between log lines / metrics.jsonl records
+  int64_t sample_every = 1000;   // steps between sample grids (0: off)
+  int64_t ckpt_every = 1000;     // steps between checkpoints (a final one is always written)
+  int64_t keep_checkpoints = 2;  // complete checkpoints kept in the run directory
+  int64_t sample_n = 64;         // images in each sample grid
+  std::string sample_sampler = "ddim";
+  int64_t sample_steps = 50;
+  double max_minutes = 0.0;      // wall-clock budget (0: none); the run checkpoints and stops when spent
+  bool class_conditional = false;  // condition on labels (model.num_class_embeds must be set)
+  double p_uncond = 0.0;         // label dropout for classifier-free guidance (> 0: the last class
+                                 // embedding is the "no class" label; model.num_class_embeds = classes + 1)
+  std::string device = "auto";   // "cpu", "cuda", "auto"
+};
+
+struct RunConfig {
+  UNetConfig model;
+  ProcessConfig process;
+  LossConfig loss;
+  TrainOptions train;
+};
+
+nlohmann::json train_options_to_json(const TrainOptions& t);
+TrainOptions train_options_from_json(const nlohmann::json& j, const TrainOptions& defaults = {});
+nlohmann::json loss_config_to_json(const LossConfig& l);
+LossConfig loss_config_from_json(const nlohmann::json& j);
+nlohmann::json run_config_to_json(const RunConfig& c);
+RunConfig run_config_from_json(const nlohmann::json& j);
+
+// Directory holding the presets: $DIFFUSE_CONFIGS, else <source>/configs, else <prefix>/share/diffuse/configs.
+std::string configs_dir();
+// A preset name ("tiny", "fmnist", "cifar10-ddpm") or a path to a JSON file.
+RunConfig load_preset(const std::string& name_or_path);
+
+}  // namespace diffuse
+
+namespace diffuse {
+// "auto" -> "cuda" when a GPU is usable, else "cpu"; "cpu"/"cuda"/"cuda:N" checked (input_error).
+std::string resolve_device(const std::string& name);
+}  // namespace diffuse

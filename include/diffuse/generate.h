@@ -1,0 +1,46 @@
+// Drawing images from a model: noise, a sigma grid, a sampler — batched, with per-image random streams
+// so that the same seed gives the same images whatever the batch size or thread count.
+//
+//   diffuse::Model m = diffuse::load_model("runs/fm");
+//   diffuse::GenerateOptions g; g.n = 64; g.sampler = "ddim"; g.steps = 50;
+//   at::Tensor images = diffuse::generate(m, g);                  // float [-1, 1], [64, C, H, W], CPU
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "diffuse/io/checkpoint.h"
+#include "diffuse/sampler.h"
+
+namespace diffuse {
+
+struct GenerateOptions {
+  int64_t n = 64;               // images to draw
+  int64_t batch = 64;           // images per network batch (does not change the images)
+  uint64_t seed = 0;            // image i draws its noise from (seed, i)
+  int64_t first_index = 0;      // index of the first image (to continue a set)
+  std::string sampler = "ddim"; // see `diffuse samplers`
+  int64_t steps = 50;           // sampler steps
+  std::string grid;             // sigma grid; empty: the sampler's default for the process
+  double rho = 7.0;             // Karras grid
+  SamplerOptions options;       // eta, churn, snr, rtol... (noise and callback are set per batch)
+  std::vector<int64_t> labels;  // class per image (class-conditional models); empty: unconditional
+  double guidance = 1.0;        // classifier-free guidance scale (1: plain conditional)
+};
+
+// The sigma grid `generate` would use for this model and options.
+std::vector<double> generation_sigmas(const Model& m, const GenerateOptions& g);
+
+// Draws g.n images. on_batch(done, total) is called after each batch. Returns float [-1, 1] on CPU.
+at::Tensor generate(const Model& m, const GenerateOptions& g,
+                    const std::function<void(int64_t, int64_t)>& on_batch = nullptr,
+                    int64_t* nfe_per_image = nullptr);
+
+// Writes uint8 images [N, C, H, W] as a .npy file (shape N, H, W[, C]), atomically.
+void npy_save_uint8(const std::string& path, const at::Tensor& images);
+
+}  // namespace diffuse

@@ -1,0 +1,48 @@
+// Training losses, all in the denoiser's terms: draw sigma, x_hat = x0 + sigma * eps, and compare the
+// network output F with its target (x0 - c_skip * x_hat) / c_out, weighted.
+//
+//   diffuse::LossConfig lc;                        // L_simple for the process's default distribution
+//   diffuse::LossOutput out = diffuse::diffusion_loss(net, *process, lc, x0, labels, generator);
+//   out.loss.backward();
+#pragma once
+
+#include <ATen/core/Generator.h>
+#include <ATen/core/Tensor.h>
+#include <nlohmann/json.hpp>
+
+#include <string>
+
+#include "diffuse/denoiser.h"
+
+namespace diffuse {
+
+enum class LossWeighting {
+  kSimple,  // L_simple: plain MSE on the prediction target (eps, x0, v or F)
+  kMinSnr,  // min-SNR-gamma (Hang et al. 2023), expressed for the prediction target
+  kEdm,     // EDM lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (the F-MSE)
+  kLikelihood,  // Song et al. (2021) likelihood weighting g(t)^2 (continuous processes)
+};
+
+struct LossConfig {
+  Prediction prediction = Prediction::kEps;  // what the network predicts
+  LossWeighting weighting = LossWeighting::kSimple;
+  double min_snr_gamma = 5.0;   // for kMinSnr
+  double p_mean = -1.2;         // EDM log-normal sigma sampling
+  double p_std = 1.2;
+};
+
+LossWeighting loss_weighting_from_name(const std::string& name);  // "simple" "min-snr" "edm" "likelihood"
+std::string loss_weighting_name(LossWeighting w);
+
+struct LossOutput {
+  at::Tensor loss;        // scalar mean over the batch (differentiable)
+  at::Tensor per_sample;  // [N] detached
+  at::Tensor sigma;       // [N] float64 CPU: the sigmas drawn
+};
+
+// Draws sigma per sample from the process's training distribution (DDPM: t ~ U{0..T-1}; VP/sub-VP/VE:
+// t ~ U[t_eps, 1]; EDM: ln sigma ~ N(p_mean, p_std^2)), noise with `gen`, and returns the loss.
+LossOutput diffusion_loss(const ModelFn& model, const Process& process, const LossConfig& cfg,
+                          const at::Tensor& x0, const at::Tensor& labels, at::Generator& gen);
+
+}  // namespace diffuse

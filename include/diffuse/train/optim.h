@@ -1,0 +1,86 @@
+// AdamW over one flat parameter buffer: every parameter and its gradient is a view into a single
+// contiguous tensor, so a step is a handful of whole-buffer kernels (no per-tensor launches) on CPU and
+// GPU alike, and the global gradient norm is one reduction.
+//
+//   diffuse::FlatParameters flat(net->named_parameters());   // after net->to(device)
+//   diffuse::AdamW opt(flat, {/*lr=*/2e-4});
+//   loss.backward(); double norm = flat.clip_grad_norm(1.0); opt.step(lr); flat.zero_grad();
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/ordered_dict.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "diffuse/io/safetensors.h"
+
+namespace diffuse {
+
+class FlatParameters {
+ public:
+  // Re-points each parameter (and its .grad) at a slice of one buffer. The parameters keep their names.
+  explicit FlatParameters(const torch::OrderedDict<std::string, at::Tensor>& named_parameters);
+  at::Tensor& data() { return data_; }   // [P] all parameters
+  at::Tensor& grad() { return grad_; }   // [P] all gradients
+  int64_t numel() const { return data_.numel(); }
+  void zero_grad() { grad_.zero_(); }
+  // Global L2 norm of the gradient (a 0-dim tensor; no host sync). Scales the gradient down to
+  // max_norm when above it (max_norm <= 0: no clipping).
+  at::Tensor clip_grad_norm(double max_norm);
+  // Named views into another buffer of the same layout (for EMA weights, optimizer moments).
+  TensorDict views(const at::Tensor& buffer) const;
+  TensorDict named_data() const { return views(data_); }
+  // Copies named tensors (as saved) into a buffer of this layout; every name must be present.
+  void load_into(at::Tensor& buffer, const TensorDict& tensors, const std::string& context) const;
+
+ private:
+  std::vector<std::string> names_;
+  std::vector<std::vector<int64_t>> shapes_;
+  std::vector<int64_t> offsets_;
+  at::Tensor data_;
+  at::Tensor grad_;
+};
+
+struct AdamWOptions {
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+};
+
+// Loshchilov & Hutter (2019), decoupled weight decay; bias-corrected moments as in Kingma & Ba.
+class AdamW {
+ public:
+  AdamW(FlatParameters& params, const AdamWOptions& options);
+  void step(double lr);
+  int64_t step_count() const { return step_; }
+  // State for checkpoints: exp_avg, exp_avg_sq (flat) and the step count.
+  at::Tensor& exp_avg() { return exp_avg_; }
+  at::Tensor& exp_avg_sq() { return exp_avg_sq_; }
+  void set_step_count(int64_t s) { step_ = s; }
+
+ private:
+  FlatParameters& params_;
+  AdamWOptions options_;
+  at::Tensor exp_avg_;
+  at::Tensor exp_avg_sq_;
+  int64_t step_ = 0;
+};
+
+// Exponential moving average of the flat parameters: ema = decay * ema + (1 - decay) * params,
+// with the warm-up decay min(decay, (1 + n) / (10 + n)).
+class Ema {
+ public:
+  Ema(const at::Tensor& params, double decay);
+  void update(const at::Tensor& params, int64_t step);
+  at::Tensor& data() { return ema_; }
+  double decay_at(int64_t step) const;
+
+ private:
+  at::Tensor ema_;
+  double decay_;
+};
+
+}  // namespace diffuse

@@ -1,0 +1,181 @@
+#include "diffuse/io/checkpoint.h"
+
+#include <cstdio>
+#include <filesystem>
+
+#include "diffuse/common.h"
+#include "diffuse/io/file.h"
+
+namespace diffuse {
+namespace {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+json parse_json_file(const std::string& path) {
+  try {
+    return json::parse(read_file(path));
+  } catch (const json::parse_error& e) {
+    throw input_error(path + ": invalid JSON (" + std::string(e.what()) + ")");
+  }
+}
+
+std::string step_dir_name(int64_t step) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "step_%08lld", static_cast<long long>(step));
+  return buf;
+}
+
+}  // namespace
+
+std::string checkpoint_save(const std::string& run_dir, const Checkpoint& ckpt, int64_t keep) {
+  const std::string ckpts = path_join(run_dir, "checkpoints");
+  const std::string name = step_dir_name(ckpt.state.step);
+  const std::string dir = path_join(ckpts, name);
+  make_directories(dir);
+  json config = run_config_to_json(ckpt.config);
+  config["format"] = "diffuse-checkpoint-1";
+  config["data_fingerprint"] = ckpt.state.data_fingerprint;
+  write_file_atomic(path_join(dir, "config.json"), config.dump(2) + "\n");
+  Metadata meta{{"format", "pt"}, {"step", std::to_string(ckpt.state.step)}};
+  safetensors_save(path_join(dir, "model.safetensors"), ckpt.model, meta);
+  if (!ckpt.ema.empty()) safetensors_save(path_join(dir, "ema.safetensors"), ckpt.ema, meta);
+  if (!ckpt.optimizer.empty()) safetensors_save(path_join(dir, "optimizer.safetensors"), ckpt.optimizer, meta);
+  json state{{"step", ckpt.state.step},
+             {"adam_step", ckpt.state.adam_step},
+             {"elapsed_seconds", ckpt.state.elapsed_seconds},
+             {"data_fingerprint", ckpt.state.data_fingerprint}};
+  // state.json last: its presence marks the checkpoint directory complete.
+  write_file_atomic(path_join(dir, "state.json"), state.dump(2) + "\n");
+  write_file_atomic(path_join(run_dir, "config.json"), config.dump(2) + "\n");
+  write_file_atomic(path_join(run_dir, "latest"), name + "\n");
+
+  // Keep the newest `keep` complete checkpoints (and never the one just written).
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(ckpts)) {
+    if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0) names.push_back(e.path().filename());
+  }
+  std::sort(names.begin(), names.end());
+  int64_t excess = static_cast<int64_t>(names.size()) - std::max<int64_t>(keep, 1);
+  for (int64_t i = 0; i < excess; ++i) {
+    if (names[i] == name) continue;
+    std::error_code ec;
+    fs::remove_all(path_join(ckpts, names[i]), ec);
+  }
+  return dir;
+}
+
+std::string checkpoint_resolve(const std::string& path) {
+  if (path_exists(path_join(path, "state.json")) && path_exists(path_join(path, "model.safetensors"))) return path;
+  const std::string latest = path_join(path, "latest");
+  if (path_exists(latest)) {
+    std::string name = read_file(latest);
+    while (!name.empty() && (name.back() == '\n' || name.back() == '\r' || name.back() == ' ')) name.pop_back();
+    if (name.empty() || name.find('/') != std::string::npos || name.find("..") != std::string::npos) {
+      throw input_error(latest + ": does not name a checkpoint");
+    }
+    std::string dir = path_join(path_join(path, "checkpoints"), name);
+    if (!path_exists(path_join(dir, "state.json"))) throw input_error(latest + ": names " + dir + ", which is incomplete");
+    return dir;
+  }
+  return "";
+}
+
+Checkpoint checkpoint_load(const std::string& path, bool want_optimizer) {
+  if (!path_exists(path)) throw input_error(path + ": no such checkpoint");
+  std::string dir = checkpoint_resolve(path);
+  if (dir.empty()) throw input_error(path + ": not a diffuse checkpoint (no state.json/model.safetensors or latest)");
+  Checkpoint c;
+  try {
+    c.config = run_config_from_json(parse_json_file(path_join(dir, "config.json")));
+  } catch (const Error& e) {
+    throw input_error(path_join(dir, "config.json") + ": " + e.what());
+  }
+  json state = parse_json_file(path_join(dir, "state.json"));
+  try {
+    c.state.step = state.at("step").get<int64_t>();
+    c.state.adam_step = state.value("adam_step", c.state.step);
+    c.state.elapsed_seconds = state.value("elapsed_seconds", 0.0);
+    c.state.data_fingerprint = state.value("data_fingerprint", std::string());
+  } catch (const json::exception&) {
+    throw input_error(path_join(dir, "state.json") + ": missing or mistyped step");
+  }
+  c.model = safetensors_load(path_join(dir, "model.safetensors"));
+  if (path_exists(path_join(dir, "ema.safetensors"))) c.ema = safetensors_load(path_join(dir, "ema.safetensors"));
+  if (want_optimizer && path_exists(path_join(dir, "optimizer.safetensors"))) {
+    c.optimizer = safetensors_load(path_join(dir, "optimizer.safetensors"));
+  }
+  return c;
+}
+
+ModelFn Model::model_fn() const {
+  UNet2DModel n = net;
+  return [n](const at::Tensor& x, const at::Tensor& c_noise, const at::Tensor& labels) mutable {
+    return n->forward(x, c_noise, labels);
+  };
+}
+
+void apply_diffusers_scheduler(const json& j, ProcessConfig& process, LossConfig& loss) {
+  process = ProcessConfig();
+  process.kind = ProcessKind::kDdpm;
+  process.num_timesteps = j.value("num_train_timesteps", int64_t{1000});
+  process.beta_start = j.value("beta_start", 1e-4);
+  process.beta_end = j.value("beta_end", 0.02);
+  std::string schedule = j.value("beta_schedule", std::string("linear"));
+  if (schedule == "linear") {
+    process.beta_schedule = BetaSchedule::kLinear;
+  } else if (schedule == "squaredcos_cap_v2") {
+    process.beta_schedule = BetaSchedule::kCosine;
+  } else if (schedule == "sigmoid") {
+    process.beta_schedule = BetaSchedule::kSigmoid;
+  } else {
+    throw input_error("scheduler_config.json: beta_schedule \"" + schedule + "\" is not supported (linear, squaredcos_cap_v2, sigmoid)");
+  }
+  std::string prediction = j.value("prediction_type", std::string("epsilon"));
+  if (prediction == "epsilon") {
+    loss.prediction = Prediction::kEps;
+  } else if (prediction == "sample") {
+    loss.prediction = Prediction::kX0;
+  } else if (prediction == "v_prediction") {
+    loss.prediction = Prediction::kV;
+  } else {
+    throw input_error("scheduler_config.json: prediction_type \"" + prediction + "\" is not supported");
+  }
+}
+
+Model load_model(const std::string& path, bool prefer_ema, const std::string& device) {
+  refuse_pickle(path);
+  if (!path_exists(path)) throw input_error(path + ": no such model (a run dir, checkpoint dir or diffusers folder)");
+  Model m;
+  m.source = path;
+  std::string ckpt_dir = is_directory(path) ? checkpoint_resolve(path) : "";
+  if (!ckpt_dir.empty()) {
+    Checkpoint c = checkpoint_load(ckpt_dir, /*want_optimizer=*/false);
+    m.config = c.config;
+    m.net = UNet2DModel(m.config.model);
+    m.uses_ema = prefer_ema && !c.ema.empty();
+    unet_load_state_dict(*m.net, m.uses_ema ? c.ema : c.model, ckpt_dir);
+  } else {
+    // A diffusers UNet2DModel folder, or a pipeline folder holding unet/ and scheduler/.
+    std::string unet_dir = path, sched = path_join(path, "scheduler_config.json");
+    if (is_directory(path_join(path, "unet"))) {
+      unet_dir = path_join(path, "unet");
+      sched = path_join(path_join(path, "scheduler"), "scheduler_config.json");
+    }
+    if (!path_exists(path_join(unet_dir, "config.json"))) {
+      throw input_error(path + ": not a diffuse checkpoint or a diffusers folder (no config.json)");
+    }
+    m.net = load_diffusers_unet(unet_dir);
+    m.config.model = m.net->config();
+    if (path_exists(sched)) {
+      json j = parse_json_file(sched);
+      apply_diffusers_scheduler(j, m.config.process, m.config.loss);
+    }
+  }
+  m.process = std::shared_ptr<Process>(make_process(m.config.process).release());
+  m.net->to(at::Device(resolve_device(device)));
+  m.net->eval();
+  return m;
+}
+
+}  // namespace diffuse

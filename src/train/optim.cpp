@@ -1,0 +1,104 @@
+#include "diffuse/train/optim.h"
+
+#include "diffuse/common.h"
+
+namespace diffuse {
+
+FlatParameters::FlatParameters(const torch::OrderedDict<std::string, at::Tensor>& named_parameters) {
+  int64_t total = 0;
+  at::TensorOptions options;
+  for (const auto& item : named_parameters) {
+    names_.push_back(item.key());
+    shapes_.push_back(item.value().sizes().vec());
+    offsets_.push_back(total);
+    total += item.value().numel();
+    options = item.value().options();
+  }
+  data_ = at::empty({total}, options.requires_grad(false));
+  grad_ = at::zeros({total}, options.requires_grad(false));
+  int64_t i = 0;
+  for (const auto& item : named_parameters) {
+    at::Tensor p = item.value();
+    at::Tensor slice = data_.narrow(0, offsets_[i], p.numel()).view(shapes_[i]);
+    {
+      at::NoGradGuard no_grad;
+      slice.copy_(p);
+    }
+    p.set_data(slice);
+    // Autograd accumulates in place into a defined .grad when grad mode is off in the backward pass,
+    // so the gradient stays a view into grad_.
+    p.mutable_grad() = grad_.narrow(0, offsets_[i], p.numel()).view(shapes_[i]);
+    ++i;
+  }
+}
+
+at::Tensor FlatParameters::clip_grad_norm(double max_norm) {
+  at::Tensor norm = grad_.norm();
+  if (max_norm > 0) {
+    // Scale by min(1, max_norm / (norm + 1e-6)) without a host sync.
+    at::Tensor factor = (max_norm / (norm + 1e-6)).clamp_max(1.0);
+    grad_.mul_(factor);
+  }
+  return norm;
+}
+
+TensorDict FlatParameters::views(const at::Tensor& buffer) const {
+  TensorDict out;
+  for (size_t i = 0; i < names_.size(); ++i) {
+    int64_t n = 1;
+    for (int64_t d : shapes_[i]) n *= d;
+    out.emplace_back(names_[i], buffer.narrow(0, offsets_[i], n).view(shapes_[i]));
+  }
+  return out;
+}
+
+void FlatParameters::load_into(at::Tensor& buffer, const TensorDict& tensors, const std::string& context) const {
+  if (tensors.size() != names_.size()) {
+    throw input_error(context + ": holds " + std::to_string(tensors.size()) + " tensors, the model has " +
+                      std::to_string(names_.size()));
+  }
+  at::NoGradGuard no_grad;
+  TensorDict dst = views(buffer);
+  for (auto& [name, view] : dst) {
+    const at::Tensor* src = find_tensor(tensors, name);
+    if (!src) throw input_error(context + ": missing tensor " + name);
+    if (src->sizes() != view.sizes()) throw input_error(context + ": tensor " + name + " has the wrong shape");
+    view.copy_(*src);
+  }
+}
+
+AdamW::AdamW(FlatParameters& params, const AdamWOptions& options) : params_(params), options_(options) {
+  exp_avg_ = at::zeros_like(params_.data());
+  exp_avg_sq_ = at::zeros_like(params_.data());
+}
+
+void AdamW::step(double lr) {
+  at::NoGradGuard no_grad;
+  ++step_;
+  const double b1 = options_.beta1, b2 = options_.beta2;
+  at::Tensor& p = params_.data();
+  const at::Tensor& g = params_.grad();
+  // Decoupled weight decay (AdamW, Algorithm 2 line 12).
+  if (options_.weight_decay != 0) p.mul_(1.0 - lr * options_.weight_decay);
+  // Moment updates.
+  exp_avg_.lerp_(g, 1.0 - b1);
+  exp_avg_sq_.mul_(b2).addcmul_(g, g, 1.0 - b2);
+  // Bias-corrected step: p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps).
+  const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step_));
+  const double bc2 = 1.0 - std::pow(b2, static_cast<double>(step_));
+  at::Tensor denom = (exp_avg_sq_.sqrt() / std::sqrt(bc2)).add_(options_.eps);
+  p.addcdiv_(exp_avg_, denom, -lr / bc1);
+}
+
+Ema::Ema(const at::Tensor& params, double decay) : ema_(params.detach().clone()), decay_(decay) {}
+
+double Ema::decay_at(int64_t step) const {
+  return std::min(decay_, (1.0 + static_cast<double>(step)) / (10.0 + static_cast<double>(step)));
+}
+
+void Ema::update(const at::Tensor& params, int64_t step) {
+  at::NoGradGuard no_grad;
+  ema_.lerp_(params.detach(), 1.0 - decay_at(step));
+}
+
+}  // namespace diffuse

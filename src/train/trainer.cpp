@@ -1,0 +1,289 @@
+#include "diffuse/train/trainer.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include "diffuse/common.h"
+#include "diffuse/generate.h"
+#include "diffuse/io/checkpoint.h"
+#include "diffuse/io/file.h"
+#include "diffuse/io/image.h"
+#include "diffuse/loss.h"
+#include "diffuse/train/optim.h"
+
+namespace diffuse {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// splitmix64: independent seeds for (run seed, stream, counter).
+uint64_t mix_seed(uint64_t seed, uint64_t stream, uint64_t counter) {
+  uint64_t z = seed * 0x9E3779B97F4A7C15ULL + stream * 0xBF58476D1CE4E5B9ULL + counter + 0x94D049BB133111EBULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+at::Generator make_generator(uint64_t seed) {
+  at::Generator g = at::make_generator<at::CPUGeneratorImpl>(seed);
+  return g;
+}
+
+void validate(const RunConfig& cfg, const Dataset& data) {
+  const TrainOptions& t = cfg.train;
+  if (t.batch_size < 1) throw input_error("--batch must be at least 1");
+  if (t.steps < 1) throw input_error("--steps must be at least 1");
+  if (!(t.lr > 0)) throw input_error("--lr must be positive");
+  if (t.ema_decay < 0 || t.ema_decay >= 1) throw input_error("--ema-decay must be in [0, 1)");
+  if (t.p_uncond < 0 || t.p_uncond >= 1) throw input_error("--p-uncond must be in [0, 1)");
+  if (data.size() < t.batch_size) {
+    throw input_error(data.source + ": " + std::to_string(data.size()) + " images, fewer than one batch of " +
+                      std::to_string(t.batch_size));
+  }
+  if (data.channels() != cfg.model.in_channels) {
+    throw input_error(data.source + ": images have " + std::to_string(data.channels()) + " channels, the model takes " +
+                      std::to_string(cfg.model.in_channels));
+  }
+  if (data.height() != cfg.model.sample_size || data.width() != cfg.model.sample_size) {
+    throw input_error(data.source + ": images are " + std::to_string(data.height()) + "x" + std::to_string(data.width()) +
+                      ", the model's sample_size is " + std::to_string(cfg.model.sample_size));
+  }
+  if (t.class_conditional) {
+    if (data.num_classes == 0) throw input_error(data.source + ": class-conditional training needs labels");
+    int64_t need = data.num_classes + (t.p_uncond > 0 ? 1 : 0);
+    if (!cfg.model.num_class_embeds || *cfg.model.num_class_embeds != need) {
+      throw input_error("class-conditional training on " + std::to_string(data.num_classes) +
+                        " classes needs model.num_class_embeds = " + std::to_string(need));
+    }
+  }
+}
+
+std::string fmt_seconds(double s) {
+  char buf[32];
+  int64_t t = static_cast<int64_t>(s + 0.5);
+  if (t >= 3600) {
+    std::snprintf(buf, sizeof(buf), "%lldh%02lldm", (long long)(t / 3600), (long long)(t / 60 % 60));
+  } else {
+    std::snprintf(buf, sizeof(buf), "%lldm%02llds", (long long)(t / 60), (long long)(t % 60));
+  }
+  return buf;
+}
+
+}  // namespace
+
+double learning_rate(const TrainOptions& t, int64_t step) {
+  if (t.warmup_steps > 0 && step < t.warmup_steps) return t.lr * static_cast<double>(step + 1) / t.warmup_steps;
+  return t.lr;
+}
+
+TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const TrainControl& control) {
+  TrainOptions& t = cfg.train;
+  // Resume: the checkpoint's configuration wins except for the run length and output cadence.
+  Checkpoint resumed;
+  bool have_ckpt = resume && !checkpoint_resolve(run_dir).empty();
+  if (have_ckpt) {
+    resumed = checkpoint_load(run_dir, /*want_optimizer=*/true);
+    TrainOptions keep = t;
+    cfg = resumed.config;
+    t.steps = keep.steps;
+    t.max_minutes = keep.max_minutes;
+    t.device = keep.device;
+  } else if (resume && path_exists(path_join(run_dir, "config.json"))) {
+    throw input_error(run_dir + ": has no complete checkpoint to resume from");
+  }
+  const std::string device_name = resolve_device(t.device);
+  const at::Device device(device_name);
+
+  DataOptions dopt;
+  dopt.size = t.image_size > 0 ? t.image_size : cfg.model.sample_size;
+  dopt.channels = cfg.model.in_channels;
+  Dataset data = load_dataset(t.data, dopt);
+  validate(cfg, data);
+  const std::string fingerprint = dataset_fingerprint(data);
+  if (have_ckpt && !resumed.state.data_fingerprint.empty() && resumed.state.data_fingerprint != fingerprint) {
+    throw input_error(run_dir + ": checkpoint was trained on different data (" + resumed.state.data_fingerprint + ")");
+  }
+  make_directories(run_dir);
+  make_directories(path_join(run_dir, "samples"));
+
+  // Model, flat parameters, optimizer, EMA.
+  torch::manual_seed(t.seed);
+  UNet2DModel net(cfg.model);
+  net->to(device);
+  FlatParameters flat(net->named_parameters());
+  AdamW opt(flat, AdamWOptions{t.beta1, t.beta2, t.adam_eps, t.weight_decay});
+  int64_t step = 0;
+  double elapsed_before = 0.0;
+  if (have_ckpt) {
+    flat.load_into(flat.data(), resumed.model, run_dir + " model.safetensors");
+    step = resumed.state.step;
+    elapsed_before = resumed.state.elapsed_seconds;
+    TensorDict m, v;
+    for (auto& [name, tensor] : resumed.optimizer) {
+      if (name.rfind("exp_avg.", 0) == 0) m.emplace_back(name.substr(8), tensor);
+      if (name.rfind("exp_avg_sq.", 0) == 0) v.emplace_back(name.substr(11), tensor);
+    }
+    flat.load_into(opt.exp_avg(), m, run_dir + " optimizer.safetensors (exp_avg)");
+    flat.load_into(opt.exp_avg_sq(), v, run_dir + " optimizer.safetensors (exp_avg_sq)");
+    opt.set_step_count(resumed.state.adam_step);
+  }
+  Ema ema(flat.data(), t.ema_decay);
+  if (have_ckpt && !resumed.ema.empty()) flat.load_into(ema.data(), resumed.ema, run_dir + " ema.safetensors");
+  resumed = Checkpoint();  // free the loaded tensors
+
+  std::unique_ptr<Process> process = make_process(cfg.process);
+  UNet2DModel ema_net(cfg.model);  // for sample grids
+  ema_net->to(device);
+  ema_net->eval();
+
+  const at::Tensor images = data.images.to(device);  // uint8, resident
+  const at::Tensor labels = data.labels.to(device);
+  const int64_t N = data.size(), B = t.batch_size, steps_per_epoch = N / B;
+  const bool tty = !control.quiet && isatty(STDERR_FILENO);
+  std::ofstream metrics(path_join(run_dir, "metrics.jsonl"), std::ios::app);
+
+  auto save = [&](int64_t at_step, double elapsed) {
+    Checkpoint c;
+    c.config = cfg;
+    c.state.step = at_step;
+    c.state.adam_step = opt.step_count();
+    c.state.elapsed_seconds = elapsed;
+    c.state.data_fingerprint = fingerprint;
+    c.model = flat.named_data();
+    c.ema = flat.views(ema.data());
+    for (auto& [name, tensor] : flat.views(opt.exp_avg())) c.optimizer.emplace_back("exp_avg." + name, tensor);
+    for (auto& [name, tensor] : flat.views(opt.exp_avg_sq())) c.optimizer.emplace_back("exp_avg_sq." + name, tensor);
+    return checkpoint_save(run_dir, c, t.keep_checkpoints);
+  };
+  auto sample_grid = [&](int64_t at_step) {
+    {
+      at::NoGradGuard no_grad;
+      auto dst = ema_net->named_parameters();
+      TensorDict src = flat.views(ema.data());
+      for (size_t i = 0; i < dst.size(); ++i) dst[i].value().copy_(src[i].second);
+    }
+    Model m;
+    m.config = cfg;
+    m.net = ema_net;
+    m.process = std::shared_ptr<Process>(make_process(cfg.process).release());
+    GenerateOptions g;
+    g.n = t.sample_n;
+    g.batch = std::min<int64_t>(t.sample_n, 64);
+    g.sampler = t.sample_sampler;
+    g.steps = t.sample_steps;
+    at::Tensor x = generate(m, g);
+    int64_t ncol = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(g.n))));
+    char name[64];
+    std::snprintf(name, sizeof(name), "step_%08lld.png", static_cast<long long>(at_step));
+    image_save_png(path_join(path_join(run_dir, "samples"), name), make_grid(to_uint8(x), ncol));
+  };
+
+  TrainResult result;
+  result.step = step;
+  const auto t0 = Clock::now();
+  auto window_start = t0;
+  double window_loss = 0.0;
+  int64_t window_steps = 0, first_window = -1;
+  at::Tensor nonfinite = at::zeros({}, at::TensorOptions().device(device).dtype(at::kBool));
+  at::Tensor last_norm;
+  const int64_t start_step = step;
+  int64_t perm_epoch = -1;
+  at::Tensor perm;
+  net->train();
+  while (step < t.steps) {
+    // Batch: the epoch's permutation from (seed, epoch), without replacement.
+    const int64_t epoch = step / steps_per_epoch, within = step % steps_per_epoch;
+    if (epoch != perm_epoch) {
+      at::Generator perm_gen = make_generator(mix_seed(t.seed, 1, static_cast<uint64_t>(epoch)));
+      perm = at::randperm(N, perm_gen, at::kLong);
+      perm_epoch = epoch;
+    }
+    at::Tensor idx = perm.narrow(0, within * B, B).to(device);
+    at::Tensor x0 = to_float(images.index_select(0, idx));
+    at::Generator gen = make_generator(mix_seed(t.seed, 2, static_cast<uint64_t>(step)));
+    torch::manual_seed(mix_seed(t.seed, 3, static_cast<uint64_t>(step)));  // dropout
+    if (t.hflip) {
+      at::Tensor flip = (at::rand({B}, gen) < 0.5).to(device).view({B, 1, 1, 1});
+      x0 = at::where(flip, x0.flip({3}), x0);
+    }
+    at::Tensor y;
+    if (t.class_conditional) {
+      y = labels.index_select(0, idx);
+      if (t.p_uncond > 0) {
+        at::Tensor drop = (at::rand({B}, gen) < t.p_uncond).to(device);
+        y = at::where(drop, at::full_like(y, data.num_classes), y);
+      }
+    }
+    UNet2DModel n = net;
+    ModelFn model = [n](const at::Tensor& x, const at::Tensor& c, const at::Tensor& l) mutable { return n->forward(x, c, l); };
+    LossOutput out = diffusion_loss(model, *process, cfg.loss, x0, y, gen);
+    out.loss.backward();
+    last_norm = flat.clip_grad_norm(t.grad_clip);
+    nonfinite.logical_or_(out.loss.detach().isinf().logical_or(out.loss.detach().isnan()));
+    opt.step(learning_rate(t, step));
+    flat.zero_grad();
+    ++step;
+    ema.update(flat.data(), step);
+    const double loss_value = out.loss.item<double>();
+    window_loss += loss_value;
+    ++window_steps;
+
+    const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+    const bool budget_spent = t.max_minutes > 0 && elapsed >= t.max_minutes * 60.0;
+    const bool stop_now = (control.stop_after_steps > 0 && step - start_step >= control.stop_after_steps) || budget_spent;
+    const bool log_now = step % std::max<int64_t>(t.log_every, 1) == 0 || step == t.steps || stop_now;
+    const bool ckpt_now = (t.ckpt_every > 0 && step % t.ckpt_every == 0) || step == t.steps || stop_now;
+    if (!std::isfinite(loss_value) || (ckpt_now && nonfinite.item<bool>())) {
+      throw run_error("loss became " + std::to_string(loss_value) + " at step " + std::to_string(step) +
+                      "; stopped, the last good checkpoint in " + run_dir + " is kept (try a lower --lr)");
+    }
+    if (log_now) {
+      const double window_s = std::chrono::duration<double>(Clock::now() - window_start).count();
+      const double mean_loss = window_loss / window_steps;
+      const double img_s = window_steps * B / std::max(window_s, 1e-9);
+      if (first_window < 0) {
+        first_window = step;
+        result.first_loss = mean_loss;
+      }
+      result.last_loss = mean_loss;
+      nlohmann::json rec{{"step", step}, {"loss", mean_loss}, {"lr", learning_rate(t, step - 1)},
+                         {"grad_norm", last_norm.item<double>()}, {"img_per_s", img_s},
+                         {"time", elapsed_before + elapsed}, {"epoch", static_cast<double>(step) * B / N}};
+      metrics << rec.dump() << "\n" << std::flush;
+      if (!control.quiet) {
+        const double eta = (t.steps - step) * (elapsed / std::max<int64_t>(step - start_step, 1));
+        char line[256];
+        std::snprintf(line, sizeof(line), "step %lld/%lld  loss %.4f  lr %.2e  %.1f img/s  elapsed %s  eta %s",
+                      (long long)step, (long long)t.steps, mean_loss, learning_rate(t, step - 1), img_s,
+                      fmt_seconds(elapsed).c_str(), fmt_seconds(eta).c_str());
+        if (tty) {
+          const int width = 24;
+          int filled = static_cast<int>(width * step / t.steps);
+          std::cerr << "\r[" << std::string(filled, '#') << std::string(width - filled, '.') << "] " << line << "\033[K"
+                    << std::flush;
+        } else {
+          std::cerr << line << "\n";
+        }
+      }
+      window_loss = 0.0;
+      window_steps = 0;
+      window_start = Clock::now();
+    }
+    if (t.sample_every > 0 && (step % t.sample_every == 0 || step == t.steps)) sample_grid(step);
+    if (ckpt_now) result.checkpoint = save(step, elapsed_before + elapsed);
+    if (stop_now) {
+      result.stopped_by_budget = budget_spent;
+      break;
+    }
+  }
+  if (tty) std::cerr << "\n";
+  result.step = step;
+  if (result.checkpoint.empty()) result.checkpoint = checkpoint_resolve(run_dir);
+  return result;
+}
+
+}  // namespace diffuse
