@@ -48,6 +48,7 @@ at::Tensor idx_load(const std::string& path);                                   
 void idx_save(const std::string& path, const at::Tensor& u8);                        // raw IDX, atomic
 Dataset load_idx(const std::string& images_path, const std::string& labels_path, const DataOptions& options);
 Dataset load_fashion_mnist(const std::string& split, const DataOptions& options);  // "train" or "test"
+// Images directly in DIR get label -1 (no class) when the other images sit in sub-folders.
 Dataset load_image_folder(const std::string& dir, const DataOptions& options);
 Dataset load_cifar10(const std::string& dir, const std::string& split, const DataOptions& options);
 

@@ -28,5 +28,7 @@ at::Tensor to_uint8(const at::Tensor& x);
 at::Tensor to_float(const at::Tensor& u8);
 // Resizes uint8 [C, H, W] so that the short side is `size` (area/bilinear), then center-crops to size x size.
 at::Tensor resize_center_crop(const at::Tensor& image, int64_t size);
+// The same for uint8 [N, C, H, W] images that share one size (returns the input when already size x size).
+at::Tensor resize_center_crop_batch(const at::Tensor& images, int64_t size);
 
 }  // namespace diffuse

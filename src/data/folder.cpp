@@ -1,0 +1,113 @@
+// Folders of images (PNG/JPEG/BMP), labelled by their first-level sub-folder.
+#include <filesystem>
+#include <set>
+#include <system_error>
+
+#include "diffuse/common.h"
+#include "diffuse/data/dataset.h"
+#include "diffuse/io/image.h"
+
+namespace diffuse {
+namespace {
+
+namespace fs = std::filesystem;
+
+bool is_image_file(const fs::path& path) {
+  std::string ext = path.extension().string();
+  for (char& ch : ext) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".bmp";
+}
+
+std::string size_string(const at::Tensor& image) {
+  return std::to_string(image.size(2)) + "x" + std::to_string(image.size(1));  // width x height
+}
+
+struct FolderEntry {
+  std::string path;   // as opened (dir joined with the relative path)
+  std::string label;  // first-level sub-folder, empty for files directly in the root
+};
+
+// All image files under dir, recursively, sorted by relative path so that every run sees the same order.
+std::vector<FolderEntry> list_images(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) throw input_error(dir + ": not a directory");
+  std::vector<std::pair<std::string, FolderEntry>> found;
+  fs::recursive_directory_iterator it(dir, fs::directory_options::skip_permission_denied, ec);
+  if (ec) throw input_error(dir + ": cannot list the folder (" + ec.message() + ")");
+  for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    if (ec) throw input_error(dir + ": cannot list the folder (" + ec.message() + ")");
+    const fs::directory_entry& entry = *it;
+    std::error_code type_ec;
+    if (!entry.is_regular_file(type_ec) || !is_image_file(entry.path())) continue;
+    fs::path rel = entry.path().lexically_relative(dir);
+    FolderEntry e;
+    e.path = entry.path().string();
+    auto first = rel.begin();
+    if (std::next(first) != rel.end()) e.label = first->string();
+    found.emplace_back(rel.generic_string(), e);
+  }
+  if (ec) throw input_error(dir + ": cannot list the folder (" + ec.message() + ")");
+  std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<FolderEntry> out;
+  out.reserve(found.size());
+  for (auto& f : found) out.push_back(std::move(f.second));
+  return out;
+}
+
+}  // namespace
+
+Dataset load_image_folder(const std::string& dir, const DataOptions& options) {
+  if (options.channels != 0 && options.channels != 1 && options.channels != 3)
+    throw input_error("--channels: must be 1 or 3, got " + std::to_string(options.channels));
+  if (options.size < 0) throw input_error("--size: must be >= 0, got " + std::to_string(options.size));
+  if (options.limit < 0) throw input_error("--limit: must be >= 0, got " + std::to_string(options.limit));
+  std::vector<FolderEntry> files = list_images(dir);
+  if (files.empty()) throw input_error(dir + ": no images (.png, .jpg, .jpeg, .bmp) in the folder");
+
+  // Classes are the sorted first-level sub-folders that hold images; root files stay unlabelled.
+  std::set<std::string> names;
+  for (const FolderEntry& f : files)
+    if (!f.label.empty()) names.insert(f.label);
+  std::map<std::string, int64_t> class_index;
+  for (const std::string& name : names) class_index.emplace(name, static_cast<int64_t>(class_index.size()));
+  bool labelled = !names.empty();
+
+  // Cut to the limit before decoding anything.
+  if (options.limit > 0 && static_cast<int64_t>(files.size()) > options.limit) files.resize(options.limit);
+
+  std::vector<at::Tensor> images;
+  std::vector<int64_t> labels;
+  images.reserve(files.size());
+  labels.reserve(files.size());
+  int64_t channels = options.channels;
+  const FolderEntry* first = nullptr;
+  for (const FolderEntry& f : files) {
+    at::Tensor image = image_load(f.path, channels);
+    if (channels == 0) channels = image.size(0);
+    if (options.size > 0) {
+      image = resize_center_crop(image, options.size);
+    } else if (first == nullptr) {
+      first = &f;
+    } else if (image.size(1) != images[0].size(1) || image.size(2) != images[0].size(2)) {
+      throw input_error(dir + ": mixed sizes: " + first->path + " is " + size_string(images[0]) + " but " +
+                        f.path + " is " + size_string(image) + "; pass --size");
+    }
+    images.push_back(image);
+    labels.push_back(!labelled ? 0 : f.label.empty() ? -1 : class_index.at(f.label));
+  }
+
+  Dataset ds;
+  ds.images = at::stack(images, 0);
+  ds.labels = at::tensor(labels, at::TensorOptions().dtype(at::kLong));
+  if (labelled) {
+    ds.num_classes = static_cast<int64_t>(names.size());
+    ds.class_names.assign(names.begin(), names.end());
+  }
+  ds.source = "folder:" + dir;
+  DataOptions rest = options;
+  rest.limit = 0;
+  apply_data_options(ds, rest);
+  return ds;
+}
+
+}  // namespace diffuse
