@@ -1,0 +1,38 @@
+// The sampler table: name -> function, with what `diffuse samplers` prints.
+#include "common.h"
+
+namespace diffuse {
+
+const std::vector<SamplerInfo>& samplers() {
+  static const std::vector<SamplerInfo> table = {
+      {"ddpm", "DDPM ancestral sampling (Ho et al. 2020, Algorithm 2), posterior variance or beta",
+       "--ddpm-large-variance", 1, true, false, "leading", sample_ddpm},
+      {"ddim", "DDIM (Song et al. 2021, eq. 12); eta 0 deterministic, eta 1 = DDPM", "--eta", 1, false, false,
+       "leading", sample_ddim},
+      {"euler", "Euler method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 first order)",
+       "--s-churn --s-tmin --s-tmax --s-noise", 1, false, false, "karras", sample_euler},
+      {"euler_a", "Euler ancestral (k-diffusion): Euler step to sigma_down plus noise sigma_up", "--eta --s-noise", 1,
+       true, false, "karras", sample_euler_ancestral},
+      {"heun", "Heun 2nd order with stochastic churn (Karras et al. 2022, Algorithm 2)",
+       "--s-churn --s-tmin --s-tmax --s-noise", 2, false, false, "karras", sample_heun},
+  };
+  return table;
+}
+
+const SamplerInfo& find_sampler(const std::string& name) {
+  std::string names;
+  for (const SamplerInfo& s : samplers()) {
+    if (s.name == name) return s;
+    names += (names.empty() ? "" : ", ") + s.name;
+  }
+  throw input_error("sampler: unknown name '" + name + "' (" + names + ")");
+}
+
+std::string default_grid_for(const SamplerInfo& sampler, const Process& process) {
+  const std::string& g = sampler.default_grid;
+  const bool ddpm_spacing = g == "leading" || g == "trailing" || g == "linspace";
+  if (ddpm_spacing && process.alphas_cumprod().empty()) return "uniform";
+  return g;
+}
+
+}  // namespace diffuse
