@@ -1,0 +1,128 @@
+// Whole-file reads, atomic writes and path helpers.
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "diffuse/common.h"
+#include "diffuse/io/file.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+// A fresh, empty folder per test, removed afterwards.
+class FileTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ =
+        (fs::temp_directory_path() / ("diffuse_io_file_" + std::to_string(::getpid()) + "_" + info->name()))
+            .string();
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::vector<std::string> entries() const {
+    std::vector<std::string> names;
+    for (const auto& e : fs::directory_iterator(dir_)) names.push_back(e.path().filename().string());
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+  std::string dir_;
+};
+
+TEST_F(FileTest, WriteThenReadRoundTripsBinaryBytes) {
+  std::string bytes("a\0b\xff\n", 5);
+  bytes += std::string(200000, 'x');  // more than one read() chunk
+  const std::string path = diffuse::path_join(dir_, "blob.bin");
+  diffuse::write_file_atomic(path, bytes);
+  EXPECT_EQ(diffuse::read_file(path), bytes);
+  EXPECT_EQ(entries(), std::vector<std::string>{"blob.bin"});
+}
+
+TEST_F(FileTest, WriteReplacesContentAndLeavesNoTempFiles) {
+  const std::string path = diffuse::path_join(dir_, "state.json");
+  diffuse::write_file_atomic(path, "first version, longer than the second");
+  diffuse::write_file_atomic(path, "second");
+  EXPECT_EQ(diffuse::read_file(path), "second");
+  diffuse::write_file_atomic(path, "");
+  EXPECT_EQ(diffuse::read_file(path), "");
+  EXPECT_EQ(fs::file_size(path), 0u);
+  EXPECT_EQ(entries(), std::vector<std::string>{"state.json"});
+}
+
+TEST_F(FileTest, WriteIntoMissingDirectoryThrowsRunErrorAndCreatesNothing) {
+  const std::string missing = diffuse::path_join(dir_, "no/such/dir");
+  const std::string path = diffuse::path_join(missing, "out.bin");
+  try {
+    diffuse::write_file_atomic(path, "data");
+    FAIL() << "expected an error";
+  } catch (const diffuse::Error& e) {
+    EXPECT_EQ(e.exit_code(), diffuse::kExitFailure);
+    EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(diffuse::path_exists(missing));
+  EXPECT_TRUE(entries().empty());
+}
+
+TEST_F(FileTest, FailedRenameLeavesTargetUntouchedAndRemovesTemp) {
+  // A directory in the way: the temp file is written, the rename over it fails.
+  const std::string path = diffuse::path_join(dir_, "target");
+  diffuse::make_directories(path);
+  diffuse::write_file_atomic(diffuse::path_join(path, "inside.txt"), "keep me");
+  EXPECT_THROW(diffuse::write_file_atomic(path, "new bytes"), diffuse::Error);
+  EXPECT_TRUE(diffuse::is_directory(path));
+  EXPECT_EQ(diffuse::read_file(diffuse::path_join(path, "inside.txt")), "keep me");
+  EXPECT_EQ(entries(), std::vector<std::string>{"target"});
+}
+
+TEST_F(FileTest, ReadErrorsAreInputErrorsNamingThePath) {
+  const std::string missing = diffuse::path_join(dir_, "missing.txt");
+  try {
+    diffuse::read_file(missing);
+    FAIL() << "expected an error";
+  } catch (const diffuse::Error& e) {
+    EXPECT_EQ(e.exit_code(), diffuse::kExitBadInput);
+    EXPECT_EQ(std::string(e.what()).rfind(missing, 0), 0u) << e.what();
+  }
+  try {
+    diffuse::read_file(dir_);
+    FAIL() << "expected an error";
+  } catch (const diffuse::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("directory"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(FileTest, DirectoriesAndExistence) {
+  const std::string nested = diffuse::path_join(dir_, "a/b/c");
+  EXPECT_FALSE(diffuse::path_exists(nested));
+  diffuse::make_directories(nested);
+  diffuse::make_directories(nested);  // exists already: no error
+  EXPECT_TRUE(diffuse::path_exists(nested));
+  EXPECT_TRUE(diffuse::is_directory(nested));
+  const std::string file = diffuse::path_join(nested, "f");
+  diffuse::write_file_atomic(file, "x");
+  EXPECT_TRUE(diffuse::path_exists(file));
+  EXPECT_FALSE(diffuse::is_directory(file));
+  // A file where a folder should go.
+  EXPECT_THROW(diffuse::make_directories(diffuse::path_join(file, "sub")), diffuse::Error);
+  EXPECT_THROW(diffuse::make_directories(file), diffuse::Error);
+}
+
+TEST(PathJoin, PutsExactlyOneSlashBetween) {
+  EXPECT_EQ(diffuse::path_join("runs", "model.safetensors"), "runs/model.safetensors");
+  EXPECT_EQ(diffuse::path_join("runs/", "x"), "runs/x");
+  EXPECT_EQ(diffuse::path_join("runs//", "/x"), "runs/x");
+  EXPECT_EQ(diffuse::path_join("/", "x"), "/x");
+  EXPECT_EQ(diffuse::path_join("", "x"), "x");
+  EXPECT_EQ(diffuse::path_join("a/b", ""), "a/b");
+  EXPECT_EQ(diffuse::path_join("a", "b/c"), "a/b/c");
+}
+
+}  // namespace
