@@ -283,3 +283,44 @@ TEST(DiffusionNoise, SameStreamsWhateverTheBatchSplit) {
   EXPECT_NEAR(big.mean().item<double>(), 0.0, 5 / std::sqrt(64000.0));
   EXPECT_NEAR(big.std().item<double>(), 1.0, 5 / std::sqrt(128000.0));
 }
+
+// Learned variances (Nichol & Dhariwal 2021): with the exact mean, v = -1 (beta_tilde) has zero KL, v = +1
+// (beta) has KL = (log(beta/beta_tilde) + beta_tilde/beta - 1) / 2 nats per dimension; T/1000 scaling.
+TEST(DiffusionLoss, LearnedVarianceAddsTheVlbTerm) {
+  ProcessConfig pc;
+  pc.num_timesteps = 200;
+  auto process = make_process(pc);
+  const auto& ab = process->alphas_cumprod();
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(21);
+  const at::Tensor x0 = at::rand({64, 1, 2, 2}, at::kDouble) * 1.6 - 0.8;
+  for (double v : {-1.0, 1.0}) {
+    ModelFn net = [&](const at::Tensor& x_in, const at::Tensor& cn, const at::Tensor&) {
+      std::vector<double> scale, shift_sigma;
+      for (int64_t i = 0; i < cn.size(0); ++i) {
+        const double s = process->sigma(cn[i].item<double>());
+        const Preconditioning p = precondition(*process, Prediction::kEps, s);
+        scale.push_back(1.0 / p.c_in);
+        shift_sigma.push_back(s);
+      }
+      // eps = (x_hat - x0) / sigma
+      const at::Tensor eps = (x_in * col(scale) - x0) / col(shift_sigma);
+      return at::cat({eps, at::full_like(eps, v)}, 1);
+    };
+    const LossOutput out = diffusion_loss(net, *process, LossConfig(), x0, at::Tensor(), gen);
+    int checked = 0;
+    for (int64_t i = 0; i < 64; ++i) {
+      const int64_t t = std::llround(process->t_of_sigma(out.sigma[i].item<double>()));
+      if (t == 0) continue;  // the decoder term
+      const double beta = 1.0 - ab[t] / ab[t - 1];
+      const double beta_tilde = (1.0 - ab[t - 1]) / (1.0 - ab[t]) * beta;
+      const double kl = v < 0 ? 0.0 : 0.5 * (std::log(beta / beta_tilde) + beta_tilde / beta - 1.0);
+      EXPECT_NEAR(out.per_sample[i].item<double>(), kl / std::log(2.0) * 0.2, 1e-9) << "t=" << t << " v=" << v;
+      ++checked;
+    }
+    EXPECT_GT(checked, 50);
+  }
+  // Only the discrete process has the chain that defines L_vlb.
+  auto vp = process_of(ProcessKind::kVp);
+  ModelFn two = [](const at::Tensor& x, const at::Tensor&, const at::Tensor&) { return at::cat({x, x}, 1); };
+  EXPECT_THROW(diffusion_loss(two, *vp, LossConfig(), x0, at::Tensor(), gen), Error);
+}

@@ -4,9 +4,11 @@
 #include <gtest/gtest.h>
 
 #include "diffuse/common.h"
+#include "diffuse/ode.h"
 #include "diffuse/sampler.h"
 
 #include <cmath>
+#include <cstdio>
 
 using namespace diffuse;
 
@@ -72,6 +74,9 @@ void expect_order(const std::string& name, double order, int64_t n, double band)
   const double e2 = ode_error(fn, grid_karras(2 * n, 0.002, 80.0, 7.0));
   const double e3 = ode_error(fn, grid_karras(4 * n, 0.002, 80.0, 7.0));
   const double expected = std::pow(2.0, order);
+  std::printf("[  order   ] %-9s n=%lld,%lld,%lld errors %.3e %.3e %.3e ratios %.2f %.2f\n", name.c_str(),
+              static_cast<long long>(n), static_cast<long long>(2 * n), static_cast<long long>(4 * n), e1, e2, e3,
+              e1 / e2, e2 / e3);
   EXPECT_NEAR(e1 / e2, expected, band * expected) << name << " errors " << e1 << " " << e2 << " " << e3;
   EXPECT_NEAR(e2 / e3, expected, band * expected) << name << " errors " << e1 << " " << e2 << " " << e3;
 }
@@ -86,6 +91,8 @@ void expect_gaussian_moments(const std::string& name, const std::vector<double>&
   const at::Tensor out = find_sampler(name).fn(gaussian_denoiser(kMu, kS), x, sigmas, opt);
   const double m = static_cast<double>(images * dims);
   const double mean = out.mean().item<double>(), var = out.var().item<double>();
+  std::printf("[  moments ] %-12s %4zu steps: mean %.4f (%.2f), var %.4f (%.4f)\n", name.c_str(), sigmas.size() - 1,
+              mean, kMu, var, kS * kS);
   EXPECT_NEAR(mean, kMu, 5 * kS / std::sqrt(m)) << name;
   EXPECT_NEAR(var, kS * kS, 5 * kS * kS * std::sqrt(2.0 / m) + var_allowance) << name;
 }
@@ -95,6 +102,74 @@ void expect_gaussian_moments(const std::string& name, const std::vector<double>&
 TEST(DiffusionSampler, ConvergenceOrders) {
   expect_order("euler", 1.0, 16, 0.2);
   expect_order("heun", 2.0, 16, 0.2);
+  expect_order("dpmpp_2m", 2.0, 16, 0.2);
+}
+
+// DPM-Solver++(3M) as k-diffusion writes it: its D2 is half the Taylor second difference, so it is second order
+// asymptotically (errors here 3.1e-2, 1.3e-3, 7.1e-4, 2.2e-4 at 16..128 steps), but more accurate than 2M.
+TEST(DiffusionSampler, DpmSolver3mBeats2m) {
+  const SamplerFn m2 = find_sampler("dpmpp_2m").fn, m3 = find_sampler("dpmpp_3m").fn;
+  for (int64_t n : {16, 32, 64}) {
+    const auto sigmas = grid_karras(n, 0.002, 80.0, 7.0);
+    EXPECT_LT(ode_error(m3, sigmas), 0.5 * ode_error(m2, sigmas)) << n;
+  }
+  const double e64 = ode_error(m3, grid_karras(64, 0.002, 80.0, 7.0));
+  const double e128 = ode_error(m3, grid_karras(128, 0.002, 80.0, 7.0));
+  EXPECT_GT(e64 / e128, 2.8);
+  EXPECT_LT(e64 / e128, 4.8);
+}
+
+TEST(DiffusionSampler, Rk45MatchesTheClosedForm) {
+  const std::vector<double> sigmas = {80.0, 0.002, 0.0};
+  SamplerOptions o;
+  int64_t nfe = 0;
+  o.nfe = &nfe;
+  o.rtol = o.atol = 1e-5;
+  const double err = ode_error([&](const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& s,
+                                   const SamplerOptions&) { return sample_rk45(d, x, s, o); },
+                               sigmas);
+  std::printf("[  rk45    ] error %.3e nfe %lld\n", err, static_cast<long long>(nfe));
+  EXPECT_LT(err, 1e-5);  // the final values are O(1)
+  EXPECT_GT(nfe, 10);
+  EXPECT_LT(nfe, 1000);
+  // Looser tolerances take fewer evaluations.
+  int64_t nfe_loose = 0;
+  o.nfe = &nfe_loose;
+  o.rtol = o.atol = 1e-3;
+  const double err_loose = ode_error([&](const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& s,
+                                         const SamplerOptions&) { return sample_rk45(d, x, s, o); },
+                                     sigmas);
+  EXPECT_LT(nfe_loose, nfe);
+  EXPECT_LT(err_loose, 1e-2);
+}
+
+TEST(DiffusionOde, Rk45SolvesKnownOdes) {
+  // y' = -2 t y: y = y0 exp(-t^2), two independent rows, forward and backward in time.
+  const OdeFn f = [](double t, const at::Tensor& y) { return -2.0 * t * y; };
+  const at::Tensor y0 = at::tensor(std::vector<double>{1.0, -3.0}, at::kDouble).view({2, 1});
+  int64_t nfe = 0, steps = 0;
+  double last_t = 0;
+  const at::Tensor y = ode_solve_rk45(f, y0, 0.0, 2.0, 1e-9, 1e-12, &nfe, [&](int64_t step, double t, const at::Tensor&,
+                                                                               const at::Tensor&) {
+    steps = step;
+    last_t = t;
+  });
+  EXPECT_TRUE(at::allclose(y, y0 * std::exp(-4.0), 1e-7, 0));
+  EXPECT_EQ(last_t, 2.0);
+  EXPECT_GT(steps, 5);
+  EXPECT_GE(nfe, 6 * steps + 2);
+  const at::Tensor back = ode_solve_rk45(f, y, 2.0, 0.0, 1e-9, 1e-12);
+  EXPECT_TRUE(at::allclose(back, y0, 1e-6, 0));
+  // A 5th-order method: fewer steps for a looser tolerance, and the error tracks it.
+  int64_t loose_steps = 0;
+  const at::Tensor yl = ode_solve_rk45(f, y0, 0.0, 2.0, 1e-4, 1e-8, nullptr,
+                                       [&](int64_t step, double, const at::Tensor&, const at::Tensor&) { loose_steps = step; });
+  EXPECT_LT(loose_steps, steps);
+  EXPECT_TRUE(at::allclose(yl, y0 * std::exp(-4.0), 1e-3, 0));
+  EXPECT_THROW(ode_solve_rk45(f, y0, 0.0, 1.0, 0.0, 1e-6), Error);
+  // A blow-up ends with a run error, not a hang.
+  const OdeFn blow = [](double, const at::Tensor& y) { return y * y; };
+  EXPECT_THROW(ode_solve_rk45(blow, y0.abs() + 1.0, 0.0, 10.0, 1e-6, 1e-6, nullptr, {}, 2000), Error);
 }
 
 TEST(DiffusionSampler, DdimEta0IsEulerAndEta1IsDdpm) {
@@ -121,7 +196,9 @@ TEST(DiffusionSampler, DdimEta0IsEulerAndEta1IsDdpm) {
 
 // The allowances are the discretization biases of each chain on this grid, computed exactly by propagating the
 // Gaussian's variance through the affine steps (DDPM 1000 steps: -0.0039 (posterior variance), +0.0008 (beta);
-// Euler ancestral, Karras 500: -0.0060; Heun, churn 10, Karras 100: +0.0021), plus 0.002.
+// Euler ancestral, Karras 500: -0.0060; Heun, churn 10, Karras 100: +0.0021; DPM-Solver++(2M) SDE, Karras 100:
+// +0.0020; (3M) SDE, Karras 100: +0.0009), plus 0.002. PC is not affine (per-image step sizes): its allowance
+// is measured.
 TEST(DiffusionSampler, StochasticSamplersReproduceGaussianMoments) {
   auto ddpm = make_process(ProcessConfig());
   const auto full_chain = grid_ddpm(*ddpm, 1000, "leading");
@@ -136,6 +213,10 @@ TEST(DiffusionSampler, StochasticSamplersReproduceGaussianMoments) {
   churn.s_tmin = 0.05;
   churn.s_tmax = 50;
   expect_gaussian_moments("heun", grid_karras(100, 0.002, 80.0, 7.0), churn, 0.0041);
+  const auto karras100 = grid_karras(100, 0.002, 80.0, 7.0);
+  expect_gaussian_moments("dpmpp_2m_sde", karras100, plain, 0.004);
+  expect_gaussian_moments("dpmpp_3m_sde", karras100, plain, 0.003);
+  expect_gaussian_moments("pc", karras100, plain, 0.01);
 }
 
 TEST(DiffusionSampler, MixtureWeightsAndMoments) {
@@ -149,12 +230,13 @@ TEST(DiffusionSampler, MixtureWeightsAndMoments) {
   const at::Tensor x0 = mix.m[0] + comp * (mix.m[1] - mix.m[0]) +
                         (mix.sd[0] + comp * (mix.sd[1] - mix.sd[0])) * at::randn({images, dims}, at::kDouble);
   const at::Tensor x = x0 + start.randn({dims}).to(at::kDouble) * sigmas[0];
-  for (const std::string name : {"heun", "euler_a"}) {
+  for (const std::string name : {"heun", "euler_a", "dpmpp_2m_sde"}) {
     Noise noise(8, 0, images);
     SamplerOptions opt;
     opt.noise = &noise;
     // Ancestral steps lose variance at O(1/n): give them a fine grid.
-    const auto grid = name == "euler_a" ? grid_karras(400, 0.002, 80.0, 7.0) : sigmas;
+    const auto grid = name == "euler_a" ? grid_karras(400, 0.002, 80.0, 7.0)
+                                        : name == "dpmpp_2m_sde" ? grid_karras(100, 0.002, 80.0, 7.0) : sigmas;
     const at::Tensor out = find_sampler(name).fn(mix.denoiser(), x, grid, opt);
     const double w1 = (out > -0.25).to(at::kDouble).mean().item<double>();
     EXPECT_NEAR(w1, mix.w[1], 5 * std::sqrt(mix.w[0] * mix.w[1] / m) + 0.005) << name;
@@ -167,7 +249,7 @@ TEST(DiffusionSampler, BatchIndependentNoise) {
   const auto sigmas = grid_karras(10, 0.002, 80.0, 7.0);
   const at::Tensor x = at::randn({6, 1, 3, 3}, at::kDouble) * 80.0;
   const DenoiseFn d = gaussian_denoiser(kMu, kS);
-  for (const std::string name : {"ddpm", "euler_a"}) {
+  for (const std::string name : {"ddpm", "euler_a", "dpmpp_2m_sde", "dpmpp_3m_sde", "pc"}) {
     Noise all(77, 0, 6), first(77, 0, 2), rest(77, 2, 4);
     SamplerOptions oa, of, orest;
     oa.noise = &all;

@@ -40,8 +40,19 @@ struct LossOutput {
   at::Tensor sigma;       // [N] float64 CPU: the sigmas drawn
 };
 
-// Draws sigma per sample from the process's training distribution (DDPM: t ~ U{0..T-1}; VP/sub-VP/VE:
-// t ~ U[t_eps, 1]; EDM: ln sigma ~ N(p_mean, p_std^2)), noise with `gen`, and returns the loss.
+// Draws sigma per sample from the process's training distribution (DDPM: t ~ U{0..T-1}, c_noise = t exactly;
+// VP/sub-VP/VE: t ~ U[t_eps, 1]; EDM: ln sigma ~ N(p_mean, p_std^2)) and the noise, all with `gen` (on its
+// device), and returns per-sample losses w(sigma) * mean((F - target)^2) where
+//   simple:     w = 1 (Ho et al.'s L_simple for eps; the plain x0, v or F MSE otherwise)
+//   min-snr:    w = min(SNR, gamma) c_out^2, SNR = 1/sigma^2 (eps: min(SNR, gamma)/SNR; x0: min(SNR, gamma);
+//               v: min(SNR, gamma)/(SNR + 1))
+//   edm:        w = lambda(sigma) c_out^2 (1 for prediction edm)
+//   likelihood: Song et al.'s lambda = g(t)^2 relative to their default sigma_t^2: the eps-MSE times
+//               g(t)^2 / sigma_t^2 (sigma_t^2 = s(t)^2 sigma^2), i.e. w = g^2 c_out^2 / (s^2 sigma^4)
+//               (VP: beta(t)/(1 - alpha_bar); sub-VP: beta(t)(1 - alpha_bar^2)/(1 - alpha_bar)^2;
+//               VE: 2 ln(sigma_max/sigma_min); EDM: 2/sigma); continuous processes only.
+// A network with learned variances (2C outputs, DDPM only) adds Nichol & Dhariwal's L_vlb (bits/dim,
+// times T/1000, mean frozen) to each sample: their L_hybrid.
 LossOutput diffusion_loss(const ModelFn& model, const Process& process, const LossConfig& cfg,
                           const at::Tensor& x0, const at::Tensor& labels, at::Generator& gen);
 

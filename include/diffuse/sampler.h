@@ -61,7 +61,7 @@ struct SamplerOptions {
   double s_noise = 1.0;
   double snr = 0.16;       // Langevin corrector signal-to-noise ratio (Song et al.)
   int64_t corrector_steps = 1;
-  double rtol = 1e-5;      // RK45 probability-flow ODE
+  double rtol = 1e-5;      // RK45 probability-flow ODE (StepInfo.num_steps is 0: adaptive)
   double atol = 1e-5;
   std::function<void(const StepInfo&)> callback;
   int64_t* nfe = nullptr;  // when set, receives the number of denoiser evaluations used
@@ -95,6 +95,7 @@ at::Tensor sample_heun(const DenoiseFn& d, const at::Tensor& x, const std::vecto
 at::Tensor sample_euler_ancestral(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);
 at::Tensor sample_dpmpp_2m(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);
 at::Tensor sample_dpmpp_2m_sde(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);
+at::Tensor sample_dpmpp_3m(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);
 at::Tensor sample_dpmpp_3m_sde(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);
 at::Tensor sample_pc(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);
 at::Tensor sample_rk45(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);

@@ -72,6 +72,55 @@ double f_weight(const Process& process, const LossConfig& cfg, double sigma, dou
   return 1.0;
 }
 
+// Standard normal CDF and its log, via erfc (accurate in the lower tail).
+at::Tensor normal_cdf(const at::Tensor& z) { return 0.5 * at::erfc(-z / std::sqrt(2.0)); }
+at::Tensor log_normal_cdf(const at::Tensor& z) { return normal_cdf(z).clamp_min(1e-12).log(); }
+
+// Nichol & Dhariwal (2021) L_vlb for learned variances, per sample in bits per dimension, scaled by T/1000 as
+// in their hybrid loss: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0 and the discretized Gaussian
+// decoder NLL of x0 in [-1, 1] (256 levels) for t = 0. The model's log variance interpolates
+// v log beta_t + (1 - v) log beta_tilde_t with v = (var_v + 1) / 2 (eq. 15).
+at::Tensor vlb_term(const Process& process, const std::vector<double>& t_index, const at::Tensor& x0,
+                    const at::Tensor& x_hat, const at::Tensor& x0_pred, const at::Tensor& var_v) {
+  const std::vector<double>& ab = process.alphas_cumprod();
+  const int64_t n = x0.size(0);
+  std::vector<double> s_t(n), coef_x0(n), coef_xt(n), log_beta(n), log_beta_tilde(n), decoder(n);
+  auto beta_tilde = [&](size_t t) { return (1.0 - ab[t - 1]) / (1.0 - ab[t]) * (1.0 - ab[t] / ab[t - 1]); };
+  for (int64_t i = 0; i < n; ++i) {
+    const size_t t = static_cast<size_t>(t_index[i]);
+    const double ab_prev = t == 0 ? 1.0 : ab[t - 1];
+    const double beta = 1.0 - ab[t] / ab_prev;
+    s_t[i] = std::sqrt(ab[t]);
+    // Posterior mean (Ho et al. eq. 7) and variance; beta_tilde_0 = 0 is replaced by beta_tilde_1.
+    coef_x0[i] = std::sqrt(ab_prev) * beta / (1.0 - ab[t]);
+    coef_xt[i] = std::sqrt(1.0 - beta) * (1.0 - ab_prev) / (1.0 - ab[t]);
+    log_beta[i] = std::log(beta);
+    log_beta_tilde[i] = std::log(beta_tilde(t == 0 ? 1 : t));
+    decoder[i] = t == 0 ? 1.0 : 0.0;
+  }
+  const at::Tensor x_t = per_sample(s_t, x0) * x_hat;
+  const at::Tensor true_mean = per_sample(coef_x0, x0) * x0 + per_sample(coef_xt, x0) * x_t;
+  const at::Tensor model_mean = per_sample(coef_x0, x0) * x0_pred + per_sample(coef_xt, x0) * x_t;
+  const at::Tensor true_log_var = per_sample(log_beta_tilde, x0);
+  const at::Tensor frac = (var_v.to(x0.scalar_type()) + 1.0) / 2.0;
+  const at::Tensor model_log_var = frac * per_sample(log_beta, x0) + (1.0 - frac) * true_log_var;
+  const at::Tensor kl = 0.5 * (-1.0 + model_log_var - true_log_var + (true_log_var - model_log_var).exp() +
+                               (true_mean - model_mean).pow(2) * (-model_log_var).exp());
+  // Discretized Gaussian decoder (Ho et al. section 3.3): bins of width 2/255, open-ended at the edges.
+  const at::Tensor inv_std = (-0.5 * model_log_var).exp();
+  const at::Tensor centered = x0 - model_mean;
+  const at::Tensor log_cdf_plus = log_normal_cdf(inv_std * (centered + 1.0 / 255));
+  const at::Tensor log_sf_min = log_normal_cdf(-inv_std * (centered - 1.0 / 255));
+  const at::Tensor delta = normal_cdf(inv_std * (centered + 1.0 / 255)) - normal_cdf(inv_std * (centered - 1.0 / 255));
+  const at::Tensor log_probs =
+      at::where(x0 < -0.999, log_cdf_plus, at::where(x0 > 0.999, log_sf_min, delta.clamp_min(1e-12).log()));
+  const at::Tensor is_decoder = per_sample(decoder, x0);
+  const at::Tensor terms = is_decoder * -log_probs + (1.0 - is_decoder) * kl;
+  const double bits = 1.0 / std::log(2.0);
+  const double scale = static_cast<double>(ab.size()) / 1000.0;
+  return terms.reshape({n, -1}).mean(1) * (bits * scale);
+}
+
 }  // namespace
 
 LossWeighting loss_weighting_from_name(const std::string& name) {
@@ -134,11 +183,29 @@ LossOutput diffusion_loss(const ModelFn& model, const Process& process, const Lo
   const at::Tensor x_hat = x0_d + per_sample(sigma, x0_d) * eps;
   const at::Tensor noise_cond = at::tensor(c_noise, at::kDouble).to(x0.device(), at::kFloat);
   at::Tensor f = model(x_hat * per_sample(c_in, x0_d), noise_cond, labels);
-  if (!f.defined() || f.sizes() != x0.sizes())
-    throw input_error("loss: the model output does not have x0's shape (learned variances are not supported here)");
+  // Learned variances: 2C output channels, the second half is iDDPM's v.
+  at::Tensor var_v;
+  if (f.defined() && x0.dim() >= 2 && f.dim() == x0.dim() && f.size(1) == 2 * x0.size(1)) {
+    var_v = f.narrow(1, x0.size(1), x0.size(1));
+    f = f.narrow(1, 0, x0.size(1));
+  }
+  if (!f.defined() || f.sizes() != x0.sizes()) throw input_error("loss: the model output does not have x0's shape");
   const at::Tensor target = per_sample(coef_x0, x0_d) * x0_d + per_sample(coef_eps, x0_d) * eps;
   const at::Tensor w = at::tensor(weight, at::kDouble).to(f.device(), f.scalar_type());
-  const at::Tensor per = (f - target.to(f.scalar_type())).pow(2).reshape({n, -1}).mean(1) * w;
+  at::Tensor per = (f - target.to(f.scalar_type())).pow(2).reshape({n, -1}).mean(1) * w;
+  if (var_v.defined()) {
+    if (t_index.empty())
+      throw input_error("loss: learned variances (2C outputs) need the discrete DDPM process");
+    // The predicted x0 with the mean frozen (the VLB term trains only the variance).
+    std::vector<double> c_skip(n), c_out(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const Preconditioning p = precondition(process, cfg.prediction, sigma[i]);
+      c_skip[i] = p.c_skip;
+      c_out[i] = p.c_out;
+    }
+    const at::Tensor x0_pred = per_sample(c_skip, x0_d) * x_hat + per_sample(c_out, x0_d) * f.detach().to(x0.scalar_type());
+    per = per + vlb_term(process, t_index, x0_d, x_hat, x0_pred, var_v).to(per.scalar_type());
+  }
 
   LossOutput out;
   out.loss = per.mean();

@@ -15,6 +15,18 @@ const std::vector<SamplerInfo>& samplers() {
        true, false, "karras", sample_euler_ancestral},
       {"heun", "Heun 2nd order with stochastic churn (Karras et al. 2022, Algorithm 2)",
        "--s-churn --s-tmin --s-tmax --s-noise", 2, false, false, "karras", sample_heun},
+      {"dpmpp_2m", "DPM-Solver++(2M), multistep 2nd order in log sigma (Lu et al. 2022, Algorithm 2)", "", 1, false,
+       false, "karras", sample_dpmpp_2m},
+      {"dpmpp_2m_sde", "DPM-Solver++(2M) SDE (Lu et al. 2022; k-diffusion midpoint form)", "--eta --s-noise", 1, true,
+       false, "karras", sample_dpmpp_2m_sde},
+      {"dpmpp_3m", "DPM-Solver++(3M), multistep 3rd order in log sigma (k-diffusion)", "", 1, false, false, "karras",
+       sample_dpmpp_3m},
+      {"dpmpp_3m_sde", "DPM-Solver++(3M) SDE (k-diffusion)", "--eta --s-noise", 1, true, false, "karras",
+       sample_dpmpp_3m_sde},
+      {"pc", "Predictor-corrector: reverse diffusion + Langevin (Song et al. 2021, Algorithm 2)",
+       "--snr --corrector-steps", 2, true, false, "uniform", sample_pc},
+      {"rk45", "Probability-flow ODE with adaptive Dormand-Prince RK45 (Song et al. 2021); steps adaptive",
+       "--rtol --atol", 0, false, false, "karras", sample_rk45},
   };
   return table;
 }
