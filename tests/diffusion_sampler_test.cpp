@@ -199,6 +199,27 @@ TEST(DiffusionSampler, DdimEta0IsEulerAndEta1IsDdpm) {
 // Euler ancestral, Karras 500: -0.0060; Heun, churn 10, Karras 100: +0.0021; DPM-Solver++(2M) SDE, Karras 100:
 // +0.0020; (3M) SDE, Karras 100: +0.0009), plus 0.002. PC is not affine (per-image step sizes): its allowance
 // is measured.
+// Learned variances: v = -1 is the posterior variance, v = +1 is beta (same noise streams, same steps).
+TEST(DiffusionSampler, DdpmLearnedVarianceInterpolates) {
+  auto ddpm = make_process(ProcessConfig());
+  const auto sigmas = grid_ddpm(*ddpm, 20, "leading");
+  const at::Tensor x = at::randn({4, 1, 3, 3}, at::kDouble) * sigmas[0];
+  const DenoiseFn d = gaussian_denoiser(kMu, kS);
+  auto run = [&](bool large, double v) {
+    Noise noise(3, 0, 4);
+    SamplerOptions o;
+    o.noise = &noise;
+    o.ddpm_large_variance = large;
+    if (!std::isnan(v))
+      o.denoise_full = [&](const at::Tensor& xh, const at::Tensor& s) { return Denoised{d(xh, s), at::full_like(xh, v)}; };
+    return sample_ddpm(d, x, sigmas, o);
+  };
+  const double none = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_TRUE(at::allclose(run(false, -1.0), run(false, none), 1e-10, 1e-10));
+  EXPECT_TRUE(at::allclose(run(false, 1.0), run(true, none), 1e-10, 1e-10));
+  EXPECT_FALSE(at::allclose(run(false, 0.0), run(true, none), 1e-4, 1e-4));
+}
+
 TEST(DiffusionSampler, StochasticSamplersReproduceGaussianMoments) {
   auto ddpm = make_process(ProcessConfig());
   const auto full_chain = grid_ddpm(*ddpm, 1000, "leading");

@@ -55,6 +55,10 @@ struct SamplerOptions {
   // posterior variance), euler_a / dpmpp_2m_sde / dpmpp_3m_sde 1 (0 turns them into their ODE solver).
   double eta = std::numeric_limits<double>::quiet_NaN();
   bool ddpm_large_variance = false;  // DDPM: beta_t instead of the posterior variance (fixed-large)
+  // DDPM with learned variances (Nichol & Dhariwal 2021): when set, the ddpm sampler calls this instead of
+  // the DenoiseFn, and where var_v is defined the step variance is exp(v log beta + (1 - v) log beta_tilde),
+  // v = (var_v + 1) / 2 (their eq. 15), per element. E.g. [&](x, s) { return denoiser.full(x, s, labels); }.
+  std::function<Denoised(const at::Tensor& x_hat, const at::Tensor& sigma)> denoise_full;
   double s_churn = 0.0;    // Karras Algorithm 2
   double s_tmin = 0.0;
   double s_tmax = std::numeric_limits<double>::infinity();

@@ -14,7 +14,15 @@ at::Tensor sample_ddpm(const DenoiseFn& d, const at::Tensor& x_in, const std::ve
   at::Tensor x = x_in;
   for (int64_t i = 0; i < n; ++i) {
     const double s_from = sigmas[i], s_to = sigmas[i + 1];
-    const at::Tensor denoised = denoise(x, s_from);
+    at::Tensor denoised, var_v;
+    if (o.denoise_full) {
+      ++denoise.nfe;
+      Denoised full = o.denoise_full(x, at::full({x.size(0)}, s_from, at::TensorOptions().dtype(at::kDouble)));
+      denoised = full.x0;
+      var_v = full.var_v;
+    } else {
+      denoised = denoise(x, s_from);
+    }
     // The last step (t = 1 in Ho et al.) adds no noise; its posterior mean is the predicted x0.
     if (s_to == 0.0) {
       x = denoised;
@@ -30,12 +38,20 @@ at::Tensor sample_ddpm(const DenoiseFn& d, const at::Tensor& x_in, const std::ve
     const double coef_x0 = std::sqrt(ab_to) * beta / one_minus_ab_from;
     const double coef_xt = std::sqrt(alpha) * one_minus_ab_to / one_minus_ab_from;
     // Variance: fixed-small beta_tilde, or fixed-large beta (Ho et al. section 3.2).
-    const double variance = o.ddpm_large_variance ? beta : one_minus_ab_to / one_minus_ab_from * beta;
+    const double beta_tilde = one_minus_ab_to / one_minus_ab_from * beta;
+    const double variance = o.ddpm_large_variance ? beta : beta_tilde;
     // x_t = sqrt(alpha_bar) x_hat, so divide the x_t-space update by sqrt(alpha_bar_to).
     const double inv_s_to = 1.0 / std::sqrt(ab_to);
     const at::Tensor z = noise.randn_like(x);
-    x = x * (coef_xt * std::sqrt(ab_from) * inv_s_to) + denoised * (coef_x0 * inv_s_to) +
-        z * (std::sqrt(variance) * inv_s_to);
+    x = x * (coef_xt * std::sqrt(ab_from) * inv_s_to) + denoised * (coef_x0 * inv_s_to);
+    if (var_v.defined()) {
+      // Learned interpolation between log beta and log beta_tilde (Nichol & Dhariwal eq. 15).
+      const at::Tensor frac = (var_v.to(x.scalar_type()) + 1.0) * 0.5;
+      const at::Tensor std_dev = (0.5 * (frac * std::log(beta) + (1.0 - frac) * std::log(beta_tilde))).exp();
+      x = x + z * std_dev * inv_s_to;
+    } else {
+      x = x + z * (std::sqrt(variance) * inv_s_to);
+    }
     detail::report_step(o, i, n, s_from, s_to, x, denoised, denoise.nfe);
   }
   return x;
