@@ -1,1 +1,219 @@
-// The U-Net: placeholder until it lands.
+// UNet2DModel (diffusers models/unets/unet_2d.py): the DDPM U-Net of Ho et al. 2020 with diffusers'
+// module names. conv_in -> down blocks (collecting skips) -> mid block -> up blocks (consuming skips)
+// -> GroupNorm, SiLU, conv_out; a sinusoidal time embedding (+ class embedding) feeds every resnet.
+#include "diffuse/nn/unet.h"
+
+#include <torch/nn/modules/embedding.h>
+
+#include <sstream>
+
+#include "diffuse/common.h"
+#include "nn/blocks.h"
+
+namespace diffuse {
+
+namespace nn = torch::nn;
+using nn_detail::BlockSpec;
+
+namespace nn_detail {
+
+UNetLayout unet_layout(const UNetConfig& c) {
+  const std::vector<int64_t>& ch = c.block_out_channels;
+  const int64_t n = static_cast<int64_t>(ch.size());
+  UNetLayout layout;
+  layout.temb_channels = c.time_embedding_dim.value_or(4 * ch[0]);
+  BlockSpec base;
+  base.temb_channels = layout.temb_channels;
+  base.groups = c.norm_num_groups;
+  base.attn_groups = c.norm_num_groups;
+  base.eps = c.norm_eps;
+  base.dropout = c.dropout;
+  auto set_heads = [&](BlockSpec& s) {
+    s.head_dim = c.attention_head_dim.value_or(s.out_channels);  // null: one head of all channels
+    s.heads = s.head_dim > 0 ? s.out_channels / s.head_dim : 0;
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    BlockSpec s = base;
+    s.out_channels = ch[i];
+    for (int64_t j = 0; j < c.layers_per_block; ++j)
+      s.resnet_in.push_back(j == 0 ? ch[i > 0 ? i - 1 : 0] : ch[i]);
+    s.attention = c.down_block_types[i] == "AttnDownBlock2D";
+    set_heads(s);
+    s.downsample = i != n - 1;
+    s.downsample_padding = c.downsample_padding;
+    layout.down.push_back(s);
+  }
+  BlockSpec& mid = layout.mid;
+  mid = base;
+  mid.out_channels = ch[n - 1];
+  mid.resnet_in = {ch[n - 1], ch[n - 1]};
+  mid.attention = c.add_attention;
+  mid.attn_groups = c.attn_norm_num_groups.value_or(c.norm_num_groups);
+  mid.output_scale_factor = c.mid_block_scale_factor;
+  set_heads(mid);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t prev = ch[n - 1 - (i > 0 ? i - 1 : 0)];
+    const int64_t out = ch[n - 1 - i];
+    const int64_t skip_in = ch[n - 1 - std::min(i + 1, n - 1)];
+    BlockSpec s = base;
+    s.out_channels = out;
+    for (int64_t j = 0; j <= c.layers_per_block; ++j) {
+      // resnet j sees [x, skip]: x has prev (j == 0) or out channels; the last skip comes from the block
+      // below.
+      s.resnet_in.push_back((j == 0 ? prev : out) + (j == c.layers_per_block ? skip_in : out));
+    }
+    s.attention = c.up_block_types[i] == "AttnUpBlock2D";
+    set_heads(s);
+    s.upsample = i != n - 1;
+    layout.up.push_back(s);
+  }
+  return layout;
+}
+
+}  // namespace nn_detail
+
+struct UNet2DModelImpl::Impl {
+  nn::Conv2d conv_in{nullptr};
+  nn::Linear linear_1{nullptr}, linear_2{nullptr};  // time_embedding
+  nn::Embedding class_embedding{nullptr};
+  std::vector<nn_detail::DownBlock> down_blocks;
+  nn_detail::MidBlock mid_block{nullptr};
+  std::vector<nn_detail::UpBlock> up_blocks;
+  nn::GroupNorm conv_norm_out{nullptr};
+  nn::Conv2d conv_out{nullptr};
+  int64_t size_multiple = 1;  // H and W must be multiples of this (2 ^ number of downsamplers)
+};
+
+UNet2DModelImpl::UNet2DModelImpl(const UNetConfig& cfg) : cfg_(cfg), impl_(std::make_shared<Impl>()) {
+  validate_unet_config(cfg_);
+  const nn_detail::UNetLayout layout = nn_detail::unet_layout(cfg_);
+  const int64_t c0 = cfg_.block_out_channels[0];
+  Impl& m = *impl_;
+  // Registration order = diffusers' state_dict order (up_blocks before mid_block, as diffusers assigns).
+  m.conv_in = register_module("conv_in", nn::Conv2d(nn::Conv2dOptions(cfg_.in_channels, c0, 3).padding(1)));
+  auto time_embedding = std::make_shared<nn::Module>();
+  m.linear_1 = time_embedding->register_module("linear_1", nn::Linear(c0, layout.temb_channels));
+  m.linear_2 =
+      time_embedding->register_module("linear_2", nn::Linear(layout.temb_channels, layout.temb_channels));
+  register_module("time_embedding", time_embedding);
+  if (cfg_.num_class_embeds) {
+    m.class_embedding = register_module(
+        "class_embedding", nn::Embedding(nn::EmbeddingOptions(*cfg_.num_class_embeds, layout.temb_channels)));
+  }
+  nn::ModuleList down_list, up_list;
+  for (const BlockSpec& s : layout.down) {
+    m.down_blocks.emplace_back(s);
+    down_list->push_back(m.down_blocks.back());
+    if (s.downsample) m.size_multiple *= 2;
+  }
+  for (const BlockSpec& s : layout.up) {
+    m.up_blocks.emplace_back(s);
+    up_list->push_back(m.up_blocks.back());
+  }
+  register_module("down_blocks", down_list);
+  register_module("up_blocks", up_list);
+  m.mid_block = register_module("mid_block", nn_detail::MidBlock(layout.mid));
+  m.conv_norm_out = register_module(
+      "conv_norm_out", nn::GroupNorm(nn::GroupNormOptions(cfg_.norm_num_groups, c0).eps(cfg_.norm_eps)));
+  m.conv_out =
+      register_module("conv_out", nn::Conv2d(nn::Conv2dOptions(c0, cfg_.out_channels, 3).padding(1)));
+}
+
+int64_t UNet2DModelImpl::num_parameters() const {
+  int64_t total = 0;
+  for (const at::Tensor& p : parameters()) total += p.numel();
+  return total;
+}
+
+namespace {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+// Timesteps [N] or a scalar/[1] (broadcast), any real dtype, on the model's device.
+at::Tensor batch_timesteps(const at::Tensor& t, int64_t n, const at::Device& device) {
+  if (!t.defined()) throw input_error("unet input: timesteps are missing");
+  if (t.dim() > 1 || (t.numel() != 1 && t.numel() != n)) {
+    throw input_error("unet input: timesteps must be a scalar or [N] with N = " + std::to_string(n) +
+                      ", got " + shape_str(t));
+  }
+  if (t.scalar_type() == at::kBool || t.is_complex())
+    throw input_error("unet input: timesteps must be real numbers");
+  at::Tensor out = t.reshape({-1}).to(device);
+  return out.numel() == n ? out : out.expand({n});
+}
+
+// Class labels [N] (or a scalar, broadcast), integers in [0, num_classes); checked where they are on the CPU.
+at::Tensor batch_labels(const at::Tensor& y, int64_t n, int64_t num_classes, const at::Device& device) {
+  if (!y.defined())
+    throw input_error("unet input: class_labels are required (the model has num_class_embeds set)");
+  if (y.dim() > 1 || (y.numel() != 1 && y.numel() != n)) {
+    throw input_error("unet input: class_labels must be a scalar or [N] with N = " + std::to_string(n) +
+                      ", got " + shape_str(y));
+  }
+  if (!at::isIntegralType(y.scalar_type(), /*includeBool=*/false)) {
+    throw input_error("unet input: class_labels must be integers");
+  }
+  at::Tensor labels = y.reshape({-1}).to(at::kLong);
+  if (labels.device().is_cpu()) {  // on an accelerator this check would cost a synchronization
+    const int64_t lo = labels.min().item<int64_t>(), hi = labels.max().item<int64_t>();
+    if (lo < 0 || hi >= num_classes) {
+      throw input_error("unet input: class_labels must lie in [0, " + std::to_string(num_classes) +
+                        "), got " + std::to_string(lo < 0 ? lo : hi));
+    }
+  }
+  labels = labels.to(device);
+  return labels.numel() == n ? labels : labels.expand({n});
+}
+
+}  // namespace
+
+at::Tensor UNet2DModelImpl::forward(const at::Tensor& x_in, const at::Tensor& timesteps,
+                                    const at::Tensor& class_labels) {
+  Impl& m = *impl_;
+  const at::Tensor& w = m.conv_in->weight;
+  if (!x_in.defined() || x_in.dim() != 4 || x_in.size(1) != cfg_.in_channels) {
+    throw input_error("unet input: expected [N, " + std::to_string(cfg_.in_channels) + ", H, W], got " +
+                      (x_in.defined() ? shape_str(x_in) : std::string("nothing")));
+  }
+  if (!x_in.is_floating_point()) throw input_error("unet input: x must be a floating-point tensor");
+  const int64_t n = x_in.size(0), height = x_in.size(2), width = x_in.size(3);
+  if (n == 0 || height == 0 || width == 0) throw input_error("unet input: empty tensor " + shape_str(x_in));
+  if (height % m.size_multiple != 0 || width % m.size_multiple != 0) {
+    throw input_error("unet input: height and width must be multiples of " + std::to_string(m.size_multiple) +
+                      " (the U-Net halves them " + std::to_string(cfg_.block_out_channels.size() - 1) +
+                      " times), got " + std::to_string(height) + "x" + std::to_string(width));
+  }
+  at::Tensor x = x_in.to(w.device(), w.scalar_type());
+  if (cfg_.center_input_sample) x = 2 * x - 1.0;
+
+  // Time embedding: float32 sinusoid (as diffusers), cast to the model dtype, linear_1, SiLU, linear_2.
+  at::Tensor t = batch_timesteps(timesteps, n, w.device());
+  at::Tensor emb =
+      nn_detail::timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift)
+          .to(w.scalar_type());
+  emb = m.linear_2->forward(nn_detail::silu_temp(m.linear_1->forward(emb)));
+  if (m.class_embedding) {
+    emb = emb + m.class_embedding->forward(batch_labels(class_labels, n, *cfg_.num_class_embeds, w.device()));
+  } else if (class_labels.defined()) {
+    throw input_error(
+        "unet input: class_labels given but the model is unconditional (num_class_embeds is null)");
+  }
+  // Every resnet applies SiLU to the embedding first: do it once.
+  const at::Tensor temb_act = nn_detail::silu_temp(emb);
+
+  at::Tensor h = m.conv_in->forward(x);
+  std::vector<at::Tensor> skips;
+  skips.reserve(1 + cfg_.block_out_channels.size() * (cfg_.layers_per_block + 1));
+  skips.push_back(h);
+  for (nn_detail::DownBlock& block : m.down_blocks) h = block->forward(h, temb_act, skips);
+  h = m.mid_block->forward(h, temb_act);
+  for (nn_detail::UpBlock& block : m.up_blocks) h = block->forward(h, temb_act, skips);
+  h = nn_detail::silu_temp(m.conv_norm_out->forward(h));
+  return m.conv_out->forward(h);
+}
+
+}  // namespace diffuse

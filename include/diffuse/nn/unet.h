@@ -55,6 +55,10 @@ struct UNetConfig {
 // values give input_error naming the key). Writes the same keys back.
 UNetConfig unet_config_from_json(const nlohmann::json& j);
 nlohmann::json unet_config_to_json(const UNetConfig& cfg);
+// Checks a config for what the constructor needs (block counts, supported values, GroupNorm groups
+// dividing every normalized channel count, at least one attention head); input_error naming the key.
+// Called by unet_config_from_json and by the UNet2DModel constructor.
+void validate_unet_config(const UNetConfig& cfg);
 
 class UNet2DModelImpl : public torch::nn::Module {
  public:

@@ -1,0 +1,134 @@
+// Batched matrix products for attention on the CPU. Debian's LibTorch sends float32 bmm to the reference
+// BLAS (~4 GFLOP/s); the oneDNN library LibTorch already loads has a JIT sgemm about 10x faster. It is
+// looked up at run time (dnnl_sgemm, a stable C entry point); without it, at::bmm is used.
+// Each product runs single-threaded (OpenMP's thread count set to 1 around the calls) while the batch is
+// split over LibTorch's threads: letting oneDNN thread every small product inside or beside LibTorch's
+// own OpenMP team was measured to stall for seconds on a busy machine.
+#include <ATen/Parallel.h>
+#include <dlfcn.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "nn/blocks.h"
+
+namespace diffuse {
+namespace nn_detail {
+
+namespace {
+
+// dnnl_status_t dnnl_sgemm(char transa, char transb, dnnl_dim_t M, dnnl_dim_t N, dnnl_dim_t K, float alpha,
+//                          const float* A, dnnl_dim_t lda, const float* B, dnnl_dim_t ldb, float beta,
+//                          float* C, dnnl_dim_t ldc);   row-major, C = alpha op(A) op(B) + beta C
+using SgemmFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
+                        int64_t, float, float*, int64_t);
+
+struct OneDnn {
+  SgemmFn sgemm = nullptr;
+  int (*omp_get_max_threads)() = nullptr;  // from the OpenMP runtime LibTorch and oneDNN share
+  void (*omp_set_num_threads)(int) = nullptr;
+};
+
+const OneDnn& onednn() {
+  static const OneDnn lib = [] {
+    OneDnn l;
+    l.omp_get_max_threads = reinterpret_cast<int (*)()>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
+    l.omp_set_num_threads = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+    if (l.omp_get_max_threads && l.omp_set_num_threads) {
+      l.sgemm = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "dnnl_sgemm"));
+    }
+    return l;
+  }();
+  return lib;
+}
+
+// A [B, R, C] operand as sgemm sees it: row-major ('N', ld = stride(1)) or transposed ('T', ld = stride(2)).
+struct Operand {
+  at::Tensor t;
+  char trans = 'N';
+  int64_t ld = 0;
+};
+
+Operand as_operand(const at::Tensor& x) {
+  const int64_t rows = x.size(1), cols = x.size(2);
+  if (x.stride(2) == 1 && x.stride(1) >= std::max<int64_t>(1, cols)) return {x, 'N', x.stride(1)};
+  if (x.stride(1) == 1 && x.stride(2) >= std::max<int64_t>(1, rows)) return {x, 'T', x.stride(2)};
+  at::Tensor c = x.contiguous();
+  return {c, 'N', std::max<int64_t>(1, cols)};
+}
+
+// alpha * a @ b without autograd; a [B, M, K], b [B, K, N] float32 on the CPU, any strides.
+at::Tensor sgemm_batched(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
+  const OneDnn& lib = onednn();
+  if (!lib.sgemm || batch == 0 || m == 0 || n == 0 || k == 0) {
+    at::Tensor c = at::bmm(a, b);
+    return alpha == 1.0 ? c : c.mul_(alpha);
+  }
+  const Operand oa = as_operand(a), ob = as_operand(b);
+  at::Tensor c = at::empty({batch, m, n}, a.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* pa = oa.t.data_ptr<float>();
+  const float* pb = ob.t.data_ptr<float>();
+  float* pc = c.data_ptr<float>();
+  const int64_t sa = oa.t.stride(0), sb = ob.t.stride(0), sc = m * n;
+  const float fa = static_cast<float>(alpha);
+  std::atomic<bool> failed{false};
+  auto run = [&](int64_t begin, int64_t end) {
+    const int threads = lib.omp_get_max_threads();
+    lib.omp_set_num_threads(1);
+    for (int64_t i = begin; i < end; ++i) {
+      if (lib.sgemm(oa.trans, ob.trans, m, n, k, fa, pa + i * sa, oa.ld, pb + i * sb, ob.ld, 0.0f,
+                    pc + i * sc, n) != 0) {
+        failed = true;
+      }
+    }
+    lib.omp_set_num_threads(threads);
+  };
+  at::parallel_for(0, batch, 1, run);
+  if (failed) {
+    at::Tensor ref = at::bmm(a, b);
+    return alpha == 1.0 ? ref : ref.mul_(alpha);
+  }
+  return c;
+}
+
+// Autograd wrapper: d(alpha a b)/da = alpha g b^T, d/db = alpha a^T g (differentiable again).
+struct ScaledBmm : public torch::autograd::Function<ScaledBmm> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b,
+                            double alpha) {
+    ctx->save_for_backward({a, b});
+    ctx->saved_data["alpha"] = alpha;
+    return sgemm_batched(a, b, alpha);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const double alpha = ctx->saved_data["alpha"].toDouble();
+    const at::Tensor& g = grads[0];
+    at::Tensor ga, gb;
+    if (ctx->needs_input_grad(0)) ga = batched_matmul(g, saved[1].transpose(1, 2), alpha);
+    if (ctx->needs_input_grad(1)) gb = batched_matmul(saved[0].transpose(1, 2), g, alpha);
+    return {ga, gb, at::Tensor()};
+  }
+};
+
+}  // namespace
+
+bool has_fast_cpu_gemm() { return onednn().sgemm != nullptr; }
+
+at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  const bool fast = a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1) &&
+                    a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&
+                    b.device().is_cpu() && onednn().sgemm != nullptr && a.layout() == at::kStrided &&
+                    b.layout() == at::kStrided;
+  if (!fast) {
+    // The reference semantics: baddbmm with beta 0 is alpha * a @ b (one rounding, as diffusers).
+    if (alpha == 1.0) return at::bmm(a, b);
+    return at::baddbmm(at::empty({a.size(0), a.size(1), b.size(2)}, a.options()), a, b, 0.0, alpha);
+  }
+  return ScaledBmm::apply(a, b, alpha);
+}
+
+}  // namespace nn_detail
+}  // namespace diffuse

@@ -1,0 +1,264 @@
+// The U-Net's blocks, same math and module names as diffusers (models/resnet.py, attention_processor.py,
+// downsampling.py, upsampling.py, unets/unet_2d_blocks.py).
+#include "nn/blocks.h"
+
+#include <torch/version.h>
+
+#include <cmath>
+
+#include "diffuse/common.h"
+#include "diffuse/nn/unet.h"
+
+namespace diffuse {
+namespace nn_detail {
+
+namespace nn = torch::nn;
+
+at::Tensor silu_temp(at::Tensor x) {
+  // In place only when autograd records nothing (silu's backward needs its input).
+  if (!at::GradMode::is_enabled() || !x.requires_grad()) return at::silu_(x);
+  return at::silu(x);
+}
+
+// ---------------------------------------------------------------------------------------------
+ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t temb_channels,
+                                     int64_t groups, double eps, double dropout_p, double output_scale_factor)
+    : output_scale_factor_(output_scale_factor), dropout_p_(dropout_p) {
+  norm1 = register_module("norm1", nn::GroupNorm(nn::GroupNormOptions(groups, in_channels).eps(eps)));
+  conv1 = register_module("conv1", nn::Conv2d(nn::Conv2dOptions(in_channels, out_channels, 3).padding(1)));
+  time_emb_proj = register_module("time_emb_proj", nn::Linear(temb_channels, out_channels));
+  norm2 = register_module("norm2", nn::GroupNorm(nn::GroupNormOptions(groups, out_channels).eps(eps)));
+  dropout = register_module("dropout", nn::Dropout(nn::DropoutOptions(dropout_p)));
+  conv2 = register_module("conv2", nn::Conv2d(nn::Conv2dOptions(out_channels, out_channels, 3).padding(1)));
+  if (in_channels != out_channels) {
+    conv_shortcut =
+        register_module("conv_shortcut", nn::Conv2d(nn::Conv2dOptions(in_channels, out_channels, 1)));
+  }
+}
+
+at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb_act) {
+  at::Tensor h = silu_temp(norm1->forward(x));
+  h = conv1->forward(h);
+  // time_embedding_norm "default": additive, broadcast over H, W. conv1's backward does not need
+  // its output, so adding in place is safe under autograd.
+  h.add_(time_emb_proj->forward(temb_act).unsqueeze(-1).unsqueeze(-1));
+  h = silu_temp(norm2->forward(h));
+  if (dropout_p_ > 0.0 && is_training()) h = dropout->forward(h);
+  h = conv2->forward(h);
+  h.add_(conv_shortcut ? conv_shortcut->forward(x) : x);
+  if (output_scale_factor_ != 1.0) h.div_(output_scale_factor_);
+  return h;
+}
+
+// ---------------------------------------------------------------------------------------------
+AttentionImpl::AttentionImpl(int64_t channels, int64_t heads, int64_t head_dim, int64_t groups, double eps,
+                             double rescale_output_factor)
+    : heads_(heads), head_dim_(head_dim), rescale_output_factor_(rescale_output_factor) {
+  const int64_t inner = heads * head_dim;
+  group_norm = register_module("group_norm", nn::GroupNorm(nn::GroupNormOptions(groups, channels).eps(eps)));
+  to_q = register_module("to_q", nn::Linear(channels, inner));
+  to_k = register_module("to_k", nn::Linear(channels, inner));
+  to_v = register_module("to_v", nn::Linear(channels, inner));
+  out_proj = nn::Linear(inner, channels);
+  to_out = nn::ModuleList();
+  to_out->push_back(out_proj);
+  to_out->push_back(nn::Dropout(nn::DropoutOptions(0.0)));
+  to_out = register_module("to_out", to_out);
+}
+
+at::Tensor AttentionImpl::forward(const at::Tensor& x) {
+  const int64_t n = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3);
+  const int64_t len = height * width, inner = heads_ * head_dim_;
+  const at::Tensor h = group_norm->forward(x);
+  // to_q/to_k/to_v as 1x1 convolutions: the same Linear over the H*W tokens, but channel-major and
+  // on the convolution kernels (oneDNN/cuDNN) instead of a BLAS GEMM with layout copies.
+  auto project = [&](const nn::Linear& linear) {
+    return at::conv2d(h, linear->weight.view({inner, c, 1, 1}), linear->bias);
+  };
+  // [N, inner, H, W] -> [N, heads, L, d] as a view (channel-major memory, no copy).
+  auto split_heads = [&](const at::Tensor& t) { return t.view({n, heads_, head_dim_, len}).transpose(2, 3); };
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
+  at::Tensor o = attention(split_heads(project(to_q)), split_heads(project(to_k)), split_heads(project(to_v)),
+                           scale, unet_has_sdpa());
+  // Back to [N, inner, H, W] (a view when attention() returned channel-major memory), then to_out.0.
+  o = o.transpose(2, 3).reshape({n, inner, height, width});
+  o = at::conv2d(o, out_proj->weight.view({c, inner, 1, 1}), out_proj->bias);
+  o.add_(x);  // residual; the convolution's backward does not need its output
+  if (rescale_output_factor_ != 1.0) o.div_(rescale_output_factor_);
+  return o;
+}
+
+// ---------------------------------------------------------------------------------------------
+Downsample2DImpl::Downsample2DImpl(int64_t channels, int64_t padding) : pad_right_bottom_(padding == 0) {
+  conv = register_module("conv",
+                         nn::Conv2d(nn::Conv2dOptions(channels, channels, 3).stride(2).padding(padding)));
+}
+
+at::Tensor Downsample2DImpl::forward(const at::Tensor& x) {
+  if (pad_right_bottom_) return conv->forward(at::constant_pad_nd(x, {0, 1, 0, 1}, 0));
+  return conv->forward(x);
+}
+
+Upsample2DImpl::Upsample2DImpl(int64_t channels) {
+  conv = register_module("conv", nn::Conv2d(nn::Conv2dOptions(channels, channels, 3).padding(1)));
+}
+
+at::Tensor Upsample2DImpl::forward(const at::Tensor& x) {
+  // F.interpolate(scale_factor=2.0, mode="nearest")
+  at::Tensor up = at::upsample_nearest2d(x, {2 * x.size(2), 2 * x.size(3)}, 2.0, 2.0);
+  return conv->forward(up);
+}
+
+// ---------------------------------------------------------------------------------------------
+namespace {
+
+// Fills resnets (and attentions) for one block and registers them as diffusers does: "attentions"
+// first when present, then "resnets".
+void build_layers(nn::Module& block, const BlockSpec& s, int64_t num_attentions,
+                  std::vector<ResnetBlock2D>& resnets, std::vector<Attention>& attentions) {
+  if (s.attention && num_attentions > 0) {
+    nn::ModuleList list;
+    for (int64_t i = 0; i < num_attentions; ++i) {
+      attentions.emplace_back(s.out_channels, s.heads, s.head_dim, s.attn_groups, s.eps,
+                              s.output_scale_factor);
+      list->push_back(attentions.back());
+    }
+    block.register_module("attentions", list);
+  }
+  nn::ModuleList list;
+  for (int64_t in : s.resnet_in) {
+    resnets.emplace_back(in, s.out_channels, s.temb_channels, s.groups, s.eps, s.dropout,
+                         s.output_scale_factor);
+    list->push_back(resnets.back());
+  }
+  block.register_module("resnets", list);
+}
+
+}  // namespace
+
+DownBlockImpl::DownBlockImpl(const BlockSpec& spec) {
+  build_layers(*this, spec, static_cast<int64_t>(spec.resnet_in.size()), resnets_, attentions_);
+  if (spec.downsample) {
+    downsampler_ = Downsample2D(spec.out_channels, spec.downsample_padding);
+    nn::ModuleList list;
+    list->push_back(downsampler_);
+    register_module("downsamplers", list);
+  }
+}
+
+at::Tensor DownBlockImpl::forward(at::Tensor x, const at::Tensor& temb_act, std::vector<at::Tensor>& skips) {
+  for (size_t i = 0; i < resnets_.size(); ++i) {
+    x = resnets_[i]->forward(x, temb_act);
+    if (!attentions_.empty()) x = attentions_[i]->forward(x);
+    skips.push_back(x);
+  }
+  if (downsampler_) {
+    x = downsampler_->forward(x);
+    skips.push_back(x);
+  }
+  return x;
+}
+
+UpBlockImpl::UpBlockImpl(const BlockSpec& spec) {
+  build_layers(*this, spec, static_cast<int64_t>(spec.resnet_in.size()), resnets_, attentions_);
+  if (spec.upsample) {
+    upsampler_ = Upsample2D(spec.out_channels);
+    nn::ModuleList list;
+    list->push_back(upsampler_);
+    register_module("upsamplers", list);
+  }
+}
+
+at::Tensor UpBlockImpl::forward(at::Tensor x, const at::Tensor& temb_act, std::vector<at::Tensor>& skips) {
+  for (size_t i = 0; i < resnets_.size(); ++i) {
+    // U-Net skip connection: channels [x, skip], the skip taken from the end of the down path.
+    x = at::cat({x, skips.back()}, 1);
+    skips.pop_back();
+    x = resnets_[i]->forward(x, temb_act);
+    if (!attentions_.empty()) x = attentions_[i]->forward(x);
+  }
+  if (upsampler_) x = upsampler_->forward(x);
+  return x;
+}
+
+MidBlockImpl::MidBlockImpl(const BlockSpec& spec) {
+  build_layers(*this, spec, static_cast<int64_t>(spec.resnet_in.size()) - 1, resnets_, attentions_);
+}
+
+at::Tensor MidBlockImpl::forward(at::Tensor x, const at::Tensor& temb_act) {
+  x = resnets_[0]->forward(x, temb_act);
+  for (size_t i = 1; i < resnets_.size(); ++i) {
+    if (!attentions_.empty()) x = attentions_[i - 1]->forward(x);
+    x = resnets_[i]->forward(x, temb_act);
+  }
+  return x;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transformer sinusoidal position embedding as diffusers' get_timestep_embedding (float32 throughout).
+at::Tensor timestep_embedding(const at::Tensor& timesteps, int64_t dim, bool flip_sin_to_cos,
+                              int64_t freq_shift) {
+  const int64_t half = dim / 2;
+  at::TensorOptions opts = at::TensorOptions().dtype(at::kFloat).device(timesteps.device());
+  at::Tensor exponent = at::arange(half, opts) * (-std::log(10000.0));
+  exponent = exponent / (half - freq_shift);
+  at::Tensor arg = timesteps.to(at::kFloat).unsqueeze(1) * exponent.exp().unsqueeze(0);
+  at::Tensor emb = flip_sin_to_cos ? at::cat({arg.cos(), arg.sin()}, 1) : at::cat({arg.sin(), arg.cos()}, 1);
+  if (dim % 2 == 1) emb = at::constant_pad_nd(emb, {0, 1}, 0);
+  return emb;
+}
+
+}  // namespace nn_detail
+
+// ---------------------------------------------------------------------------------------------
+bool unet_has_sdpa() {
+#if TORCH_VERSION_MAJOR >= 2
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Scaled dot-product attention (Vaswani et al. 2017, eq. 1) on [B, heads, L, d].
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                     bool use_sdpa) {
+  if (q.dim() != 4 || k.dim() != 4 || v.dim() != 4 || q.size(0) != k.size(0) || q.size(1) != k.size(1) ||
+      q.size(3) != k.size(3) || v.size(0) != k.size(0) || v.size(1) != k.size(1) || v.size(2) != k.size(2)) {
+    throw input_error(
+        "attention: q, k, v must be [B, heads, L, d] with the same B and heads, q and k the same d, "
+        "k and v the same L");
+  }
+#if TORCH_VERSION_MAJOR >= 2
+  if (use_sdpa) {
+#if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 1
+    // The fused kernels want the last dimension contiguous.
+    return at::scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), {}, 0.0, false,
+                                            scale);
+#else
+    // 2.0 has no scale argument: it uses 1/sqrt(d), so fold the requested scale into q.
+    return at::scaled_dot_product_attention(
+        (q * (scale * std::sqrt(static_cast<double>(q.size(-1))))).contiguous(), k.contiguous(),
+        v.contiguous());
+#endif
+  }
+#endif
+  // Explicit path. Batched GEMMs take transposed operands without copies, so q, k, v may be strided
+  // views (the attention block passes channel-major [B, heads, d, L] memory seen as [B, heads, L, d]).
+  const int64_t b = q.size(0) * q.size(1), lq = q.size(2), lk = k.size(2), d = q.size(3), dv = v.size(3);
+  at::Tensor q3 = q.reshape({b, lq, d});
+  at::Tensor k3 = k.reshape({b, lk, d});
+  at::Tensor v3 = v.reshape({b, lk, dv});
+  // Scores as diffusers' get_attention_scores (baddbmm with beta 0, alpha = scale).
+  at::Tensor scores = nn_detail::batched_matmul(q3, k3.transpose(1, 2), scale);
+  at::Tensor probs;
+  if (scores.scalar_type() == at::kHalf || scores.scalar_type() == at::kBFloat16) {
+    probs = at::softmax(scores, -1, at::kFloat).to(scores.scalar_type());  // upcast_softmax
+  } else {
+    probs = at::softmax(scores, -1);
+  }
+  // (P V)^T = V^T P^T: the result lands channel-major ([B, dv, Lq] memory), returned as [B, heads, Lq, dv].
+  at::Tensor out = nn_detail::batched_matmul(v3.transpose(1, 2), probs.transpose(1, 2), 1.0).transpose(1, 2);
+  return out.view({q.size(0), q.size(1), lq, dv});
+}
+
+}  // namespace diffuse

@@ -1,0 +1,168 @@
+// Private building blocks of the U-Net, registered under diffusers' module names so that
+// named_parameters() gives diffusers' state_dict keys (ResnetBlock2D, Attention, Downsample2D,
+// Upsample2D, DownBlock2D/AttnDownBlock2D, UpBlock2D/AttnUpBlock2D, UNetMidBlock2D).
+#pragma once
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "diffuse/nn/unet.h"
+
+namespace diffuse {
+namespace nn_detail {
+
+// SiLU; in place when no graph is recorded (the input is a temporary of the caller).
+at::Tensor silu_temp(at::Tensor x);
+
+// diffusers ResnetBlock2D, time_embedding_norm "default": norm1, SiLU, conv1, + time_emb_proj(temb),
+// norm2, SiLU, dropout, conv2, + shortcut (1x1 conv_shortcut when in != out), / output_scale_factor.
+class ResnetBlock2DImpl : public torch::nn::Module {
+ public:
+  ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t temb_channels, int64_t groups,
+                    double eps, double dropout, double output_scale_factor);
+  // temb_act: SiLU(time embedding) [N, temb_channels], computed once per forward by the model.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& temb_act);
+
+ private:
+  torch::nn::GroupNorm norm1{nullptr};
+  torch::nn::Conv2d conv1{nullptr};
+  torch::nn::Linear time_emb_proj{nullptr};
+  torch::nn::GroupNorm norm2{nullptr};
+  torch::nn::Dropout dropout{nullptr};
+  torch::nn::Conv2d conv2{nullptr};
+  torch::nn::Conv2d conv_shortcut{nullptr};
+  double output_scale_factor_ = 1.0;
+  double dropout_p_ = 0.0;
+};
+TORCH_MODULE(ResnetBlock2D);
+
+// diffusers Attention over the H*W tokens of a feature map (AttnProcessor semantics): group_norm,
+// to_q/to_k/to_v, softmax(q k^T / sqrt(d)) v per head, to_out.0, + residual, / rescale_output_factor.
+class AttentionImpl : public torch::nn::Module {
+ public:
+  AttentionImpl(int64_t channels, int64_t heads, int64_t head_dim, int64_t groups, double eps,
+                double rescale_output_factor);
+  at::Tensor forward(const at::Tensor& x);
+
+ private:
+  torch::nn::GroupNorm group_norm{nullptr};
+  torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr};
+  torch::nn::ModuleList to_out{nullptr};  // [0] Linear, [1] Dropout (no parameters)
+  torch::nn::Linear out_proj{nullptr};    // == to_out[0]
+  int64_t heads_ = 1;
+  int64_t head_dim_ = 1;
+  double rescale_output_factor_ = 1.0;
+};
+TORCH_MODULE(Attention);
+
+// diffusers Downsample2D (use_conv): padding 0 -> pad (0, 1, 0, 1) then 3x3 stride-2 conv; else conv pad 1.
+class Downsample2DImpl : public torch::nn::Module {
+ public:
+  Downsample2DImpl(int64_t channels, int64_t padding);
+  at::Tensor forward(const at::Tensor& x);
+
+ private:
+  torch::nn::Conv2d conv{nullptr};
+  bool pad_right_bottom_ = false;
+};
+TORCH_MODULE(Downsample2D);
+
+// diffusers Upsample2D (use_conv): nearest x2 then 3x3 conv.
+class Upsample2DImpl : public torch::nn::Module {
+ public:
+  explicit Upsample2DImpl(int64_t channels);
+  at::Tensor forward(const at::Tensor& x);
+
+ private:
+  torch::nn::Conv2d conv{nullptr};
+};
+TORCH_MODULE(Upsample2D);
+
+// What one block of the U-Net is made of (derived from the config by the model).
+struct BlockSpec {
+  std::vector<int64_t> resnet_in;  // input channels of each resnet (after the skip concat for up blocks)
+  int64_t out_channels = 0;
+  int64_t temb_channels = 0;
+  int64_t groups = 32;
+  double eps = 1e-5;
+  double dropout = 0.0;
+  double output_scale_factor = 1.0;
+  bool attention = false;  // one attention after each resnet (mid block: after all but the first)
+  int64_t heads = 1;
+  int64_t head_dim = 1;
+  int64_t attn_groups = 32;
+  bool downsample = false;  // down blocks: Downsample2D at the end (downsamplers.0)
+  int64_t downsample_padding = 1;
+  bool upsample = false;  // up blocks: Upsample2D at the end (upsamplers.0)
+};
+
+// The blocks a config makes, as UNet2DModel.__init__ derives them (channels, heads, groups). Not validated:
+// validate_unet_config checks it.
+struct UNetLayout {
+  std::vector<BlockSpec> down;  // down_blocks.i
+  BlockSpec mid;                // mid_block
+  std::vector<BlockSpec> up;    // up_blocks.i
+  int64_t temb_channels = 0;    // time_embed_dim
+};
+UNetLayout unet_layout(const UNetConfig& cfg);
+
+// DownBlock2D / AttnDownBlock2D: resnets (+ attentions), then an optional downsampler. Appends every
+// intermediate output to skips (the U-Net's skip connections).
+class DownBlockImpl : public torch::nn::Module {
+ public:
+  explicit DownBlockImpl(const BlockSpec& spec);
+  at::Tensor forward(at::Tensor x, const at::Tensor& temb_act, std::vector<at::Tensor>& skips);
+
+ private:
+  std::vector<ResnetBlock2D> resnets_;
+  std::vector<Attention> attentions_;
+  Downsample2D downsampler_{nullptr};
+};
+TORCH_MODULE(DownBlock);
+
+// UpBlock2D / AttnUpBlock2D: each resnet takes cat([x, skips.pop_back()]), then an optional upsampler.
+class UpBlockImpl : public torch::nn::Module {
+ public:
+  explicit UpBlockImpl(const BlockSpec& spec);
+  at::Tensor forward(at::Tensor x, const at::Tensor& temb_act, std::vector<at::Tensor>& skips);
+
+ private:
+  std::vector<ResnetBlock2D> resnets_;
+  std::vector<Attention> attentions_;
+  Upsample2D upsampler_{nullptr};
+};
+TORCH_MODULE(UpBlock);
+
+// UNetMidBlock2D (num_layers 1): resnet, attention (when add_attention), resnet.
+class MidBlockImpl : public torch::nn::Module {
+ public:
+  explicit MidBlockImpl(const BlockSpec& spec);
+  at::Tensor forward(at::Tensor x, const at::Tensor& temb_act);
+
+ private:
+  std::vector<ResnetBlock2D> resnets_;
+  std::vector<Attention> attentions_;
+};
+TORCH_MODULE(MidBlock);
+
+// alpha * a @ b for a [B, M, K], b [B, K, N] (any strides), differentiable. float32 on the CPU goes through
+// the sgemm of the oneDNN library LibTorch loads (when present); everything else through at::bmm/baddbmm.
+at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b, double alpha);
+bool has_fast_cpu_gemm();
+
+// diffusers get_timestep_embedding, built in float32 like diffusers: [N] -> [N, dim].
+at::Tensor timestep_embedding(const at::Tensor& timesteps, int64_t dim, bool flip_sin_to_cos,
+                              int64_t freq_shift);
+
+}  // namespace nn_detail
+}  // namespace diffuse

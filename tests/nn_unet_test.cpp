@@ -1,0 +1,442 @@
+// The U-Net against diffusers' own outputs (shared/fixtures/diffusers_unet2d): same function, same names.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <set>
+#include <sstream>
+
+#include "diffuse/common.h"
+#include "diffuse/io/file.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/nn/unet.h"
+#include "nn/blocks.h"
+
+namespace {
+
+using diffuse::TensorDict;
+using diffuse::UNet2DModel;
+using diffuse::UNetConfig;
+
+std::string fixture_dir(const std::string& name) {
+  return std::string(DIFFUSE_FIXTURES) + "/diffusers_unet2d/" + name;
+}
+
+struct FixtureIo {
+  at::Tensor sample, timestep, class_labels, expected, time_proj;
+};
+
+FixtureIo load_io(const std::string& name) {
+  TensorDict t = diffuse::safetensors_load(fixture_dir(name) + "/io.safetensors");
+  auto get = [&](const char* key) {
+    const at::Tensor* p = diffuse::find_tensor(t, key);
+    return p ? *p : at::Tensor();
+  };
+  return {get("sample"), get("timestep"), get("class_labels"), get("expected"), get("time_proj")};
+}
+
+double max_abs(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+double rel_l2(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor bd = b.to(at::kDouble);
+  return ((a.to(at::kDouble) - bd).norm() / bd.norm()).item<double>();
+}
+
+std::string sci(double v) {
+  std::ostringstream s;
+  s.precision(3);
+  s << std::scientific << v;
+  return s.str();
+}
+
+template <typename F>
+std::string error_of(F f) {
+  try {
+    f();
+  } catch (const diffuse::Error& e) {
+    EXPECT_EQ(e.exit_code(), diffuse::kExitBadInput) << e.what();
+    return e.what();
+  }
+  return "<no error>";
+}
+
+std::string temp_dir(const std::string& tag) {
+  std::random_device rd;
+  auto dir = std::filesystem::temp_directory_path() / ("diffuse_nn_" + tag + "_" + std::to_string(rd()));
+  std::filesystem::create_directories(dir);
+  return dir.string();
+}
+
+UNetConfig tiny_config() {
+  return diffuse::unet_config_from_json(
+      nlohmann::json::parse(diffuse::read_file(fixture_dir("tiny") + "/config.json")));
+}
+
+class FixtureTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(FixtureTest, MatchesDiffusersInFloat32AndFloat64) {
+  const std::string name = GetParam();
+  UNet2DModel net = diffuse::load_diffusers_unet(fixture_dir(name));
+  FixtureIo io = load_io(name);
+  ASSERT_TRUE(io.sample.defined() && io.expected.defined() && io.timestep.defined());
+  at::NoGradGuard no_grad;
+  const at::Tensor sample_copy = io.sample.clone();
+  at::Tensor out = net->forward(io.sample, io.timestep, io.class_labels);
+  EXPECT_TRUE(at::equal(io.sample, sample_copy));  // the input is not modified in place
+  ASSERT_EQ(out.sizes(), io.expected.sizes());
+  EXPECT_EQ(out.scalar_type(), at::kFloat);
+  RecordProperty("max_abs_f32", sci(max_abs(out, io.expected)));
+  RecordProperty("rel_l2_f32", sci(rel_l2(out, io.expected)));
+  EXPECT_LE(rel_l2(out, io.expected), 1e-5) << name;
+  EXPECT_LE(max_abs(out, io.expected), 1e-5) << name;
+
+  net->to(at::kDouble);
+  at::Tensor out64 = net->forward(io.sample.to(at::kDouble), io.timestep, io.class_labels);
+  EXPECT_EQ(out64.scalar_type(), at::kDouble);
+  RecordProperty("max_abs_f64", sci(max_abs(out64, io.expected)));
+  EXPECT_LE(max_abs(out64, io.expected), 2e-7) << name;  // README: ~1e-7 with a float32 sinusoid
+}
+
+TEST_P(FixtureTest, SinusoidMatchesDiffusersTimeProj) {
+  const std::string name = GetParam();
+  UNet2DModel net = diffuse::load_diffusers_unet(fixture_dir(name));
+  FixtureIo io = load_io(name);
+  const UNetConfig& c = net->config();
+  at::Tensor emb = diffuse::nn_detail::timestep_embedding(io.timestep, c.block_out_channels[0],
+                                                          c.flip_sin_to_cos, c.freq_shift);
+  ASSERT_EQ(emb.sizes(), io.time_proj.sizes());
+  EXPECT_LE(max_abs(emb, io.time_proj), 1e-6) << name;
+}
+
+TEST_P(FixtureTest, StateDictHasTheFixtureKeysAndShapes) {
+  const std::string name = GetParam();
+  UNet2DModel net = diffuse::load_diffusers_unet(fixture_dir(name));
+  TensorDict file = diffuse::safetensors_load(fixture_dir(name) + "/diffusion_pytorch_model.safetensors");
+  TensorDict mine = diffuse::unet_state_dict(*net);
+  ASSERT_EQ(mine.size(), file.size());
+  std::map<std::string, at::Tensor> by_name(file.begin(), file.end());
+  for (const auto& [key, t] : mine) {
+    auto it = by_name.find(key);
+    ASSERT_NE(it, by_name.end()) << key;
+    EXPECT_EQ(t.sizes(), it->second.sizes()) << key;
+    EXPECT_TRUE(at::equal(t, it->second)) << key;
+  }
+  const std::map<std::string, int64_t> kParams = {
+      {"tiny", 702499}, {"cifar_small", 2245763}, {"tiny_class_cond", 703779}};
+  EXPECT_EQ(net->num_parameters(), kParams.at(name));
+}
+
+TEST_P(FixtureTest, LegacyAttentionNamesLoadToTheSameFunction) {
+  const std::string name = GetParam();
+  UNet2DModel ref = diffuse::load_diffusers_unet(fixture_dir(name));
+  TensorDict legacy = diffuse::safetensors_load(fixture_dir(name) + "/diffusion_pytorch_model.safetensors");
+  int renamed = 0;
+  for (auto& [key, t] : legacy) {
+    for (auto [from, to] : {std::pair<std::string, std::string>{".to_q.", ".query."},
+                            {".to_k.", ".key."},
+                            {".to_v.", ".value."},
+                            {".to_out.0.", ".proj_attn."}}) {
+      size_t pos = key.find(from);
+      if (pos != std::string::npos && key.find(".attentions.") != std::string::npos) {
+        key = key.substr(0, pos) + to + key.substr(pos + from.size());
+        ++renamed;
+      }
+    }
+  }
+  EXPECT_GT(renamed, 0);
+  UNet2DModel net(ref->config());
+  diffuse::unet_load_state_dict(*net, legacy, "legacy");
+  net->eval();
+  FixtureIo io = load_io(name);
+  at::NoGradGuard no_grad;
+  EXPECT_TRUE(at::equal(net->forward(io.sample, io.timestep, io.class_labels),
+                        ref->forward(io.sample, io.timestep, io.class_labels)));
+}
+
+INSTANTIATE_TEST_SUITE_P(Diffusers, FixtureTest, ::testing::Values("tiny", "cifar_small", "tiny_class_cond"));
+
+// The README lists tiny's state_dict in diffusers' order: ours must be the same sequence.
+TEST(UNet, StateDictOrderIsDiffusersOrder) {
+  std::ifstream readme(fixture_dir("") + "README.md");
+  ASSERT_TRUE(readme.good());
+  std::string line;
+  while (std::getline(readme, line) && line.find("## `tiny` state_dict") == std::string::npos) {
+  }
+  while (std::getline(readme, line) && line != "```") {
+  }
+  std::vector<std::string> expected;
+  while (std::getline(readme, line) && line != "```") expected.push_back(line.substr(0, line.find(' ')));
+  ASSERT_EQ(expected.size(), 144u);
+  UNet2DModel net(tiny_config());
+  std::vector<std::string> keys;
+  for (const auto& [key, t] : diffuse::unet_state_dict(*net)) keys.push_back(key);
+  EXPECT_EQ(keys, expected);
+}
+
+TEST(UNet, SaveLoadRoundTripIsExact) {
+  UNet2DModel ref = diffuse::load_diffusers_unet(fixture_dir("tiny_class_cond"));
+  const std::string dir = temp_dir("roundtrip");
+  diffuse::save_diffusers_unet(*ref, dir);
+  nlohmann::json j = nlohmann::json::parse(diffuse::read_file(dir + "/config.json"));
+  EXPECT_EQ(j.at("_class_name"), "UNet2DModel");
+  const nlohmann::json keys = diffuse::unet_config_to_json(ref->config());
+  for (const auto& item : keys.items()) EXPECT_TRUE(j.contains(item.key())) << item.key();
+  UNet2DModel back = diffuse::load_diffusers_unet(dir);
+  EXPECT_EQ(diffuse::unet_config_to_json(back->config()), diffuse::unet_config_to_json(ref->config()));
+  FixtureIo io = load_io("tiny_class_cond");
+  at::NoGradGuard no_grad;
+  EXPECT_TRUE(at::equal(back->forward(io.sample, io.timestep, io.class_labels),
+                        ref->forward(io.sample, io.timestep, io.class_labels)));
+  std::filesystem::remove_all(dir);
+}
+
+TEST(UNet, Float16WeightsAreConvertedToFloat32) {
+  UNet2DModel ref = diffuse::load_diffusers_unet(fixture_dir("tiny"));
+  TensorDict half;
+  for (const auto& [key, t] : diffuse::unet_state_dict(*ref)) half.emplace_back(key, t.to(at::kHalf));
+  UNet2DModel net(ref->config());
+  diffuse::unet_load_state_dict(*net, half, "half");
+  for (const auto& [key, t] : diffuse::unet_state_dict(*net)) {
+    EXPECT_EQ(t.scalar_type(), at::kFloat) << key;
+    EXPECT_LE(max_abs(t, *diffuse::find_tensor(half, key)), 0.0) << key;
+  }
+}
+
+TEST(UNet, TimestepsMayBeFloatIntOrScalar) {
+  UNet2DModel net = diffuse::load_diffusers_unet(fixture_dir("tiny"));
+  FixtureIo io = load_io("tiny");
+  at::NoGradGuard no_grad;
+  at::Tensor a = net->forward(io.sample, at::tensor({10, 10}, at::kLong));
+  EXPECT_TRUE(at::equal(a, net->forward(io.sample, at::tensor({10.0f, 10.0f}))));
+  EXPECT_TRUE(at::equal(a, net->forward(io.sample, at::scalar_tensor(10, at::kLong))));
+  EXPECT_TRUE(at::equal(a, net->forward(io.sample, at::tensor({10.0}, at::kDouble))));
+  // Batch independence: sample 1 alone gives what it gives in the batch.
+  at::Tensor both = net->forward(io.sample, io.timestep);
+  at::Tensor one = net->forward(io.sample.slice(0, 1, 2), io.timestep.slice(0, 1, 2));
+  EXPECT_LE(max_abs(one, both.slice(0, 1, 2)), 1e-5);
+}
+
+TEST(UNet, CenterInputSampleMapsXTo2xMinus1) {
+  UNet2DModel plain = diffuse::load_diffusers_unet(fixture_dir("tiny"));
+  UNetConfig c = plain->config();
+  c.center_input_sample = true;
+  UNet2DModel centered(c);
+  diffuse::unet_load_state_dict(*centered, diffuse::unet_state_dict(*plain), "copy");
+  centered->eval();
+  FixtureIo io = load_io("tiny");
+  at::NoGradGuard no_grad;
+  EXPECT_LE(
+      max_abs(centered->forward(io.sample, io.timestep), plain->forward(2 * io.sample - 1, io.timestep)),
+      1e-6);
+}
+
+TEST(UNet, BadInputsAreInputErrors) {
+  UNet2DModel net = diffuse::load_diffusers_unet(fixture_dir("tiny"));
+  UNet2DModel cond = diffuse::load_diffusers_unet(fixture_dir("tiny_class_cond"));
+  at::NoGradGuard no_grad;
+  at::Tensor t = at::tensor({1, 2}, at::kLong);
+  EXPECT_NE(error_of([&] {
+              net->forward(at::zeros({2, 1, 16, 16}), t);
+            }).find("[N, 3, H, W]"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              net->forward(at::zeros({2, 3, 15, 16}), t);
+            }).find("multiples of 2"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              net->forward(at::zeros({2, 3, 16, 16}), at::tensor({1, 2, 3}));
+            }).find("timesteps"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              net->forward(at::zeros({2, 3, 16, 16}), t, t);
+            }).find("unconditional"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              cond->forward(at::zeros({2, 3, 16, 16}), t);
+            }).find("class_labels"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] {
+              cond->forward(at::zeros({2, 3, 16, 16}), t, at::tensor({0, 10}));
+            }).find("[0, 10)"),
+            std::string::npos);
+}
+
+TEST(UNet, StrictStateDictLoading) {
+  UNet2DModel net(tiny_config());
+  const at::Tensor before = diffuse::unet_state_dict(*net)[0].second.clone();
+  TensorDict good = diffuse::safetensors_load(fixture_dir("tiny") + "/diffusion_pytorch_model.safetensors");
+
+  TensorDict wrong_shape = good;
+  for (auto& [key, t] : wrong_shape)
+    if (key == "mid_block.attentions.0.to_q.weight") t = at::zeros({64, 32});
+  std::string e = error_of([&] { diffuse::unet_load_state_dict(*net, wrong_shape, "ctx"); });
+  EXPECT_NE(e.find("ctx: tensor 'mid_block.attentions.0.to_q.weight' has shape [64, 32]"), std::string::npos)
+      << e;
+
+  TensorDict missing(good.begin(), good.end() - 1);
+  e = error_of([&] { diffuse::unet_load_state_dict(*net, missing, "ctx"); });
+  EXPECT_NE(e.find("missing tensor"), std::string::npos) << e;
+
+  TensorDict unknown = good;
+  unknown.emplace_back("mid_block.extra.weight", at::zeros({3}));
+  e = error_of([&] { diffuse::unet_load_state_dict(*net, unknown, "ctx"); });
+  EXPECT_NE(e.find("unknown tensor 'mid_block.extra.weight'"), std::string::npos) << e;
+
+  TensorDict integer = good;
+  integer[0].second = integer[0].second.to(at::kLong);
+  EXPECT_NE(error_of([&] { diffuse::unet_load_state_dict(*net, integer, "ctx"); }).find("floating"),
+            std::string::npos);
+
+  // A failed load changes nothing.
+  EXPECT_TRUE(at::equal(diffuse::unet_state_dict(*net)[0].second, before));
+}
+
+TEST(UNet, UnsupportedConfigValuesNameTheKey) {
+  const nlohmann::json base = diffuse::unet_config_to_json(tiny_config());
+  const std::vector<std::pair<std::string, nlohmann::json>> cases = {
+      {"time_embedding_type", "fourier"},
+      {"act_fn", "gelu"},
+      {"resnet_time_scale_shift", "scale_shift"},
+      {"downsample_type", "resnet"},
+      {"upsample_type", "resnet"},
+      {"class_embed_type", "timestep"},
+      {"down_block_types", {"DownBlock2D", "SkipDownBlock2D"}},
+      {"up_block_types", {"AttnUpBlock2D"}},
+      {"norm_num_groups", 7},
+      {"attention_head_dim", 128},
+      {"block_out_channels", "32"},
+      {"layers_per_block", 0},
+      {"downsample_padding", 2},
+      {"mid_block_type", nullptr},
+      {"block_out_channels", {65536, 65536}},
+  };
+  for (const auto& [key, value] : cases) {
+    nlohmann::json j = base;
+    j[key] = value;
+    std::string e = error_of([&] { diffuse::unet_config_from_json(j); });
+    const std::string want =
+        key == "attention_head_dim" || key == "norm_num_groups" ? key : key.substr(0, 10);
+    if (value == nlohmann::json{65536, 65536}) {
+      EXPECT_NE(e.find("billion parameters"), std::string::npos) << e;
+      continue;
+    }
+    EXPECT_NE(e.find(want), std::string::npos) << key << ": " << e;
+  }
+  UNetConfig bad = tiny_config();
+  bad.block_out_channels = {32, 64, 64};
+  EXPECT_NE(error_of([&] { UNet2DModel net(bad); }).find("same number"), std::string::npos);
+}
+
+TEST(UNet, MissingFolderOrPickleWeightsAreClearErrors) {
+  EXPECT_NE(error_of([] { diffuse::load_diffusers_unet("/nonexistent/unet"); }).find("/nonexistent/unet"),
+            std::string::npos);
+  const std::string dir = temp_dir("pickle");
+  diffuse::write_file_atomic(dir + "/config.json", diffuse::read_file(fixture_dir("tiny") + "/config.json"));
+  diffuse::write_file_atomic(dir + "/diffusion_pytorch_model.bin", "not a pickle");
+  std::string e = error_of([&] { diffuse::load_diffusers_unet(dir); });
+  EXPECT_NE(e.find("diffusion_pytorch_model.bin"), std::string::npos) << e;
+  std::filesystem::remove(dir + "/diffusion_pytorch_model.bin");
+  e = error_of([&] { diffuse::load_diffusers_unet(dir); });
+  EXPECT_NE(e.find("diffusion_pytorch_model.safetensors"), std::string::npos) << e;
+  std::filesystem::remove_all(dir);
+}
+
+TEST(UNet, AttentionMatchesTheFormula) {
+  at::manual_seed(3);
+  at::Tensor q = at::randn({2, 4, 10, 8}, at::kDouble), k = at::randn({2, 4, 12, 8}, at::kDouble);
+  at::Tensor v = at::randn({2, 4, 12, 6}, at::kDouble);
+  const double scale = 0.3;
+  at::Tensor want = at::matmul(at::softmax(at::matmul(q, k.transpose(-1, -2)) * scale, -1), v);
+  EXPECT_LE(max_abs(diffuse::attention(q, k, v, scale, false), want), 1e-12);
+  // Non-contiguous inputs (as the block passes them) give the same.
+  at::Tensor qt = q.transpose(1, 2).contiguous().transpose(1, 2);
+  EXPECT_LE(max_abs(diffuse::attention(qt, k, v, scale, false), want), 1e-12);
+  if (diffuse::unet_has_sdpa()) {
+    at::Tensor qf = q.to(at::kFloat), kf = k.to(at::kFloat), vf = v.to(at::kFloat);
+    EXPECT_LE(
+        max_abs(diffuse::attention(qf, kf, vf, scale, true), diffuse::attention(qf, kf, vf, scale, false)),
+        1e-5);
+  }
+  EXPECT_THROW(diffuse::attention(q, k.slice(3, 0, 4), v, scale, false), diffuse::Error);
+}
+
+TEST(UNet, BatchedMatmulMatchesBmmForAnyLayout) {
+  RecordProperty("fast_cpu_gemm", diffuse::nn_detail::has_fast_cpu_gemm() ? "oneDNN sgemm" : "at::bmm");
+  at::manual_seed(1);
+  const at::Tensor a0 = at::randn({6, 7, 5}), b0 = at::randn({6, 5, 4});
+  const std::vector<std::pair<at::Tensor, at::Tensor>> cases = {
+      {a0, b0},
+      {a0.transpose(1, 2).contiguous().transpose(1, 2), b0.transpose(1, 2).contiguous().transpose(1, 2)},
+      {at::randn({12, 7, 5}).slice(0, 0, 12, 2),
+       at::randn({6, 5, 8}).slice(2, 0, 8, 2)},  // strided batch / columns
+      {a0.slice(0, 0, 1), b0.slice(0, 0, 1)},    // batch below thread count
+      {a0.to(at::kDouble), b0.to(at::kDouble)},  // the at::bmm path
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    at::Tensor a = cases[i].first.detach().requires_grad_(true),
+               b = cases[i].second.detach().requires_grad_(true);
+    at::Tensor a2 = a.detach().clone().requires_grad_(true), b2 = b.detach().clone().requires_grad_(true);
+    at::Tensor got = diffuse::nn_detail::batched_matmul(a, b, 0.5);
+    at::Tensor want = at::bmm(a2, b2) * 0.5;
+    EXPECT_LE(max_abs(got, want), 1e-5) << i;
+    at::Tensor r = at::randn_like(want);
+    (got * r).sum().backward();
+    (want * r).sum().backward();
+    EXPECT_LE(max_abs(a.grad(), a2.grad()), 1e-5) << i;
+    EXPECT_LE(max_abs(b.grad(), b2.grad()), 1e-5) << i;
+  }
+}
+
+// Autograd through the in-place ops: analytic gradients equal central differences (float64).
+TEST(UNet, GradientsMatchFiniteDifferences) {
+  UNet2DModel net = diffuse::load_diffusers_unet(fixture_dir("tiny_class_cond"));
+  net->to(at::kDouble);
+  net->train();
+  FixtureIo io = load_io("tiny_class_cond");
+  at::Tensor x = io.sample.to(at::kDouble).slice(2, 0, 8).slice(3, 0, 8);
+  at::manual_seed(5);
+  at::Tensor r = at::randn({2, 3, 8, 8}, at::kDouble);
+  auto loss = [&] { return (net->forward(x, io.timestep, io.class_labels) * r).sum(); };
+  loss().backward();
+  auto params = net->named_parameters();
+  for (const char* name :
+       {"down_blocks.1.attentions.0.to_q.weight", "up_blocks.0.resnets.1.conv1.weight",
+        "time_embedding.linear_1.weight", "class_embedding.weight", "mid_block.resnets.0.norm1.bias"}) {
+    at::Tensor p = params[name];
+    ASSERT_TRUE(p.grad().defined()) << name;
+    at::Tensor flat = p.view({-1});
+    at::Tensor grad = p.grad().view({-1});
+    const int64_t idx = name == std::string("class_embedding.weight") ? 3 * 128 + 5 : 7;
+    const double h = 1e-5;
+    double lp, lm;
+    {
+      at::NoGradGuard g;
+      double old = flat[idx].item<double>();
+      flat[idx] = old + h;
+      lp = loss().item<double>();
+      flat[idx] = old - h;
+      lm = loss().item<double>();
+      flat[idx] = old;
+    }
+    const double fd = (lp - lm) / (2 * h), an = grad[idx].item<double>();
+    EXPECT_NEAR(an, fd, 1e-6 * std::max(1.0, std::fabs(fd))) << name;
+  }
+}
+
+TEST(UNet, DropoutActsOnlyInTraining) {
+  UNetConfig c = tiny_config();
+  c.dropout = 0.5;
+  UNet2DModel net(c);
+  at::NoGradGuard no_grad;
+  at::manual_seed(0);
+  at::Tensor x = at::randn({1, 3, 16, 16});
+  at::Tensor t = at::tensor({5}, at::kLong);
+  net->eval();
+  EXPECT_TRUE(at::equal(net->forward(x, t), net->forward(x, t)));
+  net->train();
+  EXPECT_GT(max_abs(net->forward(x, t), net->forward(x, t)), 1e-4);
+}
+
+}  // namespace
