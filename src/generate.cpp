@@ -15,9 +15,11 @@ std::vector<double> generation_sigmas(const Model& m, const GenerateOptions& g) 
     throw input_error("sampler " + g.sampler + " needs a discrete DDPM process; this model uses " +
                       process_kind_name(m.config.process.kind));
   }
-  std::string grid = g.grid;
-  if (grid.empty()) grid = discrete ? (info.default_grid.empty() ? "leading" : info.default_grid) : "karras";
-  if (!discrete && (grid == "leading" || grid == "trailing" || grid == "linspace")) grid = "karras";
+  std::string grid = g.grid.empty() ? default_grid_for(info, *m.process) : g.grid;
+  if (!discrete && (grid == "leading" || grid == "trailing" || grid == "linspace")) {
+    throw input_error("--grid " + grid + " is a DDPM timestep spacing; this model's process is " +
+                      process_kind_name(m.config.process.kind) + " (use karras, uniform or logsnr)");
+  }
   if (discrete && g.steps > m.config.process.num_timesteps && (grid == "leading" || grid == "trailing" || grid == "linspace")) {
     throw input_error("--steps " + std::to_string(g.steps) + " exceeds the model's " +
                       std::to_string(m.config.process.num_timesteps) + " timesteps");
@@ -67,6 +69,12 @@ at::Tensor generate(const Model& m, const GenerateOptions& g, const std::functio
     }
     SamplerOptions opt = g.options;
     opt.noise = &noise;
+    if (m.config.model.out_channels == 2 * m.channels() && g.guidance == 1.0) {
+      // Learned variances (iDDPM): the DDPM sampler reads them through the full denoiser output.
+      opt.denoise_full = [&denoiser, labels](const at::Tensor& xh, const at::Tensor& sigma) {
+        return denoiser.full(xh, sigma, labels);
+      };
+    }
     int64_t nfe = 0;
     opt.nfe = &nfe;
     DenoiseFn denoise = denoiser.bind(labels);

@@ -54,6 +54,9 @@ void validate(const RunConfig& cfg, const Dataset& data) {
   }
   if (t.class_conditional) {
     if (data.num_classes == 0) throw input_error(data.source + ": class-conditional training needs labels");
+    if (data.labels.min().item<int64_t>() < 0) {
+      throw input_error(data.source + ": some images have no class (images in the folder root); move them into class folders");
+    }
     int64_t need = data.num_classes + (t.p_uncond > 0 ? 1 : 0);
     if (!cfg.model.num_class_embeds || *cfg.model.num_class_embeds != need) {
       throw input_error("class-conditional training on " + std::to_string(data.num_classes) +

@@ -1,0 +1,102 @@
+// `diffuse sample`: loads a model, draws images with a sampler, writes a grid, PNG folder, .npy or IDX.
+#include <cmath>
+#include <iostream>
+
+#include "cli.h"
+#include "diffuse/common.h"
+#include "diffuse/data/dataset.h"
+#include "diffuse/generate.h"
+#include "diffuse/io/file.h"
+#include "diffuse/io/image.h"
+
+namespace diffuse::cli {
+namespace {
+
+struct SampleArgs {
+  std::string ckpt;
+  std::string out = "samples.png";
+  std::string format = "auto";
+  std::string device = "auto";
+  bool no_ema = false;
+  int64_t ncol = 0;
+  int64_t class_label = -1;
+  GenerateOptions g;
+};
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+}  // namespace
+
+void register_sample(CLI::App& app, Common& common) {
+  auto a = std::make_shared<SampleArgs>();
+  CLI::App* sub = app.add_subcommand("sample", "draw images from a model");
+  add_common(sub, common);
+  sub->add_option("--ckpt", a->ckpt, "run dir, checkpoint dir or diffusers folder")->required();
+  sub->add_option("--out", a->out, "output: grid .png, a directory (one PNG per image), .npy or .idx")->capture_default_str();
+  sub->add_option("--format", a->format, "grid, png, npy, idx (default: from --out)")
+      ->check(CLI::IsMember({"auto", "grid", "png", "npy", "idx"}));
+  sub->add_option("--n", a->g.n, "number of images")->check(CLI::PositiveNumber)->capture_default_str();
+  sub->add_option("--batch", a->g.batch, "images per batch (does not change the images)")->check(CLI::PositiveNumber)->capture_default_str();
+  sub->add_option("--seed", a->g.seed, "seed; image i uses the stream (seed, i)")->capture_default_str();
+  sub->add_option("--sampler", a->g.sampler, "sampler (see `diffuse samplers`)")->capture_default_str();
+  sub->add_option("--steps", a->g.steps, "sampler steps")->check(CLI::PositiveNumber)->capture_default_str();
+  sub->add_option("--grid", a->g.grid, "sigma grid: karras, uniform, logsnr, leading, trailing, linspace");
+  sub->add_option("--rho", a->g.rho, "Karras grid rho")->check(CLI::PositiveNumber);
+  sub->add_option("--eta", a->g.options.eta, "DDIM / ancestral eta")->check(CLI::NonNegativeNumber);
+  sub->add_flag("--large-variance", a->g.options.ddpm_large_variance, "DDPM: fixed-large variance (beta_t)");
+  sub->add_option("--s-churn", a->g.options.s_churn, "Heun/Euler churn (Karras et al.)")->check(CLI::NonNegativeNumber);
+  sub->add_option("--s-tmin", a->g.options.s_tmin, "churn range start");
+  sub->add_option("--s-tmax", a->g.options.s_tmax, "churn range end");
+  sub->add_option("--s-noise", a->g.options.s_noise, "churn noise scale");
+  sub->add_option("--snr", a->g.options.snr, "Langevin corrector signal-to-noise ratio")->check(CLI::PositiveNumber);
+  sub->add_option("--corrector-steps", a->g.options.corrector_steps, "Langevin steps per level")->check(CLI::NonNegativeNumber);
+  sub->add_option("--rtol", a->g.options.rtol, "RK45 relative tolerance")->check(CLI::PositiveNumber);
+  sub->add_option("--atol", a->g.options.atol, "RK45 absolute tolerance")->check(CLI::PositiveNumber);
+  sub->add_option("--class", a->class_label, "class for every image (class-conditional models)");
+  sub->add_option("--guidance", a->g.guidance, "classifier-free guidance scale (1: none)")->check(CLI::NonNegativeNumber);
+  sub->add_option("--ncol", a->ncol, "grid columns (default: square)")->check(CLI::PositiveNumber);
+  sub->add_flag("--no-ema", a->no_ema, "use the raw weights instead of the EMA");
+  sub->add_option("--device", a->device, "cpu, cuda, auto")->capture_default_str();
+  sub->callback([a, &common]() {
+    run_guarded(common, [&]() {
+      std::string format = a->format;
+      if (format == "auto") {
+        if (ends_with(a->out, ".png")) format = "grid";
+        else if (ends_with(a->out, ".npy")) format = "npy";
+        else if (ends_with(a->out, ".idx") || ends_with(a->out, "-ubyte")) format = "idx";
+        else format = "png";
+      }
+      Model m = load_model(a->ckpt, !a->no_ema, a->device);
+      if (a->class_label >= 0) a->g.labels.assign(a->g.n, a->class_label);
+      int64_t nfe = 0;
+      at::Tensor images = to_uint8(generate(m, a->g, nullptr, &nfe));
+      if (format == "grid") {
+        int64_t ncol = a->ncol > 0 ? a->ncol : static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(a->g.n))));
+        image_save_png(a->out, make_grid(images, ncol));
+      } else if (format == "npy") {
+        npy_save_uint8(a->out, images);
+      } else if (format == "idx") {
+        if (images.size(1) != 1) throw input_error("--format idx writes single-channel images; this model has " + std::to_string(images.size(1)));
+        idx_save(a->out, images.squeeze(1));
+      } else {
+        make_directories(a->out);
+        for (int64_t i = 0; i < images.size(0); ++i) {
+          char name[32];
+          std::snprintf(name, sizeof(name), "%06lld.png", static_cast<long long>(a->g.first_index + i));
+          image_save_png(path_join(a->out, name), images[i]);
+        }
+      }
+      if (common.json) {
+        std::cout << nlohmann::json{{"out", a->out}, {"n", a->g.n}, {"sampler", a->g.sampler}, {"steps", a->g.steps},
+                                    {"nfe", nfe}, {"format", format}}.dump() << "\n";
+      } else {
+        std::cout << a->out << "\n";
+      }
+      return 0;
+    });
+  });
+}
+
+}  // namespace diffuse::cli
