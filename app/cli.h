@@ -26,6 +26,7 @@ void register_sample(CLI::App& app, Common& common);
 void register_info(CLI::App& app, Common& common);
 void register_convert(CLI::App& app, Common& common);
 void register_samplers(CLI::App& app, Common& common);
+void register_nll(CLI::App& app, Common& common);
 
 // Sets the thread count, runs fn, maps diffuse::Error to its exit code (message on stderr), and
 // exits the process with the code.

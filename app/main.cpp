@@ -38,6 +38,7 @@ int main(int argc, char** argv) {
   diffuse::cli::register_info(app, common);
   diffuse::cli::register_convert(app, common);
   diffuse::cli::register_samplers(app, common);
+  diffuse::cli::register_nll(app, common);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
