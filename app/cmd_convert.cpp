@@ -25,6 +25,7 @@ void register_convert(CLI::App& app, Common& common) {
       Model m = load_model(*src, /*prefer_ema=*/true, "cpu");
       if (target == "diffusers") {
         save_diffusers_unet(*m.net, *dst);
+        save_diffusers_scheduler(*dst, m.config.process, m.config.loss);
         std::cout << *dst << " (diffusers UNet2DModel" << (m.uses_ema ? ", EMA weights" : "") << ")\n";
       } else {
         Checkpoint c;

@@ -143,6 +143,25 @@ void apply_diffusers_scheduler(const json& j, ProcessConfig& process, LossConfig
   }
 }
 
+void save_diffusers_scheduler(const std::string& dir, const ProcessConfig& process, const LossConfig& loss) {
+  if (process.kind != ProcessKind::kDdpm) {
+    throw input_error("a " + process_kind_name(process.kind) + " process has no diffusers DDPMScheduler equivalent");
+  }
+  const char* schedule = process.beta_schedule == BetaSchedule::kLinear   ? "linear"
+                         : process.beta_schedule == BetaSchedule::kCosine ? "squaredcos_cap_v2"
+                                                                          : "sigmoid";
+  const char* prediction = loss.prediction == Prediction::kEps ? "epsilon"
+                           : loss.prediction == Prediction::kX0 ? "sample"
+                           : loss.prediction == Prediction::kV  ? "v_prediction"
+                                                                : nullptr;
+  if (!prediction) throw input_error("EDM's F-prediction has no diffusers DDPMScheduler equivalent");
+  json j{{"_class_name", "DDPMScheduler"}, {"num_train_timesteps", process.num_timesteps},
+         {"beta_schedule", schedule},      {"beta_start", process.beta_start},
+         {"beta_end", process.beta_end},   {"prediction_type", prediction},
+         {"variance_type", "fixed_small"}, {"clip_sample", false}};
+  write_file_atomic(path_join(dir, "scheduler_config.json"), j.dump(2) + "\n");
+}
+
 Model load_model(const std::string& path, bool prefer_ema, const std::string& device) {
   refuse_pickle(path);
   if (!path_exists(path)) throw input_error(path + ": no such model (a run dir, checkpoint dir or diffusers folder)");

@@ -137,8 +137,10 @@ TEST(Generate, SameSeedSameImagesWhateverTheBatch) {
     at::Tensor single = generate(m, g);
     set_threads(1);
     EXPECT_EQ(full.sizes(), (std::vector<int64_t>{6, 1, 8, 8}));
-    EXPECT_LT((full - split).abs().max().item<double>(), 1e-5) << sampler;
-    EXPECT_LT((full - single).abs().max().item<double>(), 1e-5) << sampler;
+    // The noise is identical; the network's float32 sums may be ordered differently by oneDNN for other
+    // batch sizes and thread counts (observed up to 3e-5), far below one uint8 level (7.8e-3).
+    EXPECT_LT((full - split).abs().max().item<double>(), 2e-4) << sampler;
+    EXPECT_LT((full - single).abs().max().item<double>(), 2e-4) << sampler;
     g.seed = 4;
     EXPECT_GT((generate(m, g) - full).abs().max().item<double>(), 1e-2) << sampler;
   }

@@ -75,5 +75,8 @@ Model load_model(const std::string& path, bool prefer_ema = true, const std::str
 
 // Reads a diffusers scheduler_config.json (DDPMScheduler / DDIMScheduler keys) into process + prediction.
 void apply_diffusers_scheduler(const nlohmann::json& j, ProcessConfig& process, LossConfig& loss);
+// Writes dir/scheduler_config.json (DDPMScheduler keys) for a DDPM process; input_error for other
+// processes, which diffusers' DDPM schedulers cannot express.
+void save_diffusers_scheduler(const std::string& dir, const ProcessConfig& process, const LossConfig& loss);
 
 }  // namespace diffuse
