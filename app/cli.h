@@ -27,6 +27,9 @@ void register_info(CLI::App& app, Common& common);
 void register_convert(CLI::App& app, Common& common);
 void register_samplers(CLI::App& app, Common& common);
 void register_nll(CLI::App& app, Common& common);
+void register_edit(CLI::App& app, Common& common);     // inpaint, upscale, edit, colorize
+void register_trace(CLI::App& app, Common& common);
+void register_augment(CLI::App& app, Common& common);
 
 // Sets the thread count, runs fn, maps diffuse::Error to its exit code (message on stderr), and
 // exits the process with the code.

@@ -39,6 +39,9 @@ int main(int argc, char** argv) {
   diffuse::cli::register_convert(app, common);
   diffuse::cli::register_samplers(app, common);
   diffuse::cli::register_nll(app, common);
+  diffuse::cli::register_edit(app, common);
+  diffuse::cli::register_trace(app, common);
+  diffuse::cli::register_augment(app, common);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
