@@ -26,6 +26,9 @@ void register_sample(CLI::App& app, Common& common);
 void register_info(CLI::App& app, Common& common);
 void register_convert(CLI::App& app, Common& common);
 void register_samplers(CLI::App& app, Common& common);
+void register_eval(CLI::App& app, Common& common);
+void register_classifier(CLI::App& app, Common& common);
+void register_report(CLI::App& app, Common& common);
 void register_nll(CLI::App& app, Common& common);
 void register_edit(CLI::App& app, Common& common);     // inpaint, upscale, edit, colorize
 void register_trace(CLI::App& app, Common& common);

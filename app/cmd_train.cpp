@@ -18,7 +18,8 @@ struct TrainArgs {
   // Flags that override the preset (applied only when given).
   std::string data, process, prediction, schedule, weighting, device, sampler;
   int64_t steps = 0, batch = 0, seed = 0, warmup = 0, log_every = 0, sample_every = 0, ckpt_every = 0;
-  int64_t timesteps = 0, size = 0, sample_n = 0, sample_steps = 0, num_classes = 0;
+  int64_t timesteps = 0, size = 0, sample_n = 0, sample_steps = 0, num_classes = 0, eval_every = 0, eval_n = 0;
+  std::string classifier;
   double lr = 0, grad_clip = 0, ema_decay = 0, max_minutes = 0, min_snr_gamma = 0, weight_decay = 0, p_uncond = 0;
   bool hflip = false, class_cond = false;
 };
@@ -62,6 +63,9 @@ void register_train(CLI::App& app, Common& common) {
   o["class_cond"] = sub->add_flag("--class-cond", args->class_cond, "class-conditional training (labels from the data)");
   o["p_uncond"] = sub->add_option("--p-uncond", args->p_uncond, "label dropout for classifier-free guidance")->check(CLI::Range(0.0, 0.99));
   o["num_classes"] = sub->add_option("--num-classes", args->num_classes, "classes of the data (class-conditional; default 10)")->check(CLI::PositiveNumber);
+  o["eval_every"] = sub->add_option("--eval-every", args->eval_every, "steps between FD measurements in metrics.jsonl (0: off)")->check(CLI::NonNegativeNumber);
+  o["eval_n"] = sub->add_option("--eval-n", args->eval_n, "samples per FD measurement")->check(CLI::PositiveNumber);
+  o["classifier"] = sub->add_option("--classifier", args->classifier, "feature network for FD (default models/fmnist-classifier)");
   sub->callback([args, o, &common]() {
     run_guarded(common, [&]() {
       TrainArgs& a = *args;
@@ -103,6 +107,9 @@ void register_train(CLI::App& app, Common& common) {
       if (given("sample_steps")) t.sample_steps = a.sample_steps;
       if (given("hflip")) t.hflip = a.hflip;
       if (given("p_uncond")) t.p_uncond = a.p_uncond;
+      if (given("eval_every")) t.eval_every = a.eval_every;
+      if (given("eval_n")) t.eval_n = a.eval_n;
+      if (given("classifier")) t.classifier = a.classifier;
       if (given("class_cond") || given("p_uncond")) {
         t.class_conditional = true;
         int64_t classes = given("num_classes") ? a.num_classes : 10;

@@ -38,6 +38,9 @@ int main(int argc, char** argv) {
   diffuse::cli::register_info(app, common);
   diffuse::cli::register_convert(app, common);
   diffuse::cli::register_samplers(app, common);
+  diffuse::cli::register_eval(app, common);
+  diffuse::cli::register_classifier(app, common);
+  diffuse::cli::register_report(app, common);
   diffuse::cli::register_nll(app, common);
   diffuse::cli::register_edit(app, common);
   diffuse::cli::register_trace(app, common);

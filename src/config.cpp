@@ -64,7 +64,10 @@ json train_options_to_json(const TrainOptions& t) {
               {"max_minutes", t.max_minutes},
               {"class_conditional", t.class_conditional},
               {"p_uncond", t.p_uncond},
-              {"device", t.device}};
+              {"device", t.device},
+              {"eval_every", t.eval_every},
+              {"eval_n", t.eval_n},
+              {"classifier", t.classifier}};
 }
 
 TrainOptions train_options_from_json(const json& j, const TrainOptions& defaults) {
@@ -99,6 +102,9 @@ TrainOptions train_options_from_json(const json& j, const TrainOptions& defaults
   read_key(j, s, "class_conditional", t.class_conditional);
   read_key(j, s, "p_uncond", t.p_uncond);
   read_key(j, s, "device", t.device);
+  read_key(j, s, "eval_every", t.eval_every);
+  read_key(j, s, "eval_n", t.eval_n);
+  read_key(j, s, "classifier", t.classifier);
   return t;
 }
 

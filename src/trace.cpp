@@ -129,10 +129,14 @@ void blit(Canvas& c, const at::Tensor& image, int64_t x, int64_t y, int64_t zoom
 // and the middle, the curve, and dots at (mark_x, mark_y).
 void draw_plot(Canvas& c, int64_t x0, int64_t y0, int64_t w, int64_t h, const std::string& title,
                const std::vector<double>& xs, const std::vector<double>& ys, const std::vector<double>& mark_x,
-               const std::vector<double>& mark_y) {
-  const int64_t left = x0 + 40, right = x0 + w - 10, top = y0 + 14, bottom = y0 + h - 20;
+               const std::vector<double>& mark_y, bool unit_range = false) {
+  const int64_t left = x0 + 40, right = x0 + w - 12, top = y0 + 14, bottom = y0 + h - 20;
   const double xmin = xs.front(), xmax = xs.back();
   double ymin = *std::min_element(ys.begin(), ys.end()), ymax = *std::max_element(ys.begin(), ys.end());
+  if (unit_range) {
+    ymin = 0.0;
+    ymax = 1.0;
+  }
   if (ymax - ymin < 1e-12) ymax = ymin + 1.0;
   auto px = [&](double v) { return left + std::llround((v - xmin) / (xmax - xmin) * static_cast<double>(right - left)); };
   auto py = [&](double v) { return bottom - std::llround((v - ymin) / (ymax - ymin) * static_cast<double>(bottom - top)); };
@@ -153,7 +157,7 @@ void draw_plot(Canvas& c, int64_t x0, int64_t y0, int64_t w, int64_t h, const st
   }
   draw_line(c, left, top, left, bottom, kGrey);
   draw_line(c, left, bottom, right, bottom, kGrey);
-  draw_text(c, right - 4, bottom - 10, "T", kBlack);
+  draw_text(c, right + 4, bottom - 3, "T", kBlack);
   // The curve.
   for (size_t i = 1; i < xs.size(); ++i) draw_line(c, px(xs[i - 1]), py(ys[i - 1]), px(xs[i]), py(ys[i]), kBlue);
   // The levels shown in the rows above.
@@ -324,7 +328,7 @@ at::Tensor render_trace(const Model& m, const Trace& tr) {
     ml.push_back(-2.0 * std::log(tr.sigmas[j]));
   }
   y += 4;
-  draw_plot(c, pad, y, plot_w, plot_h, "NOISE SCHEDULE: ALPHA BAR(T)", ts, ab, mt, mab);
+  draw_plot(c, pad, y, plot_w, plot_h, "NOISE SCHEDULE: ALPHA BAR(T)", ts, ab, mt, mab, /*unit_range=*/true);
   draw_plot(c, pad + plot_w, y, plot_w, plot_h, "LOG-SNR(T) = -2 LN SIGMA(T)", ts, lsnr, mt, ml);
   return c.to_tensor();
 }

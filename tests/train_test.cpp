@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
 
 #include "diffuse/common.h"
 #include "diffuse/config.h"
@@ -144,5 +145,29 @@ TEST(Generate, SameSeedSameImagesWhateverTheBatch) {
     g.seed = 4;
     EXPECT_GT((generate(m, g) - full).abs().max().item<double>(), 1e-2) << sampler;
   }
+  fs::remove_all(dir);
+}
+
+TEST(Train, EvalEveryWritesFdIntoMetrics) {
+  set_threads(1);
+  const std::string clf = std::string(DIFFUSE_SOURCE_DIR) + "/models/fmnist-classifier";
+  if (!path_exists(path_join(clf, "model.safetensors"))) GTEST_SKIP() << "no committed classifier at " << clf;
+  RunConfig cfg = tiny_config();
+  cfg.train.steps = 20;
+  cfg.train.eval_every = 10;
+  cfg.train.eval_n = 200;
+  cfg.train.sample_steps = 5;
+  cfg.train.classifier = clf;
+  std::string dir = temp_dir("fd");
+  train(cfg, dir, false, TrainControl{0, true});
+  std::ifstream f(path_join(dir, "metrics.jsonl"));
+  std::string line;
+  std::vector<double> fds;
+  while (std::getline(f, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("fd")) fds.push_back(j["fd"].get<double>());
+  }
+  ASSERT_EQ(fds.size(), 2u);
+  for (double fd : fds) EXPECT_TRUE(std::isfinite(fd) && fd > 0) << fd;
   fs::remove_all(dir);
 }

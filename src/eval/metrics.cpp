@@ -122,51 +122,67 @@ KidResult kernel_inception_distance(const at::Tensor& real, const at::Tensor& fa
   return r;
 }
 
-at::Tensor knn_radii(const at::Tensor& x, int64_t k, int64_t chunk) {
-  if (k < 1) throw input_error("knn: k must be >= 1");
-  check_features(x, "features", k + 1);
+at::Tensor knn_radii(const at::Tensor& x, const std::vector<int64_t>& ks, int64_t chunk) {
+  if (ks.empty()) throw input_error("knn: no k given");
+  const int64_t k_max = *std::max_element(ks.begin(), ks.end());
+  if (*std::min_element(ks.begin(), ks.end()) < 1) throw input_error("knn: k must be >= 1");
+  check_features(x, "features", k_max + 1);
   at::Tensor xf = x.to(at::kFloat).cpu();
   xf = xf - xf.mean(0);  // distances are shift-invariant; centering keeps float32 accurate
   at::Tensor sq = xf.pow(2).sum(1);
   const int64_t n = xf.size(0);
-  at::Tensor radii = at::empty({n}, at::kFloat);
+  at::Tensor radii = at::empty({static_cast<int64_t>(ks.size()), n}, at::kFloat);
   chunk = std::max<int64_t>(chunk, 1);
   for (int64_t i0 = 0; i0 < n; i0 += chunk) {
     const int64_t c = std::min(chunk, n - i0);
     at::Tensor d2 = squared_distances(xf.narrow(0, i0, c), sq.narrow(0, i0, c), xf, sq);
     // The k+1 smallest include the sample itself (distance 0): the k-th other neighbour is the last.
-    at::Tensor nearest = std::get<0>(d2.topk(k + 1, 1, /*largest=*/false, /*sorted=*/true));
-    radii.narrow(0, i0, c).copy_(nearest.select(1, k).sqrt());
+    at::Tensor nearest = std::get<0>(d2.topk(k_max + 1, 1, /*largest=*/false, /*sorted=*/true));
+    for (size_t i = 0; i < ks.size(); ++i) radii[static_cast<int64_t>(i)].narrow(0, i0, c).copy_(nearest.select(1, ks[i]).sqrt());
   }
   return radii;
 }
 
-PrdcResult prdc(const at::Tensor& real, const at::Tensor& fake, const PrdcOptions& options) {
+at::Tensor knn_radii(const at::Tensor& x, int64_t k, int64_t chunk) { return knn_radii(x, std::vector<int64_t>{k}, chunk)[0]; }
+
+PrdcReference prdc_reference(const at::Tensor& real, const PrdcOptions& options) {
   if (options.k_pr < 1 || options.k_dc < 1) throw input_error("prdc: k must be >= 1");
-  check_pair(real, fake, std::max(options.k_pr, options.k_dc) + 1);
-  if (fake.size(0) <= options.k_pr) throw input_error("prdc: needs more than k samples");
-  at::Tensor rf = real.to(at::kFloat).cpu(), ff = fake.to(at::kFloat).cpu();
-  at::Tensor center = rf.mean(0);
-  rf = rf - center;
-  ff = ff - center;
-  const int64_t chunk = std::max<int64_t>(options.chunk, 1);
-  at::Tensor r_real_pr = knn_radii(rf, options.k_pr, chunk).pow(2);
-  at::Tensor r_fake_pr = knn_radii(ff, options.k_pr, chunk).pow(2);
-  at::Tensor r_real_dc = options.k_dc == options.k_pr ? r_real_pr : knn_radii(rf, options.k_dc, chunk).pow(2);
-  at::Tensor rsq = rf.pow(2).sum(1), fsq = ff.pow(2).sum(1);
-  const int64_t n = rf.size(0), m = ff.size(0);
+  check_features(real, "real features", std::max(options.k_pr, options.k_dc) + 1);
+  PrdcReference r;
+  r.options = options;
+  r.options.chunk = std::max<int64_t>(options.chunk, 1);
+  r.features = real.to(at::kFloat).cpu();
+  r.center = r.features.mean(0);
+  r.features = r.features - r.center;
+  r.sq_norms = r.features.pow(2).sum(1);
+  at::Tensor radii = knn_radii(r.features, {options.k_pr, options.k_dc}, r.options.chunk).pow(2);
+  r.radii2_pr = radii[0];
+  r.radii2_dc = radii[1];
+  return r;
+}
+
+PrdcResult prdc(const PrdcReference& ref, const at::Tensor& fake) {
+  const PrdcOptions& options = ref.options;
+  check_features(fake, "sample features", options.k_pr + 1);
+  if (fake.size(1) != ref.features.size(1)) {
+    throw input_error("features: dimensions differ (" + std::to_string(ref.features.size(1)) + " vs " + std::to_string(fake.size(1)) + ")");
+  }
+  at::Tensor ff = fake.to(at::kFloat).cpu() - ref.center;
+  at::Tensor r_fake_pr = knn_radii(ff, options.k_pr, options.chunk).pow(2);
+  at::Tensor fsq = ff.pow(2).sum(1);
+  const int64_t n = ref.features.size(0), m = ff.size(0), chunk = options.chunk;
   at::Tensor real_in_fake = at::zeros({n}, at::kBool);  // recall: real sample inside some fake ball
   at::Tensor real_covered = at::zeros({n}, at::kBool);  // coverage: real ball holding some fake sample
   int64_t fake_in_real = 0;                             // precision numerator
   double density_sum = 0.0;
   for (int64_t j0 = 0; j0 < m; j0 += chunk) {
     const int64_t c = std::min(chunk, m - j0);
-    at::Tensor d2 = squared_distances(ff.narrow(0, j0, c), fsq.narrow(0, j0, c), rf, rsq);  // [c, n]
+    at::Tensor d2 = squared_distances(ff.narrow(0, j0, c), fsq.narrow(0, j0, c), ref.features, ref.sq_norms);  // [c, n]
     // Kynkäänniemi et al. 2019, eq. 1-2: a point is in a manifold when inside any of its k-NN balls.
-    fake_in_real += d2.le(r_real_pr.unsqueeze(0)).any(1).sum().item<int64_t>();
+    fake_in_real += d2.le(ref.radii2_pr.unsqueeze(0)).any(1).sum().item<int64_t>();
     real_in_fake.logical_or_(d2.le(r_fake_pr.narrow(0, j0, c).unsqueeze(1)).any(0));
     // Naeem et al. 2020, eq. 5-6: count real balls around each fake sample; a ball is covered if any.
-    at::Tensor in_ball = d2.lt(r_real_dc.unsqueeze(0));
+    at::Tensor in_ball = d2.lt(ref.radii2_dc.unsqueeze(0));
     density_sum += static_cast<double>(in_ball.sum().item<int64_t>());
     real_covered.logical_or_(in_ball.any(0));
   }
@@ -176,6 +192,11 @@ PrdcResult prdc(const at::Tensor& real, const at::Tensor& fake, const PrdcOption
   r.density = density_sum / (static_cast<double>(options.k_dc) * static_cast<double>(m));
   r.coverage = real_covered.to(at::kDouble).mean().item<double>();
   return r;
+}
+
+PrdcResult prdc(const at::Tensor& real, const at::Tensor& fake, const PrdcOptions& options) {
+  check_pair(real, fake, 2);
+  return prdc(prdc_reference(real, options), fake);
 }
 
 double histogram_entropy(const at::Tensor& counts) {

@@ -8,6 +8,8 @@
 #include <iostream>
 
 #include "diffuse/common.h"
+#include "diffuse/eval/classifier.h"
+#include "diffuse/eval/metrics.h"
 #include "diffuse/generate.h"
 #include "diffuse/io/checkpoint.h"
 #include "diffuse/io/file.h"
@@ -162,7 +164,8 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     for (auto& [name, tensor] : flat.views(opt.exp_avg_sq())) c.optimizer.emplace_back("exp_avg_sq." + name, tensor);
     return checkpoint_save(run_dir, c, t.keep_checkpoints);
   };
-  auto sample_grid = [&](int64_t at_step) {
+  // The EMA weights as a Model, for sample grids and FD.
+  auto ema_model = [&]() {
     {
       at::NoGradGuard no_grad;
       auto dst = ema_net->named_parameters();
@@ -173,6 +176,10 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     m.config = cfg;
     m.net = ema_net;
     m.process = std::shared_ptr<Process>(make_process(cfg.process).release());
+    return m;
+  };
+  auto sample_grid = [&](int64_t at_step) {
+    Model m = ema_model();
     GenerateOptions g;
     g.n = t.sample_n;
     g.batch = std::min<int64_t>(t.sample_n, 64);
@@ -183,6 +190,28 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     char name[64];
     std::snprintf(name, sizeof(name), "step_%08lld.png", static_cast<long long>(at_step));
     image_save_png(path_join(path_join(run_dir, "samples"), name), make_grid(to_uint8(x), ncol));
+  };
+
+  // FD during training: the feature network and the reference features are prepared once.
+  Classifier classifier;
+  at::Tensor ref_features;
+  if (t.eval_every > 0) {
+    classifier = classifier_load(t.classifier.empty() ? default_classifier_dir() : t.classifier);
+    const int64_t n_ref = std::min(t.eval_n, N);
+    ref_features = classifier.run(data.images.narrow(0, 0, n_ref)).features;
+  }
+  auto measure_fd = [&](int64_t at_step, double elapsed) {
+    GenerateOptions g;
+    g.n = t.eval_n;
+    g.batch = 256;
+    g.seed = t.seed + 1;
+    g.sampler = t.sample_sampler;
+    g.steps = t.sample_steps;
+    at::Tensor x = generate(ema_model(), g);
+    double fd = frechet_distance(classifier.run(to_uint8(x)).features, ref_features);
+    metrics << nlohmann::json{{"step", at_step}, {"fd", fd}, {"fd_n", t.eval_n}, {"time", elapsed}}.dump() << "\n"
+            << std::flush;
+    if (!control.quiet) std::cerr << (tty ? "\n" : "") << "step " << at_step << "  FD " << fd << " (" << t.eval_n << " samples)\n";
   };
 
   TrainResult result;
@@ -277,6 +306,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
       window_start = Clock::now();
     }
     if (t.sample_every > 0 && (step % t.sample_every == 0 || step == t.steps)) sample_grid(step);
+    if (t.eval_every > 0 && (step % t.eval_every == 0 || step == t.steps)) measure_fd(step, elapsed_before + elapsed);
     if (ckpt_now) result.checkpoint = save(step, elapsed_before + elapsed);
     if (stop_now) {
       result.stopped_by_budget = budget_spent;

@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace diffuse {
 
@@ -60,8 +61,23 @@ struct PrdcResult {
 };
 PrdcResult prdc(const at::Tensor& real, const at::Tensor& fake, const PrdcOptions& options = {});
 
+// The real side of prdc (centred features and squared k-NN radii), computed once and reused for
+// several sample sets.
+struct PrdcReference {
+  PrdcOptions options;
+  at::Tensor center;     // mean of the real features
+  at::Tensor features;   // float32 [N, D], centred
+  at::Tensor sq_norms;   // [N]
+  at::Tensor radii2_pr;  // squared k_pr-NN radii [N]
+  at::Tensor radii2_dc;  // squared k_dc-NN radii [N]
+};
+PrdcReference prdc_reference(const at::Tensor& real, const PrdcOptions& options = {});
+PrdcResult prdc(const PrdcReference& ref, const at::Tensor& fake);
+
 // Distance from each row of x to its k-th nearest other row of x (row chunks), float32 [N]. Needs N > k.
 at::Tensor knn_radii(const at::Tensor& x, int64_t k, int64_t chunk = 1024);
+// The same for several k in one pass over the distances: [ks.size(), N].
+at::Tensor knn_radii(const at::Tensor& x, const std::vector<int64_t>& ks, int64_t chunk = 1024);
 
 // a [N, D] times b [M, D]^T in float32 -> [N, M]. On CPU it runs as a 1x1 convolution (oneDNN), several
 // times faster than the reference BLAS behind at::mm in Debian's LibTorch.

@@ -1,0 +1,87 @@
+// `diffuse eval`: FD, KID, precision/recall, density/coverage of samples (a model, PNG folder, .npy or
+// IDX) against a reference data set, with the same numbers for real images as the floor.
+#include <cstdio>
+#include <iostream>
+
+#include "cli.h"
+#include "diffuse/common.h"
+#include "diffuse/eval/evaluate.h"
+#include "diffuse/io/file.h"
+
+namespace diffuse::cli {
+namespace {
+
+struct EvalArgs {
+  std::string samples;
+  std::string classifier;
+  std::string out;
+  std::string device = "cpu";
+  bool no_ema = false;
+  SampleOptions sample;
+  EvalOptions eval;
+};
+
+}  // namespace
+
+void register_eval(CLI::App& app, Common& common) {
+  auto a = std::make_shared<EvalArgs>();
+  CLI::App* sub = app.add_subcommand("eval", "measure samples against real data (FD, KID, precision/recall, density/coverage)");
+  add_common(sub, common);
+  sub->add_option("--samples", a->samples, "run dir / checkpoint / diffusers folder (samples are drawn), PNG folder, .npy or IDX")->required();
+  sub->add_option("--ref", a->eval.ref, "reference data set")->capture_default_str();
+  sub->add_option("--ref-size", a->eval.ref_data.size, "resize the reference to this side (0: native)")->check(CLI::NonNegativeNumber);
+  sub->add_option("--ref-channels", a->eval.ref_data.channels, "convert the reference to 1 or 3 channels (0: native)")->check(CLI::IsMember({0, 1, 3}));
+  sub->add_option("--ref-limit", a->eval.ref_data.limit, "use the first N reference images (0: all)")->check(CLI::NonNegativeNumber);
+  sub->add_option("--floor", a->eval.floor, "real images measured as the floor: auto (the :train split of --ref), none, or a data set")->capture_default_str();
+  sub->add_option("--classifier", a->classifier, "feature classifier directory (default: $DIFFUSE_CLASSIFIER or models/fmnist-classifier)");
+  sub->add_option("--n", a->sample.n, "number of samples (0: all of a file, 1000 from a model)")->check(CLI::NonNegativeNumber)->capture_default_str();
+  sub->add_option("--out", a->out, "also write the metrics as JSON to this file");
+  sub->add_option("--seed", a->sample.generate.seed, "sampling seed (models); also seeds KID subsets and the floor subset")->capture_default_str();
+  sub->add_option("--sampler", a->sample.generate.sampler, "sampler (models; see `diffuse samplers`)")->capture_default_str();
+  sub->add_option("--steps", a->sample.generate.steps, "sampler steps (models)")->check(CLI::PositiveNumber)->capture_default_str();
+  sub->add_option("--grid", a->sample.generate.grid, "sigma grid (models)");
+  sub->add_option("--eta", a->sample.generate.options.eta, "DDIM / ancestral eta (models)")->check(CLI::NonNegativeNumber);
+  sub->add_option("--guidance", a->sample.generate.guidance, "classifier-free guidance scale (models)")->check(CLI::NonNegativeNumber);
+  sub->add_option("--batch", a->sample.generate.batch, "images per network batch (models)")->check(CLI::PositiveNumber)->capture_default_str();
+  sub->add_flag("--no-ema", a->no_ema, "models: use the raw weights instead of the EMA");
+  sub->add_option("--device", a->device, "models: cpu or cuda")->capture_default_str();
+  sub->add_option("--kid-subsets", a->eval.kid.subsets, "KID subsets")->check(CLI::PositiveNumber)->capture_default_str();
+  sub->add_option("--kid-subset-size", a->eval.kid.subset_size, "KID subset size")->check(CLI::Range(int64_t(2), int64_t(1000000)))->capture_default_str();
+  sub->add_option("--k", a->eval.prdc.k_pr, "neighbours for precision/recall")->check(CLI::PositiveNumber)->capture_default_str();
+  sub->add_option("--k-dc", a->eval.prdc.k_dc, "neighbours for density/coverage")->check(CLI::PositiveNumber)->capture_default_str();
+  sub->callback([a, &common]() {
+    run_guarded(common, [&]() {
+      std::string dir = a->classifier.empty() ? default_classifier_dir() : a->classifier;
+      Classifier clf = classifier_load(dir);  // first: a missing classifier should not cost a sampling run
+      a->sample.prefer_ema = !a->no_ema;
+      a->sample.device = a->device;
+      a->eval.seed = a->sample.generate.seed;
+      if (!common.json) {
+        a->sample.on_batch = [](int64_t done, int64_t total) { std::fprintf(stderr, "\rsampling %lld/%lld", (long long)done, (long long)total); };
+      }
+      SampleSet s = load_samples(a->samples, a->sample);
+      if (s.kind == "model" && !common.json) std::fprintf(stderr, "\n");
+      EvalReport r = evaluate_images(s.images, clf, a->eval);
+      r.classifier = dir;
+      nlohmann::json j = eval_report_to_json(r);
+      j["samples"] = {{"source", a->samples}, {"kind", s.kind}};
+      if (s.kind == "model") {
+        j["samples"]["sampler"] = a->sample.generate.sampler;
+        j["samples"]["steps"] = a->sample.generate.steps;
+        j["samples"]["nfe"] = s.nfe;
+        j["samples"]["seed"] = a->sample.generate.seed;
+        j["samples"]["seconds"] = s.seconds;
+      }
+      if (!a->out.empty()) write_file_atomic(a->out, j.dump(2) + "\n");
+      if (common.json) {
+        std::cout << j.dump() << "\n";
+      } else {
+        std::cout << eval_report_text(r);
+        if (!a->out.empty()) std::cout << "wrote " << a->out << "\n";
+      }
+      return 0;
+    });
+  });
+}
+
+}  // namespace diffuse::cli

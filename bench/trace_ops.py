@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Per-operator self time of chrome://tracing files written by the autograd profiler (bench_train_speed
+--profile, reference_unet.py --profile), side by side: where one implementation spends time the other does not.
+
+  python3 bench/trace_ops.py /tmp/cpp-train.trace /tmp/py-train.trace [--top 25]
+"""
+import argparse
+import collections
+import json
+
+
+def self_times(path):
+    """{op name: (self microseconds, calls)}; self = duration minus the durations of events nested in it."""
+    with open(path) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    by_thread = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            by_thread[(e.get("pid"), e.get("tid"))].append(e)
+    out = collections.defaultdict(lambda: [0.0, 0])
+    for evs in by_thread.values():
+        evs.sort(key=lambda e: (float(e["ts"]), -float(e["dur"])))
+        stack = []  # [end, event, child time]
+        def close(upto):
+            while stack and stack[-1][0] <= upto:
+                end, ev, child = stack.pop()
+                out[ev["name"]][0] += float(ev["dur"]) - child
+                out[ev["name"]][1] += 1
+                if stack:
+                    stack[-1][2] += float(ev["dur"])
+        for e in evs:
+            ts, dur = float(e["ts"]), float(e["dur"])
+            close(ts)
+            stack.append([ts + dur, e, 0.0])
+        close(float("inf"))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("traces", nargs="+")
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    tables = [self_times(t) for t in args.traces]
+    totals = [sum(v[0] for v in t.values()) for t in tables]
+    names = sorted({n for t in tables for n in t}, key=lambda n: -max(t.get(n, [0, 0])[0] for t in tables))
+    head = "".join(f" | {t[-40:]} ms (calls)" for t in args.traces)
+    print(f"| op{head} |\n|---" + "|---" * len(tables) + "|")
+    for n in names[:args.top]:
+        cells = "".join(f" | {t[n][0] / 1e3:.1f} ({t[n][1]})" if n in t else " | -" for t in tables)
+        print(f"| {n}{cells} |")
+    print("| total" + "".join(f" | {x / 1e3:.1f}" for x in totals) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+// Training and sampling throughput of a preset's U-Net, in the format of bench/reference_unet.py so that
+// scripts/bench can put both side by side.
+//   train:  one full trainer step (batch from the resident uint8 set, diffusion_loss, backward, global
+//           gradient clipping, AdamW over the flat buffer, EMA update, loss to the host), images/s.
+//   sample: one network evaluation at the batch (eval mode, NoGradGuard), images/s per evaluation.
+//
+//   bench_train_speed [--preset fmnist] [--batch 64] [--threads 0] [--device cpu|cuda|auto]
+//                     [--mode train|sample|both] [--steps N] [--evals N] [--warmup N] [--data synthetic|SPEC]
+//                     [--profile PREFIX]
+// One JSON line per measurement on stdout, each followed by a human line starting with "# ".
+// --profile traces one more iteration per measurement (bench/trace_ops.py compares traces op by op).
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/cuda.h>
+#include <torch/version.h>
+
+// Peak GPU memory through the CUDA caching allocator, where its headers (and the CUDA runtime's) exist.
+#if __has_include(<c10/cuda/CUDACachingAllocator.h>) && __has_include(<cuda_runtime_api.h>)
+#include <c10/cuda/CUDACachingAllocator.h>
+#define DIFFUSE_BENCH_CUDA_MEMORY 1
+#endif
+
+// Per-operator CPU traces (chrome://tracing JSON) through LibTorch 1.x's legacy autograd profiler.
+#if TORCH_VERSION_MAJOR < 2 && __has_include(<torch/csrc/autograd/profiler_legacy.h>)
+#include <torch/csrc/autograd/profiler_legacy.h>
+#define DIFFUSE_BENCH_PROFILE 1
+#endif
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "diffuse/common.h"
+#include "diffuse/config.h"
+#include "diffuse/data/dataset.h"
+#include "diffuse/io/image.h"
+#include "diffuse/loss.h"
+#include "diffuse/nn/unet.h"
+#include "diffuse/process.h"
+#include "diffuse/train/optim.h"
+#include "diffuse/train/trainer.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct Options {
+  std::string preset = "fmnist";
+  int64_t batch = 64;
+  int64_t threads = 0;  // 0: all hardware threads
+  std::string device = "cpu";
+  std::string mode = "both";       // train | sample | both
+  int64_t steps = -1;              // timed training steps (-1: 10 on CPU, 50 on CUDA)
+  int64_t evals = -1;              // timed network evaluations (-1: 20 on CPU, 100 on CUDA)
+  int64_t warmup = -1;             // untimed iterations first (-1: 2 on CPU, 10 on CUDA)
+  std::string data = "synthetic";  // "synthetic": random uint8 images; else a data spec (data/dataset.h)
+  uint64_t seed = 0;
+  std::string profile;  // when set: one more iteration traced to <profile>-train.trace / -sample.trace
+};
+
+[[noreturn]] void usage(const std::string& why) {
+  std::cerr
+      << "bench_train_speed: " << why << "\n"
+      << "usage: bench_train_speed [--preset NAME|PATH] [--batch N] [--threads N] [--device cpu|cuda|auto]\n"
+      << "                         [--mode train|sample|both] [--steps N] [--evals N] [--warmup N]\n"
+      << "                         [--data synthetic|SPEC] [--seed N] [--profile PREFIX]\n";
+  std::exit(diffuse::kExitBadInput);
+}
+
+int64_t parse_int(const std::string& flag, const std::string& value) {
+  char* end = nullptr;
+  const long long v = std::strtoll(value.c_str(), &end, 10);
+  if (value.empty() || *end != '\0') usage(flag + ": expected an integer, got '" + value + "'");
+  return v;
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (flag == "-h" || flag == "--help") usage("help");
+    if (i + 1 >= argc) usage(flag + ": missing value (or unknown flag)");
+    const std::string value = argv[++i];
+    if (flag == "--preset")
+      o.preset = value;
+    else if (flag == "--batch")
+      o.batch = parse_int(flag, value);
+    else if (flag == "--threads")
+      o.threads = parse_int(flag, value);
+    else if (flag == "--device")
+      o.device = value;
+    else if (flag == "--mode")
+      o.mode = value;
+    else if (flag == "--steps")
+      o.steps = parse_int(flag, value);
+    else if (flag == "--evals")
+      o.evals = parse_int(flag, value);
+    else if (flag == "--warmup")
+      o.warmup = parse_int(flag, value);
+    else if (flag == "--data")
+      o.data = value;
+    else if (flag == "--profile")
+      o.profile = value;
+    else if (flag == "--seed")
+      o.seed = static_cast<uint64_t>(parse_int(flag, value));
+    else
+      usage("unknown flag " + flag);
+  }
+  if (o.mode != "train" && o.mode != "sample" && o.mode != "both") usage("--mode: train, sample or both");
+  if (o.batch < 1) usage("--batch must be at least 1");
+  return o;
+}
+
+at::Generator cpu_generator(uint64_t seed) { return at::make_generator<at::CPUGeneratorImpl>(seed); }
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  const size_t m = v.size() / 2;
+  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+void sync(const at::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize();
+}
+
+void reset_peak_memory(const at::Device& device) {
+#ifdef DIFFUSE_BENCH_CUDA_MEMORY
+  if (device.is_cuda())
+    c10::cuda::CUDACachingAllocator::resetPeakStats(device.index() < 0 ? 0 : device.index());
+#endif
+}
+
+// Peak bytes held by tensors since the last reset (CUDA caching allocator), -1 where unknown.
+double peak_memory_mib(const at::Device& device) {
+#ifdef DIFFUSE_BENCH_CUDA_MEMORY
+  if (device.is_cuda()) {
+    const auto stats =
+        c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
+    return static_cast<double>(stats.allocated_bytes[0].peak) / (1024.0 * 1024.0);  // [0]: all pools
+  }
+#endif
+  return -1.0;
+}
+
+// Runs `iteration` once under the autograd profiler, writing PREFIX-NAME.trace (nothing when unsupported).
+template <typename F>
+void trace_one(const Options& o, const std::string& name, F iteration) {
+  if (o.profile.empty()) return;
+#ifdef DIFFUSE_BENCH_PROFILE
+  const std::string path = o.profile + "-" + name + ".trace";
+  {
+    torch::autograd::profiler::RecordProfile guard(path);
+    iteration();
+  }
+  std::printf("# cpp: one %s iteration traced to %s\n", name.c_str(), path.c_str());
+#else
+  std::printf("# --profile: needs LibTorch 1.x's legacy profiler; nothing traced\n");
+#endif
+}
+
+const char* env_or(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v ? v : fallback;
+}
+
+// Timings of `iters` iterations -> one JSON line and one human line.
+void report(const std::string& bench, const Options& o, const diffuse::RunConfig& cfg, int64_t params,
+            const std::string& device, const std::vector<double>& seconds, double total, double peak_mib,
+            double last_loss) {
+  const double img_s = static_cast<double>(o.batch) * seconds.size() / std::max(total, 1e-12);
+  const double med = median(seconds);
+  const double img_s_median = med > 0 ? static_cast<double>(o.batch) / med : img_s;
+  nlohmann::json j{{"impl", "cpp"},
+                   {"bench", bench},
+                   {"preset", o.preset},
+                   {"device", device},
+                   {"batch", o.batch},
+                   {"threads", at::get_num_threads()},
+                   {"params", params},
+                   {"image", {cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size}},
+                   {"iters", static_cast<int64_t>(seconds.size())},
+                   {"seconds", total},
+                   {"img_per_s", img_s},
+                   {"img_per_s_median", img_s_median},
+                   {"torch", TORCH_VERSION},
+                   {"omp_wait_policy", env_or("OMP_WAIT_POLICY", "")}};
+  if (peak_mib >= 0) j["peak_mem_mib"] = peak_mib;
+  if (bench == "train") j["last_loss"] = last_loss;
+  std::printf("%s\n", j.dump().c_str());
+  std::printf(
+      "# cpp %-6s %s %s batch %lld threads %d: %.1f img/s (median iteration %.1f img/s), %zu iterations in "
+      "%.2f s%s\n",
+      bench.c_str(), o.preset.c_str(), device.c_str(), static_cast<long long>(o.batch), at::get_num_threads(),
+      img_s, img_s_median, seconds.size(), total,
+      peak_mib >= 0 ? (", peak " + std::to_string(static_cast<int64_t>(peak_mib)) + " MiB").c_str() : "");
+  std::fflush(stdout);
+}
+
+// Resident uint8 training images [N, C, H, W] on `device`: random bytes, or a real data set.
+at::Tensor training_images(const Options& o, const diffuse::RunConfig& cfg, const at::Device& device) {
+  const int64_t c = cfg.model.in_channels, s = cfg.model.sample_size;
+  if (o.data == "synthetic") {
+    const int64_t n = std::max<int64_t>(8 * o.batch, 2048);
+    at::Generator g = cpu_generator(o.seed + 7);
+    return at::randint(0, 256, {n, c, s, s}, g, at::TensorOptions().dtype(at::kByte)).to(device);
+  }
+  diffuse::DataOptions dopt;
+  dopt.size = s;
+  dopt.channels = c;
+  diffuse::Dataset ds = diffuse::load_dataset(o.data, dopt);
+  if (ds.size() < o.batch) throw diffuse::input_error(o.data + ": fewer images than one batch");
+  return ds.images.to(device);
+}
+
+// The trainer's step (src/train/trainer.cpp), timed: the same library calls in the same order.
+void bench_train(const Options& o, const diffuse::RunConfig& cfg, const at::Device& device, int64_t steps,
+                 int64_t warmup) {
+  const diffuse::TrainOptions& t = cfg.train;
+  torch::manual_seed(o.seed);
+  diffuse::UNet2DModel net(cfg.model);
+  net->to(device);
+  net->train();
+  diffuse::FlatParameters flat(net->named_parameters());
+  diffuse::AdamW opt(flat, diffuse::AdamWOptions{t.beta1, t.beta2, t.adam_eps, t.weight_decay});
+  diffuse::Ema ema(flat.data(), t.ema_decay);
+  std::unique_ptr<diffuse::Process> process = diffuse::make_process(cfg.process);
+  const at::Tensor images = training_images(o, cfg, device);
+  const int64_t n = images.size(0), b = o.batch, steps_per_epoch = n / b;
+  const bool conditional = cfg.model.num_class_embeds.has_value();
+  const at::Tensor labels =
+      conditional
+          ? at::randint(0, *cfg.model.num_class_embeds, {n}, cpu_generator(o.seed + 8), at::kLong).to(device)
+          : at::Tensor();
+  diffuse::UNet2DModel model_net = net;
+  diffuse::ModelFn model = [model_net](const at::Tensor& x, const at::Tensor& c,
+                                       const at::Tensor& l) mutable { return model_net->forward(x, c, l); };
+
+  at::Tensor perm;
+  int64_t perm_epoch = -1;
+  double last_loss = 0.0;
+  auto step_once = [&](int64_t step) {
+    // Batch without replacement from the epoch's permutation.
+    const int64_t epoch = step / steps_per_epoch, within = step % steps_per_epoch;
+    if (epoch != perm_epoch) {
+      at::Generator perm_gen = cpu_generator(o.seed * 1000003 + static_cast<uint64_t>(epoch));
+      perm = at::randperm(n, perm_gen, at::kLong);
+      perm_epoch = epoch;
+    }
+    const at::Tensor idx = perm.narrow(0, within * b, b).to(device);
+    const at::Tensor x0 = diffuse::to_float(images.index_select(0, idx));
+    const at::Tensor y = conditional ? labels.index_select(0, idx) : at::Tensor();
+    at::Generator gen = cpu_generator(o.seed + 1000 + static_cast<uint64_t>(step));
+    torch::manual_seed(o.seed + 2000 + static_cast<uint64_t>(step));  // dropout
+    diffuse::LossOutput out = diffuse::diffusion_loss(model, *process, cfg.loss, x0, y, gen);
+    out.loss.backward();
+    flat.clip_grad_norm(t.grad_clip);
+    opt.step(diffuse::learning_rate(t, step));
+    flat.zero_grad();
+    ema.update(flat.data(), step + 1);
+    last_loss = out.loss.item<double>();  // the trainer reads the loss every step
+  };
+
+  for (int64_t s = 0; s < warmup; ++s) step_once(s);
+  sync(device);
+  reset_peak_memory(device);
+  std::vector<double> seconds;
+  const auto start = Clock::now();
+  auto prev = start;
+  for (int64_t s = 0; s < steps; ++s) {
+    step_once(warmup + s);
+    const auto now = Clock::now();  // loss.item() synchronized the device
+    seconds.push_back(std::chrono::duration<double>(now - prev).count());
+    prev = now;
+  }
+  sync(device);
+  const double total = std::chrono::duration<double>(Clock::now() - start).count();
+  report("train", o, cfg, net->num_parameters(), device.str(), seconds, total, peak_memory_mib(device),
+         last_loss);
+  trace_one(o, "train", [&] { step_once(warmup + steps); });
+}
+
+// One network evaluation per iteration at the batch, as a sampler makes it.
+void bench_sample(const Options& o, const diffuse::RunConfig& cfg, const at::Device& device, int64_t evals,
+                  int64_t warmup) {
+  torch::manual_seed(o.seed);
+  diffuse::UNet2DModel net(cfg.model);
+  net->to(device);
+  net->eval();
+  at::NoGradGuard no_grad;
+  const int64_t s = cfg.model.sample_size;
+  at::Generator g = cpu_generator(o.seed + 9);
+  const at::Tensor x = at::randn({o.batch, cfg.model.in_channels, s, s}, g).to(device);
+  const at::Tensor t = (at::rand({o.batch}, g) * cfg.process.num_timesteps).floor().to(device);
+  const at::Tensor y = cfg.model.num_class_embeds
+                           ? at::randint(0, *cfg.model.num_class_embeds, {o.batch}, g, at::kLong).to(device)
+                           : at::Tensor();
+  for (int64_t i = 0; i < warmup; ++i) net->forward(x, t, y);
+  sync(device);
+  reset_peak_memory(device);
+  std::vector<double> seconds;
+  const auto start = Clock::now();
+  auto prev = start;
+  for (int64_t i = 0; i < evals; ++i) {
+    at::Tensor out = net->forward(x, t, y);
+    if (!device.is_cuda()) {  // on CUDA a per-iteration time would only measure the launches
+      const auto now = Clock::now();
+      seconds.push_back(std::chrono::duration<double>(now - prev).count());
+      prev = now;
+    }
+  }
+  sync(device);
+  const double total = std::chrono::duration<double>(Clock::now() - start).count();
+  if (device.is_cuda()) seconds.assign(static_cast<size_t>(evals), total / std::max<int64_t>(evals, 1));
+  report("sample", o, cfg, net->num_parameters(), device.str(), seconds, total, peak_memory_mib(device), 0.0);
+  trace_one(o, "sample", [&] { net->forward(x, t, y); });
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const Options o = parse(argc, argv);
+    diffuse::set_threads(o.threads);
+    diffuse::RunConfig cfg = diffuse::load_preset(o.preset);
+    cfg.train.batch_size = o.batch;
+    const at::Device device(diffuse::resolve_device(o.device));
+    const bool cuda = device.is_cuda();
+    const int64_t steps = o.steps >= 0 ? o.steps : (cuda ? 50 : 10);
+    const int64_t evals = o.evals >= 0 ? o.evals : (cuda ? 100 : 20);
+    const int64_t warmup = o.warmup >= 0 ? o.warmup : (cuda ? 10 : 2);
+    if (o.mode != "sample") bench_train(o, cfg, device, steps, warmup);
+    if (o.mode != "train") bench_sample(o, cfg, device, evals, warmup);
+  } catch (const diffuse::Error& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return e.exit_code();
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return diffuse::kExitFailure;
+  }
+  return 0;
+}

@@ -1,0 +1,224 @@
+// Sample sources and the evaluation of a sample set against a reference, with a real-data floor.
+#include "diffuse/eval/evaluate.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <chrono>
+#include <cstdio>
+#include <sstream>
+
+#include "diffuse/common.h"
+#include "diffuse/data/dataset.h"
+#include "diffuse/io/checkpoint.h"
+#include "diffuse/io/file.h"
+#include "diffuse/io/image.h"
+
+namespace diffuse {
+namespace {
+
+constexpr int64_t kMinImages = 10;            // FD needs 2, the k-NN manifolds more than k
+constexpr int64_t kDefaultModelSamples = 1000;
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::string describe_shape(const at::Tensor& images) {
+  return std::to_string(images.size(2)) + "x" + std::to_string(images.size(3)) + "x" + std::to_string(images.size(1));
+}
+
+SetMetrics measure(const at::Tensor& ref_features, const PrdcReference& ref_prdc, const ClassifierOutput& out,
+                   int64_t num_classes, const EvalOptions& options) {
+  SetMetrics m;
+  m.count = out.features.size(0);
+  m.fd = frechet_distance(ref_features, out.features);
+  KidOptions kid = options.kid;
+  kid.seed = options.seed;
+  m.kid = kernel_inception_distance(ref_features, out.features, kid);
+  m.prdc = prdc(ref_prdc, out.features);
+  at::Tensor hist = at::bincount(out.logits.argmax(1), {}, num_classes);
+  m.class_histogram.assign(hist.data_ptr<int64_t>(), hist.data_ptr<int64_t>() + hist.numel());
+  m.class_entropy = histogram_entropy(hist);
+  return m;
+}
+
+nlohmann::json set_metrics_json(const SetMetrics& m) {
+  return {{"count", m.count},
+          {"fd", m.fd},
+          {"kid", {{"mean", m.kid.mean}, {"std", m.kid.std}}},
+          {"precision", m.prdc.precision},
+          {"recall", m.prdc.recall},
+          {"density", m.prdc.density},
+          {"coverage", m.prdc.coverage},
+          {"class_histogram", m.class_histogram},
+          {"class_entropy", m.class_entropy}};
+}
+
+}  // namespace
+
+bool is_model_path(const std::string& path) {
+  if (!is_directory(path)) return false;
+  if (!checkpoint_resolve(path).empty()) return true;
+  if (path_exists(path_join(path, "diffusion_pytorch_model.safetensors"))) return true;
+  return is_directory(path_join(path, "unet")) && is_directory(path_join(path, "scheduler"));
+}
+
+SampleSet load_samples(const std::string& path, const SampleOptions& options) {
+  if (options.n < 0) throw input_error("--n: must be >= 0");
+  if (!path_exists(path)) throw input_error(path + ": no such file or directory");
+  SampleSet s;
+  if (is_model_path(path)) {
+    auto t0 = std::chrono::steady_clock::now();
+    Model m = load_model(path, options.prefer_ema, options.device);
+    GenerateOptions g = options.generate;
+    g.n = options.n > 0 ? options.n : kDefaultModelSamples;
+    if (m.class_conditional() && g.labels.empty()) {
+      for (int64_t i = 0; i < g.n; ++i) g.labels.push_back(i % m.num_classes());  // balanced classes
+    }
+    s.images = to_uint8(generate(m, g, options.on_batch, &s.nfe));
+    s.kind = "model";
+    s.seconds = seconds_since(t0);
+  } else if (is_directory(path)) {
+    s.images = load_image_folder(path, {}).images;
+    s.kind = "folder";
+  } else if (ends_with(path, ".npy")) {
+    s.images = npy_load_uint8(path);
+    s.kind = "npy";
+  } else {
+    at::Tensor t = idx_load(path);
+    if (t.dim() == 3) {
+      s.images = t.unsqueeze(1).contiguous();
+    } else if (t.dim() == 4) {
+      s.images = t.permute({0, 3, 1, 2}).contiguous();  // N, H, W, C
+    } else {
+      throw input_error(path + ": IDX array of rank " + std::to_string(t.dim()) + "; expected images (N, H, W) or (N, H, W, C)");
+    }
+    s.kind = "idx";
+  }
+  if (s.images.size(0) == 0) throw input_error(path + ": no images");
+  if (options.n > 0 && s.images.size(0) > options.n) s.images = s.images.narrow(0, 0, options.n).contiguous();
+  return s;
+}
+
+std::string floor_spec_for(const std::string& ref) {
+  if (ends_with(ref, ":test")) return ref.substr(0, ref.size() - 5) + ":train";
+  return "";
+}
+
+EvalReport evaluate_images(const at::Tensor& samples_in, const Classifier& clf, const EvalOptions& options) {
+  auto t0 = std::chrono::steady_clock::now();
+  if (!samples_in.defined() || samples_in.dim() != 4) throw input_error("samples: expected images [N, C, H, W]");
+  if (samples_in.size(0) == 0) throw input_error("samples: the sample set is empty");
+  if (samples_in.size(0) < kMinImages) {
+    throw input_error("samples: " + std::to_string(samples_in.size(0)) + " images; at least " + std::to_string(kMinImages) + " are needed");
+  }
+  at::Tensor samples = samples_in.scalar_type() == at::kByte ? samples_in : to_uint8(samples_in);
+  const ClassifierConfig& cc = clf.config();
+
+  EvalReport r;
+  r.ref = options.ref;
+  Dataset ref = load_dataset(options.ref, options.ref_data);
+  r.ref_count = ref.size();
+  if (ref.size() < kMinImages) throw input_error(options.ref + ": the reference has " + std::to_string(ref.size()) + " images; at least 10 are needed");
+  if (samples.size(1) != ref.channels() || samples.size(2) != ref.height() || samples.size(3) != ref.width()) {
+    throw input_error("samples: images are " + describe_shape(samples) + " (HxWxC) but the reference " + options.ref + " is " +
+                      describe_shape(ref.images) + "; evaluate against a matching reference (--ref, --ref-size, --ref-channels)");
+  }
+  r.feature_dim = cc.feature_dim;
+  r.classifier_test_accuracy = cc.test_accuracy;
+  r.class_names = cc.class_names;
+
+  ClassifierOutput ref_out = clf.run(ref.images, options.batch);
+  if (ref.num_classes > 0 && ref.num_classes <= cc.num_classes) {
+    r.classifier_ref_accuracy = ref_out.logits.argmax(1).eq(ref.labels).to(at::kDouble).mean().item<double>();
+  }
+  PrdcReference ref_prdc = prdc_reference(ref_out.features, options.prdc);
+  r.samples = measure(ref_out.features, ref_prdc, clf.run(samples, options.batch), cc.num_classes, options);
+
+  r.floor = options.floor == "auto" ? floor_spec_for(options.ref) : (options.floor == "none" ? "" : options.floor);
+  if (!r.floor.empty()) {
+    DataOptions opt;
+    opt.size = ref.height();
+    opt.channels = ref.channels();
+    Dataset real = load_dataset(r.floor, opt);
+    if (real.size() < kMinImages) throw input_error(r.floor + ": the floor set has fewer than 10 images");
+    if (real.height() != ref.height() || real.width() != ref.width()) {
+      throw input_error(r.floor + ": floor images are not the reference's size");
+    }
+    // As many real images as samples, a seeded random subset.
+    const int64_t count = std::min(samples.size(0), real.size());
+    at::Generator gen = at::detail::createCPUGenerator(options.seed + 1);
+    at::Tensor idx = at::randperm(real.size(), gen, at::TensorOptions().dtype(at::kLong)).narrow(0, 0, count);
+    ClassifierOutput real_out = clf.run(real.images.index_select(0, idx), options.batch);
+    r.floor_metrics = measure(ref_out.features, ref_prdc, real_out, cc.num_classes, options);
+    r.has_floor = true;
+  }
+  r.seconds = seconds_since(t0);
+  return r;
+}
+
+nlohmann::json eval_report_to_json(const EvalReport& r) {
+  nlohmann::json j = set_metrics_json(r.samples);
+  j["class_entropy_max"] = r.samples.class_histogram.empty() ? 0.0 : std::log(static_cast<double>(r.samples.class_histogram.size()));
+  j["class_names"] = r.class_names;
+  j["ref"] = {{"spec", r.ref}, {"count", r.ref_count}};
+  j["classifier"] = {{"dir", r.classifier}, {"feature_dim", r.feature_dim}};
+  j["classifier"]["test_accuracy"] = r.classifier_test_accuracy >= 0 ? nlohmann::json(r.classifier_test_accuracy) : nlohmann::json();
+  j["classifier"]["ref_accuracy"] = r.classifier_ref_accuracy >= 0 ? nlohmann::json(r.classifier_ref_accuracy) : nlohmann::json();
+  if (r.has_floor) {
+    j["floor"] = set_metrics_json(r.floor_metrics);
+    j["floor"]["source"] = r.floor;
+  } else {
+    j["floor"] = nullptr;
+  }
+  j["seconds"] = r.seconds;
+  return j;
+}
+
+std::string eval_report_text(const EvalReport& r) {
+  std::ostringstream o;
+  char line[256];
+  const SetMetrics& s = r.samples;
+  const SetMetrics* f = r.has_floor ? &r.floor_metrics : nullptr;
+  o << s.count << " samples vs " << r.ref << " (" << r.ref_count << " images)";
+  if (f) o << "; floor: " << f->count << " real images of " << r.floor;
+  o << "\n";
+  std::snprintf(line, sizeof(line), "%-14s %14s %14s\n", "metric", "samples", f ? "floor" : "");
+  o << line;
+  auto row = [&](const char* name, double a, double b, const char* fmt) {
+    char va[64], vb[64] = "";
+    std::snprintf(va, sizeof(va), fmt, a);
+    if (f) std::snprintf(vb, sizeof(vb), fmt, b);
+    std::snprintf(line, sizeof(line), "%-14s %14s %14s\n", name, va, vb);
+    o << line;
+  };
+  row("FD", s.fd, f ? f->fd : 0, "%.4f");
+  row("KID", s.kid.mean, f ? f->kid.mean : 0, "%.5f");
+  row("KID std", s.kid.std, f ? f->kid.std : 0, "%.5f");
+  row("precision", s.prdc.precision, f ? f->prdc.precision : 0, "%.4f");
+  row("recall", s.prdc.recall, f ? f->prdc.recall : 0, "%.4f");
+  row("density", s.prdc.density, f ? f->prdc.density : 0, "%.4f");
+  row("coverage", s.prdc.coverage, f ? f->prdc.coverage : 0, "%.4f");
+  row("class entropy", s.class_entropy, f ? f->class_entropy : 0, "%.4f");
+  o << "predicted classes:";
+  for (size_t i = 0; i < s.class_histogram.size(); ++i) {
+    o << " " << (i < r.class_names.size() ? r.class_names[i] : std::to_string(i)) << "=" << s.class_histogram[i];
+  }
+  o << "\nclassifier: " << r.classifier << " (" << r.feature_dim << " features";
+  if (r.classifier_test_accuracy >= 0) {
+    std::snprintf(line, sizeof(line), ", test accuracy %.4f", r.classifier_test_accuracy);
+    o << line;
+  }
+  if (r.classifier_ref_accuracy >= 0) {
+    std::snprintf(line, sizeof(line), ", accuracy on the reference %.4f", r.classifier_ref_accuracy);
+    o << line;
+  }
+  o << ")\n";
+  return o.str();
+}
+
+}  // namespace diffuse
