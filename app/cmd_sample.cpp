@@ -45,7 +45,7 @@ void register_sample(CLI::App& app, Common& common) {
   sub->add_option("--grid", a->g.grid, "sigma grid: karras, uniform, logsnr, leading, trailing, linspace");
   sub->add_option("--rho", a->g.rho, "Karras grid rho")->check(CLI::PositiveNumber);
   sub->add_option("--eta", a->g.options.eta, "DDIM / ancestral eta")->check(CLI::NonNegativeNumber);
-  sub->add_flag("--large-variance", a->g.options.ddpm_large_variance, "DDPM: fixed-large variance (beta_t)");
+  sub->add_flag("--ddpm-large-variance", a->g.options.ddpm_large_variance, "DDPM: fixed-large variance (beta_t)");
   sub->add_option("--s-churn", a->g.options.s_churn, "Heun/Euler churn (Karras et al.)")->check(CLI::NonNegativeNumber);
   sub->add_option("--s-tmin", a->g.options.s_tmin, "churn range start");
   sub->add_option("--s-tmax", a->g.options.s_tmax, "churn range end");
