@@ -59,6 +59,11 @@ void register_eval(CLI::App& app, Common& common) {
       if (!common.json) {
         a->sample.on_batch = [](int64_t done, int64_t total) { std::fprintf(stderr, "\rsampling %lld/%lld", (long long)done, (long long)total); };
       }
+      if (is_model_path(a->samples)) {
+        std::vector<int64_t> shape = reference_shape(a->eval);  // {C, H, W}
+        a->sample.expect_channels = shape[0];
+        a->sample.expect_size = shape[1] == shape[2] ? shape[1] : 0;
+      }
       SampleSet s = load_samples(a->samples, a->sample);
       if (s.kind == "model" && !common.json) std::fprintf(stderr, "\n");
       EvalReport r = evaluate_images(s.images, clf, a->eval);

@@ -283,4 +283,29 @@ TEST(EvalCli, RealImagesScoreNearTheFloor) {
   fs::remove_all(dir);
 }
 
+TEST(EvalCli, SamplesAModelAndChecksItsShapeFirst) {
+  const std::string model = std::string(DIFFUSE_FIXTURES) + "/diffusers_unet2d/tiny";  // 16x16 RGB, random weights
+  if (!diffuse::path_exists(model + "/config.json") ||
+      !diffuse::path_exists(std::string(diffuse::kFashionMnistDir) + "/t10k-images-idx3-ubyte.gz")) {
+    GTEST_SKIP() << "needs the diffusers fixtures and Fashion-MNIST";
+  }
+  const std::string clf = std::string(" --classifier ") + DIFFUSE_SOURCE_DIR + "/models/fmnist-classifier";
+  std::string out, err;
+  // The reference is 28x28 grey: refused before any sampling.
+  int code = run_cli("eval --samples " + model + clf + " --n 20", out, err);
+  EXPECT_EQ(code, 2);
+  EXPECT_NE(err.find("16x16x3"), std::string::npos) << err;
+  EXPECT_EQ(err.find("sampling"), std::string::npos) << err;
+  // A reference converted to the model's shape: 20 samples, 2 DDIM steps.
+  code = run_cli("eval --samples " + model + clf + " --n 20 --steps 2 --sampler ddim --ref-size 16 --ref-channels 3"
+                 " --ref-limit 300 --floor none --kid-subsets 5 --json", out, err);
+  ASSERT_EQ(code, 0) << err;
+  nlohmann::json j = nlohmann::json::parse(out);
+  EXPECT_EQ(j["samples"]["kind"], "model");
+  EXPECT_EQ(j["samples"]["nfe"], 2);
+  EXPECT_EQ(j["count"], 20);
+  EXPECT_EQ(j["ref"]["count"], 300);
+  EXPECT_GT(j["fd"].get<double>(), 0.0);
+}
+
 }  // namespace

@@ -74,6 +74,13 @@ SampleSet load_samples(const std::string& path, const SampleOptions& options) {
   if (is_model_path(path)) {
     auto t0 = std::chrono::steady_clock::now();
     Model m = load_model(path, options.prefer_ema, options.device);
+    if ((options.expect_channels > 0 && m.channels() != options.expect_channels) ||
+        (options.expect_size > 0 && m.image_size() != options.expect_size)) {
+      throw input_error(path + ": the model draws " + std::to_string(m.image_size()) + "x" + std::to_string(m.image_size()) + "x" +
+                        std::to_string(m.channels()) + " images but the reference is " + std::to_string(options.expect_size) + "x" +
+                        std::to_string(options.expect_size) + "x" + std::to_string(options.expect_channels) +
+                        "; evaluate against a matching reference (--ref, --ref-size, --ref-channels)");
+    }
     GenerateOptions g = options.generate;
     g.n = options.n > 0 ? options.n : kDefaultModelSamples;
     if (m.class_conditional() && g.labels.empty()) {
@@ -102,6 +109,14 @@ SampleSet load_samples(const std::string& path, const SampleOptions& options) {
   if (s.images.size(0) == 0) throw input_error(path + ": no images");
   if (options.n > 0 && s.images.size(0) > options.n) s.images = s.images.narrow(0, 0, options.n).contiguous();
   return s;
+}
+
+std::vector<int64_t> reference_shape(const EvalOptions& options) {
+  DataOptions opt = options.ref_data;
+  opt.limit = 1;
+  Dataset ref = load_dataset(options.ref, opt);
+  if (ref.size() == 0) throw input_error(options.ref + ": the reference has no images");
+  return {ref.channels(), ref.height(), ref.width()};
 }
 
 std::string floor_spec_for(const std::string& ref) {

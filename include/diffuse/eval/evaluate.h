@@ -44,6 +44,10 @@ struct SampleOptions {
   bool prefer_ema = true;         // models: EMA weights when present
   std::string device = "cpu";     // models: where to run
   std::function<void(int64_t, int64_t)> on_batch;  // models: progress (done, total)
+  // Models: the image shape the samples must have (0: any), checked before sampling so that a
+  // mismatched reference does not cost a sampling run.
+  int64_t expect_channels = 0;
+  int64_t expect_size = 0;
 };
 
 // A model (then it draws n images; class-conditional models get balanced labels), a folder of images,
@@ -92,6 +96,9 @@ EvalReport evaluate_images(const at::Tensor& samples, const Classifier& clf, con
 nlohmann::json eval_report_to_json(const EvalReport& r);
 // A few lines for people.
 std::string eval_report_text(const EvalReport& r);
+
+// Channels, height and width of the reference images evaluate_images would use.
+std::vector<int64_t> reference_shape(const EvalOptions& options);
 
 // The :train split that goes with a :test reference ("" when there is none).
 std::string floor_spec_for(const std::string& ref);
