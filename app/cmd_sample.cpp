@@ -17,6 +17,7 @@ struct SampleArgs {
   std::string out = "samples.png";
   std::string format = "auto";
   std::string device = "auto";
+  std::string precision = "fp32";
   bool no_ema = false;
   int64_t ncol = 0;
   int64_t class_label = -1;
@@ -59,6 +60,7 @@ void register_sample(CLI::App& app, Common& common) {
   sub->add_option("--ncol", a->ncol, "grid columns (default: square)")->check(CLI::PositiveNumber);
   sub->add_flag("--no-ema", a->no_ema, "use the raw weights instead of the EMA");
   sub->add_option("--device", a->device, "cpu, cuda, auto")->capture_default_str();
+  sub->add_option("--precision", a->precision, "network arithmetic: fp32, bf16 (mixed precision), fp16 (CUDA)")->capture_default_str();
   sub->callback([a, &common]() {
     run_guarded(common, [&]() {
       std::string format = a->format;
@@ -68,7 +70,7 @@ void register_sample(CLI::App& app, Common& common) {
         else if (ends_with(a->out, ".idx") || ends_with(a->out, "-ubyte")) format = "idx";
         else format = "png";
       }
-      Model m = load_model(a->ckpt, !a->no_ema, a->device);
+      Model m = load_model(a->ckpt, !a->no_ema, a->device, a->precision);
       if (a->class_label >= 0) a->g.labels.assign(a->g.n, a->class_label);
       int64_t nfe = 0;
       at::Tensor images = to_uint8(generate(m, a->g, nullptr, &nfe));

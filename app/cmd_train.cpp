@@ -19,7 +19,7 @@ struct TrainArgs {
   std::string data, process, prediction, schedule, weighting, device, sampler;
   int64_t steps = 0, batch = 0, seed = 0, warmup = 0, log_every = 0, sample_every = 0, ckpt_every = 0;
   int64_t timesteps = 0, size = 0, sample_n = 0, sample_steps = 0, num_classes = 0, eval_every = 0, eval_n = 0;
-  std::string classifier;
+  std::string classifier, precision;
   double lr = 0, grad_clip = 0, ema_decay = 0, max_minutes = 0, min_snr_gamma = 0, weight_decay = 0, p_uncond = 0;
   bool hflip = false, class_cond = false;
 };
@@ -43,6 +43,7 @@ void register_train(CLI::App& app, Common& common) {
   o["min_snr_gamma"] = sub->add_option("--min-snr-gamma", args->min_snr_gamma, "gamma of min-SNR weighting");
   o["timesteps"] = sub->add_option("--timesteps", args->timesteps, "DDPM T")->check(CLI::PositiveNumber);
   o["device"] = sub->add_option("--device", args->device, "cpu, cuda, auto");
+  o["precision"] = sub->add_option("--precision", args->precision, "network arithmetic: fp32, bf16 (mixed precision; CPU with AVX512-BF16/AMX or GPU), fp16 (GPU)");
   o["steps"] = sub->add_option("--steps", args->steps, "total optimizer steps")->check(CLI::PositiveNumber);
   o["batch"] = sub->add_option("--batch", args->batch, "batch size")->check(CLI::PositiveNumber);
   o["lr"] = sub->add_option("--lr", args->lr, "peak learning rate")->check(CLI::PositiveNumber);
@@ -86,6 +87,7 @@ void register_train(CLI::App& app, Common& common) {
       if (given("min_snr_gamma")) cfg.loss.min_snr_gamma = a.min_snr_gamma;
       if (given("timesteps")) cfg.process.num_timesteps = a.timesteps;
       if (given("device")) t.device = a.device;
+      if (given("precision")) t.precision = a.precision;
       if (given("steps")) t.steps = a.steps;
       if (given("batch")) t.batch_size = a.batch;
       if (given("lr")) t.lr = a.lr;

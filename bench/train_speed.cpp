@@ -58,6 +58,7 @@ struct Options {
   int64_t warmup = -1;             // untimed iterations first (-1: 2 on CPU, 10 on CUDA)
   std::string data = "synthetic";  // "synthetic": random uint8 images; else a data spec (data/dataset.h)
   uint64_t seed = 0;
+  std::string precision = "fp32";  // fp32 | bf16 | fp16 (nn/precision.h)
   std::string profile;  // when set: one more iteration traced to <profile>-train.trace / -sample.trace
 };
 
@@ -66,7 +67,8 @@ struct Options {
       << "bench_train_speed: " << why << "\n"
       << "usage: bench_train_speed [--preset NAME|PATH] [--batch N] [--threads N] [--device cpu|cuda|auto]\n"
       << "                         [--mode train|sample|both] [--steps N] [--evals N] [--warmup N]\n"
-      << "                         [--data synthetic|SPEC] [--seed N] [--profile PREFIX]\n";
+      << "                         [--data synthetic|SPEC] [--seed N] [--precision fp32|bf16|fp16]\n"
+      << "                         [--profile PREFIX]\n";
   std::exit(diffuse::kExitBadInput);
 }
 
@@ -104,6 +106,8 @@ Options parse(int argc, char** argv) {
       o.data = value;
     else if (flag == "--profile")
       o.profile = value;
+    else if (flag == "--precision")
+      o.precision = value;
     else if (flag == "--seed")
       o.seed = static_cast<uint64_t>(parse_int(flag, value));
     else
@@ -187,14 +191,15 @@ void report(const std::string& bench, const Options& o, const diffuse::RunConfig
                    {"img_per_s", img_s},
                    {"img_per_s_median", img_s_median},
                    {"torch", TORCH_VERSION},
+                   {"precision", o.precision},
                    {"omp_wait_policy", env_or("OMP_WAIT_POLICY", "")}};
   if (peak_mib >= 0) j["peak_mem_mib"] = peak_mib;
   if (bench == "train") j["last_loss"] = last_loss;
   std::printf("%s\n", j.dump().c_str());
   std::printf(
-      "# cpp %-6s %s %s batch %lld threads %d: %.1f img/s (median iteration %.1f img/s), %zu iterations in "
+      "# cpp %-6s %s %s %s batch %lld threads %d: %.1f img/s (median iteration %.1f img/s), %zu iterations in "
       "%.2f s%s\n",
-      bench.c_str(), o.preset.c_str(), device.c_str(), static_cast<long long>(o.batch), at::get_num_threads(),
+      bench.c_str(), o.preset.c_str(), device.c_str(), o.precision.c_str(), static_cast<long long>(o.batch), at::get_num_threads(),
       img_s, img_s_median, seconds.size(), total,
       peak_mib >= 0 ? (", peak " + std::to_string(static_cast<int64_t>(peak_mib)) + " MiB").c_str() : "");
   std::fflush(stdout);
@@ -224,6 +229,7 @@ void bench_train(const Options& o, const diffuse::RunConfig& cfg, const at::Devi
   diffuse::UNet2DModel net(cfg.model);
   net->to(device);
   net->train();
+  net->set_precision(diffuse::parse_precision(o.precision));
   diffuse::FlatParameters flat(net->named_parameters());
   diffuse::AdamW opt(flat, diffuse::AdamWOptions{t.beta1, t.beta2, t.adam_eps, t.weight_decay});
   diffuse::Ema ema(flat.data(), t.ema_decay);
@@ -290,6 +296,7 @@ void bench_sample(const Options& o, const diffuse::RunConfig& cfg, const at::Dev
   diffuse::UNet2DModel net(cfg.model);
   net->to(device);
   net->eval();
+  net->set_precision(diffuse::parse_precision(o.precision));
   at::NoGradGuard no_grad;
   const int64_t s = cfg.model.sample_size;
   at::Generator g = cpu_generator(o.seed + 9);

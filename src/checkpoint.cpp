@@ -162,7 +162,11 @@ void save_diffusers_scheduler(const std::string& dir, const ProcessConfig& proce
   write_file_atomic(path_join(dir, "scheduler_config.json"), j.dump(2) + "\n");
 }
 
-Model load_model(const std::string& path, bool prefer_ema, const std::string& device) {
+Model load_model(const std::string& path, bool prefer_ema, const std::string& device,
+                 const std::string& precision) {
+  const Precision p = parse_precision(precision);
+  const at::Device dev(resolve_device(device));
+  check_precision(p, dev);
   refuse_pickle(path);
   if (!path_exists(path)) throw input_error(path + ": no such model (a run dir, checkpoint dir or diffusers folder)");
   Model m;
@@ -192,8 +196,9 @@ Model load_model(const std::string& path, bool prefer_ema, const std::string& de
     }
   }
   m.process = std::shared_ptr<Process>(make_process(m.config.process).release());
-  m.net->to(at::Device(resolve_device(device)));
+  m.net->to(dev);
   m.net->eval();
+  m.net->set_precision(p);
   return m;
 }
 

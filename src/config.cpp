@@ -65,6 +65,7 @@ json train_options_to_json(const TrainOptions& t) {
               {"class_conditional", t.class_conditional},
               {"p_uncond", t.p_uncond},
               {"device", t.device},
+              {"precision", t.precision},
               {"eval_every", t.eval_every},
               {"eval_n", t.eval_n},
               {"classifier", t.classifier}};
@@ -102,6 +103,7 @@ TrainOptions train_options_from_json(const json& j, const TrainOptions& defaults
   read_key(j, s, "class_conditional", t.class_conditional);
   read_key(j, s, "p_uncond", t.p_uncond);
   read_key(j, s, "device", t.device);
+  read_key(j, s, "precision", t.precision);
   read_key(j, s, "eval_every", t.eval_every);
   read_key(j, s, "eval_n", t.eval_n);
   read_key(j, s, "classifier", t.classifier);

@@ -44,6 +44,7 @@ struct TrainOptions {
   double p_uncond = 0.0;         // label dropout for classifier-free guidance (> 0: the last class
                                  // embedding is the "no class" label; model.num_class_embeds = classes + 1)
   std::string device = "auto";   // "cpu", "cuda", "auto"
+  std::string precision = "fp32";  // network arithmetic: fp32, bf16 (autocast; CPU and CUDA), fp16 (CUDA)
   int64_t eval_every = 0;        // steps between FD measurements written to metrics.jsonl (0: off)
   int64_t eval_n = 2000;         // samples (and reference images from the training data) per FD
   std::string classifier;        // feature network for FD; empty: default_classifier_dir()

@@ -20,6 +20,12 @@ at::Tensor silu_temp(at::Tensor x) {
   return at::silu(x);
 }
 
+at::Tensor group_norm(nn::GroupNorm& norm, const at::Tensor& x) {
+  const at::Tensor& w = norm->weight;
+  if (!w.defined() || x.scalar_type() == w.scalar_type()) return norm->forward(x);
+  return norm->forward(x.to(w.scalar_type()));
+}
+
 // ---------------------------------------------------------------------------------------------
 ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t temb_channels,
                                      int64_t groups, double eps, double dropout_p, double output_scale_factor)
@@ -37,12 +43,12 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, 
 }
 
 at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb_act) {
-  at::Tensor h = silu_temp(norm1->forward(x));
+  at::Tensor h = silu_temp(group_norm(norm1, x));
   h = conv1->forward(h);
   // time_embedding_norm "default": additive, broadcast over H, W. conv1's backward does not need
   // its output, so adding in place is safe under autograd.
   h.add_(time_emb_proj->forward(temb_act).unsqueeze(-1).unsqueeze(-1));
-  h = silu_temp(norm2->forward(h));
+  h = silu_temp(group_norm(norm2, h));
   if (dropout_p_ > 0.0 && is_training()) h = dropout->forward(h);
   h = conv2->forward(h);
   h.add_(conv_shortcut ? conv_shortcut->forward(x) : x);
@@ -69,7 +75,7 @@ AttentionImpl::AttentionImpl(int64_t channels, int64_t heads, int64_t head_dim, 
 at::Tensor AttentionImpl::forward(const at::Tensor& x) {
   const int64_t n = x.size(0), c = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t len = height * width, inner = heads_ * head_dim_;
-  const at::Tensor h = group_norm->forward(x);
+  const at::Tensor h = nn_detail::group_norm(group_norm, x);
   // to_q/to_k/to_v as 1x1 convolutions: the same Linear over the H*W tokens, but channel-major and
   // on the convolution kernels (oneDNN/cuDNN) instead of a BLAS GEMM with layout copies.
   auto project = [&](const nn::Linear& linear) {
@@ -250,12 +256,14 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   at::Tensor v3 = v.reshape({b, lk, dv});
   // Scores as diffusers' get_attention_scores (baddbmm with beta 0, alpha = scale).
   at::Tensor scores = nn_detail::batched_matmul(q3, k3.transpose(1, 2), scale);
-  at::Tensor probs;
   if (scores.scalar_type() == at::kHalf || scores.scalar_type() == at::kBFloat16) {
-    probs = at::softmax(scores, -1, at::kFloat).to(scores.scalar_type());  // upcast_softmax
-  } else {
-    probs = at::softmax(scores, -1);
+    // Reduced precision (autocast): softmax in float32 (diffusers' upcast_softmax), then P V in the
+    // plain order, which keeps the softmax's incoming gradient contiguous (the transposed form below
+    // sends LibTorch's bf16 softmax backward down a strided path 4x slower).
+    at::Tensor probs = at::softmax(scores.to(at::kFloat), -1).to(scores.scalar_type());
+    return at::bmm(probs, v3).view({q.size(0), q.size(1), lq, dv});
   }
+  at::Tensor probs = at::softmax(scores, -1);
   // (P V)^T = V^T P^T: the result lands channel-major ([B, dv, Lq] memory), returned as [B, heads, Lq, dv].
   at::Tensor out = nn_detail::batched_matmul(v3.transpose(1, 2), probs.transpose(1, 2), 1.0).transpose(1, 2);
   return out.view({q.size(0), q.size(1), lq, dv});

@@ -24,6 +24,11 @@ namespace nn_detail {
 // SiLU; in place when no graph is recorded (the input is a temporary of the caller).
 at::Tensor silu_temp(at::Tensor x);
 
+// GroupNorm in the input's dtype: under mixed precision (bf16 activations, float32 parameters) the
+// affine parameters are cast to the activations' type (LibTorch's CPU kernel takes one dtype; it
+// accumulates the statistics in float32). Plain norm->forward otherwise.
+at::Tensor group_norm(torch::nn::GroupNorm& norm, const at::Tensor& x);
+
 // diffusers ResnetBlock2D, time_embedding_norm "default": norm1, SiLU, conv1, + time_emb_proj(temb),
 // norm2, SiLU, dropout, conv2, + shortcut (1x1 conv_shortcut when in != out), / output_scale_factor.
 class ResnetBlock2DImpl : public torch::nn::Module {

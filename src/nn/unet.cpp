@@ -187,6 +187,18 @@ at::Tensor UNet2DModelImpl::forward(const at::Tensor& x_in, const at::Tensor& ti
                       " (the U-Net halves them " + std::to_string(cfg_.block_out_channels.size() - 1) +
                       " times), got " + std::to_string(height) + "x" + std::to_string(width));
   }
+  if (precision_ != Precision::kFloat32) {
+    AutocastGuard autocast(w.device(), precision_);
+    return forward_impl(x_in, timesteps, class_labels).to(w.scalar_type());
+  }
+  return forward_impl(x_in, timesteps, class_labels);
+}
+
+at::Tensor UNet2DModelImpl::forward_impl(const at::Tensor& x_in, const at::Tensor& timesteps,
+                                         const at::Tensor& class_labels) {
+  Impl& m = *impl_;
+  const at::Tensor& w = m.conv_in->weight;
+  const int64_t n = x_in.size(0);
   at::Tensor x = x_in.to(w.device(), w.scalar_type());
   if (cfg_.center_input_sample) x = 2 * x - 1.0;
 
@@ -212,7 +224,7 @@ at::Tensor UNet2DModelImpl::forward(const at::Tensor& x_in, const at::Tensor& ti
   for (nn_detail::DownBlock& block : m.down_blocks) h = block->forward(h, temb_act, skips);
   h = m.mid_block->forward(h, temb_act);
   for (nn_detail::UpBlock& block : m.up_blocks) h = block->forward(h, temb_act, skips);
-  h = nn_detail::silu_temp(m.conv_norm_out->forward(h));
+  h = nn_detail::silu_temp(nn_detail::group_norm(m.conv_norm_out, h));
   return m.conv_out->forward(h);
 }
 

@@ -102,6 +102,8 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   }
   const std::string device_name = resolve_device(t.device);
   const at::Device device(device_name);
+  const Precision precision = parse_precision(t.precision);
+  check_precision(precision, device);
 
   DataOptions dopt;
   dopt.size = t.image_size > 0 ? t.image_size : cfg.model.sample_size;
@@ -119,6 +121,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   torch::manual_seed(t.seed);
   UNet2DModel net(cfg.model);
   net->to(device);
+  net->set_precision(precision);
   FlatParameters flat(net->named_parameters());
   AdamW opt(flat, AdamWOptions{t.beta1, t.beta2, t.adam_eps, t.weight_decay});
   int64_t step = 0;
@@ -144,6 +147,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   UNet2DModel ema_net(cfg.model);  // for sample grids
   ema_net->to(device);
   ema_net->eval();
+  ema_net->set_precision(precision);
 
   const at::Tensor images = data.images.to(device);  // uint8, resident
   const at::Tensor labels = data.labels.to(device);

@@ -71,7 +71,9 @@ struct Model {
 // Loads a run dir / checkpoint dir (EMA weights when present and prefer_ema), or a diffusers folder
 // (config.json + diffusion_pytorch_model.safetensors, with scheduler_config.json for the process when
 // present, or a pipeline folder with unet/ and scheduler/). Moves it to `device`.
-Model load_model(const std::string& path, bool prefer_ema = true, const std::string& device = "cpu");
+// precision: the network's arithmetic (nn/precision.h: fp32, bf16, fp16); input_error when the device can't.
+Model load_model(const std::string& path, bool prefer_ema = true, const std::string& device = "cpu",
+                 const std::string& precision = "fp32");
 
 // Reads a diffusers scheduler_config.json (DDPMScheduler / DDIMScheduler keys) into process + prediction.
 void apply_diffusers_scheduler(const nlohmann::json& j, ProcessConfig& process, LossConfig& loss);

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "diffuse/io/safetensors.h"
+#include "diffuse/nn/precision.h"
 
 namespace diffuse {
 
@@ -69,10 +70,16 @@ class UNet2DModelImpl : public torch::nn::Module {
                      const at::Tensor& class_labels = at::Tensor());
   const UNetConfig& config() const { return cfg_; }
   int64_t num_parameters() const;
+  // Mixed precision of forward (nn/precision.h): convolutions and products run in bf16/fp16 under
+  // autocast; the output is returned in the parameters' dtype. Default float32.
+  void set_precision(Precision p) { precision_ = p; }
+  Precision precision() const { return precision_; }
 
  private:
+  at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& timesteps, const at::Tensor& class_labels);
   struct Impl;
   UNetConfig cfg_;
+  Precision precision_ = Precision::kFloat32;
   std::shared_ptr<Impl> impl_;
 };
 TORCH_MODULE(UNet2DModel);

@@ -1,0 +1,84 @@
+// Mixed precision (nn/precision.h): bf16 autocast changes the arithmetic of the network's convolutions
+// and products but not its function (outputs and gradients close to float32 on diffusers' fixture);
+// the output comes back in float32; the autocast state is restored; impossible requests are input errors.
+#include <ATen/autocast_mode.h>
+#include <gtest/gtest.h>
+
+#include "diffuse/common.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/nn/precision.h"
+#include "diffuse/nn/unet.h"
+
+namespace {
+
+std::string fixture_dir(const std::string& name) {
+  return std::string(DIFFUSE_FIXTURES) + "/diffusers_unet2d/" + name;
+}
+
+double rel_l2(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor d = a.to(at::kDouble) - b.to(at::kDouble);
+  return (d.norm() / b.to(at::kDouble).norm()).item<double>();
+}
+
+TEST(Precision, NamesParseAndNonsenseIsAnInputError) {
+  EXPECT_EQ(diffuse::parse_precision("fp32"), diffuse::Precision::kFloat32);
+  EXPECT_EQ(diffuse::parse_precision("bfloat16"), diffuse::Precision::kBFloat16);
+  EXPECT_EQ(diffuse::parse_precision("fp16"), diffuse::Precision::kFloat16);
+  EXPECT_EQ(diffuse::precision_name(diffuse::Precision::kBFloat16), "bf16");
+  EXPECT_THROW(diffuse::parse_precision("int8"), diffuse::Error);
+  EXPECT_THROW(diffuse::check_precision(diffuse::Precision::kFloat16, at::Device("cpu")), diffuse::Error);
+  EXPECT_NO_THROW(diffuse::check_precision(diffuse::Precision::kBFloat16, at::Device("cpu")));
+}
+
+TEST(Precision, GuardRestoresTheAutocastState) {
+  ASSERT_FALSE(at::autocast::is_cpu_enabled());
+  {
+    diffuse::AutocastGuard g(at::Device("cpu"), diffuse::Precision::kBFloat16);
+    EXPECT_TRUE(at::autocast::is_cpu_enabled());
+    EXPECT_EQ(at::autocast::get_autocast_cpu_dtype(), at::kBFloat16);
+    // A matrix product under the guard runs in bf16.
+    EXPECT_EQ(at::mm(at::ones({2, 2}), at::ones({2, 2})).scalar_type(), at::kBFloat16);
+  }
+  EXPECT_FALSE(at::autocast::is_cpu_enabled());
+  EXPECT_EQ(at::mm(at::ones({2, 2}), at::ones({2, 2})).scalar_type(), at::kFloat);
+}
+
+TEST(Precision, Bf16ForwardAndGradientsFollowFloat32) {
+  diffuse::TensorDict io = diffuse::safetensors_load(fixture_dir("tiny") + "/io.safetensors");
+  const at::Tensor* sample = diffuse::find_tensor(io, "sample");
+  const at::Tensor* timestep = diffuse::find_tensor(io, "timestep");
+  ASSERT_TRUE(sample && timestep);
+  diffuse::UNet2DModel net = diffuse::load_diffusers_unet(fixture_dir("tiny"));
+  net->eval();
+  at::Tensor x = sample->to(at::kFloat);
+
+  auto run = [&](diffuse::Precision p) {
+    net->set_precision(p);
+    net->zero_grad();
+    at::Tensor out = net->forward(x, *timestep);
+    out.square().mean().backward();
+    std::vector<at::Tensor> grads;
+    for (auto& param : net->parameters()) grads.push_back(param.grad().clone());
+    return std::make_pair(out.detach(), at::cat([&] {
+                            std::vector<at::Tensor> flat;
+                            for (auto& g : grads) flat.push_back(g.flatten());
+                            return flat;
+                          }()));
+  };
+  auto [out32, grad32] = run(diffuse::Precision::kFloat32);
+  auto [out16, grad16] = run(diffuse::Precision::kBFloat16);
+  net->set_precision(diffuse::Precision::kFloat32);
+
+  EXPECT_EQ(out16.scalar_type(), at::kFloat);
+  const double out_err = rel_l2(out16, out32), grad_err = rel_l2(grad16, grad32);
+  std::printf("bf16 vs fp32: output rel L2 %.3g, gradient rel L2 %.3g\n", out_err, grad_err);
+  // bf16 keeps 8 significant bits (relative rounding 2^-9 = 2e-3 per operation): the result must differ
+  // from float32 (autocast is active) yet stay within a few percent (same function).
+  EXPECT_GT(out_err, 1e-5);
+  EXPECT_LT(out_err, 3e-2);
+  EXPECT_GT(grad_err, 1e-5);
+  EXPECT_LT(grad_err, 6e-2);
+  EXPECT_FALSE(at::autocast::is_cpu_enabled());
+}
+
+}  // namespace
