@@ -2,9 +2,14 @@
 // downsampling.py, upsampling.py, unets/unet_2d_blocks.py).
 #include "nn/blocks.h"
 
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <cmath>
+#include <mutex>
 
 #include "diffuse/common.h"
 #include "diffuse/nn/unet.h"
@@ -18,6 +23,46 @@ at::Tensor silu_temp(at::Tensor x) {
   // In place only when autograd records nothing (silu's backward needs its input).
   if (!at::GradMode::is_enabled() || !x.requires_grad()) return at::silu_(x);
   return at::silu(x);
+}
+
+namespace {
+
+inline uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+at::Tensor dropout(const at::Tensor& x, double p) {
+  if (p <= 0.0) return x;
+  if (p >= 1.0) return x * 0;
+  if (!x.device().is_cpu()) return at::dropout(x, p, /*train=*/true);
+  uint64_t seed;
+  {
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    seed = gen.get<at::CPUGeneratorImpl>()->random64();
+  }
+  // Element i is kept when the i-th 32-bit word of the hash stream is at or above p * 2^32.
+  const uint32_t threshold = static_cast<uint32_t>(std::min(p * 4294967296.0, 4294967295.0));
+  at::Tensor mask = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t n = mask.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, mask.scalar_type(), "diffuse_dropout", [&] {
+    scalar_t* m = mask.data_ptr<scalar_t>();
+    const scalar_t keep = static_cast<scalar_t>(1.0 / (1.0 - p)), drop = static_cast<scalar_t>(0.0);
+    at::parallel_for(0, (n + 1) / 2, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        const uint64_t h = splitmix64(seed ^ (static_cast<uint64_t>(j) * 0xD1B54A32D192ED03ULL));
+        const int64_t i = 2 * j;
+        m[i] = static_cast<uint32_t>(h) >= threshold ? keep : drop;
+        if (i + 1 < n) m[i + 1] = static_cast<uint32_t>(h >> 32) >= threshold ? keep : drop;
+      }
+    });
+  });
+  return x * mask;
 }
 
 at::Tensor group_norm(nn::GroupNorm& norm, const at::Tensor& x) {
@@ -49,7 +94,7 @@ at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& tem
   // its output, so adding in place is safe under autograd.
   h.add_(time_emb_proj->forward(temb_act).unsqueeze(-1).unsqueeze(-1));
   h = silu_temp(group_norm(norm2, h));
-  if (dropout_p_ > 0.0 && is_training()) h = dropout->forward(h);
+  if (dropout_p_ > 0.0 && is_training()) h = nn_detail::dropout(h, dropout_p_);
   h = conv2->forward(h);
   h.add_(conv_shortcut ? conv_shortcut->forward(x) : x);
   if (output_scale_factor_ != 1.0) h.div_(output_scale_factor_);
