@@ -28,6 +28,24 @@ HAS_SDPA = hasattr(F, "scaled_dot_product_attention")
 # the CPU (projections as 1x1 convolutions, batched products through oneDNN's sgemm), so that a comparison
 # isolates the engine from Debian's reference BLAS, which serves plain float32 matmuls at a few GFLOP/s.
 KERNELS = "plain"
+# "fp32", or "bf16"/"fp16": the network under torch.autocast, the loss in float32 (as `--precision` in C++).
+PRECISION = "fp32"
+
+
+def autocast(device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(PRECISION)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that normalizes reduced-precision activations in float32: LibTorch 1.13's CPU kernel
+    refuses bf16 input with float32 weights under autocast (what a PyTorch user must write, and what the
+    C++ U-Net does)."""
+
+    def forward(self, x):
+        if x.dtype != self.weight.dtype:
+            x = x.to(self.weight.dtype)
+        return super().forward(x)
 
 class _OneDnn:
     """dnnl_sgemm from the oneDNN library LibTorch loads (row-major C = alpha op(A) op(B) + beta C)."""
@@ -145,10 +163,10 @@ class ResnetBlock2D(nn.Module):
 
     def __init__(self, cin, cout, temb, groups, eps, dropout, output_scale_factor):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.norm1 = GroupNorm(groups, cin, eps=eps)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb, cout)
-        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.norm2 = GroupNorm(groups, cout, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
@@ -170,7 +188,7 @@ class Attention(nn.Module):
         super().__init__()
         inner = heads * head_dim
         self.heads, self.head_dim = heads, head_dim
-        self.group_norm = nn.GroupNorm(groups, channels, eps=eps)
+        self.group_norm = GroupNorm(groups, channels, eps=eps)
         self.to_q = nn.Linear(channels, inner)
         self.to_k = nn.Linear(channels, inner)
         self.to_v = nn.Linear(channels, inner)
@@ -365,7 +383,7 @@ class UNet2DModel(nn.Module):
         for i, kind in enumerate(cfg["up_block_types"]):
             self.up_blocks.append(UpBlock(cfg, rev[min(i + 1, len(ch) - 1)], rev[max(i - 1, 0)], rev[i], temb,
                                           kind == "AttnUpBlock2D", i != len(ch) - 1))
-        self.conv_norm_out = nn.GroupNorm(cfg["norm_num_groups"], ch[0], eps=cfg["norm_eps"])
+        self.conv_norm_out = GroupNorm(cfg["norm_num_groups"], ch[0], eps=cfg["norm_eps"])
         self.conv_out = nn.Conv2d(ch[0], cfg["out_channels"], 3, padding=1)
 
     def forward(self, x, timesteps, class_labels=None):
@@ -495,11 +513,11 @@ def report(args, bench, params, device, seconds, total, extra):
            "preset": args.preset, "device": str(device), "batch": args.batch, "threads": torch.get_num_threads(),
            "params": params, "iters": len(seconds), "seconds": total,
            "img_per_s": img_s, "img_per_s_median": args.batch / med if med > 0 else img_s,
-           "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+           "torch": torch.__version__, "precision": PRECISION, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
     rec.update(extra)
     print(json.dumps(rec))
     peak = f", peak {int(extra['peak_mem_mib'])} MiB" if "peak_mem_mib" in extra else ""
-    print(f"# {rec['impl']} {bench:6s} {args.preset} {device} batch {args.batch} threads {torch.get_num_threads()}: "
+    print(f"# {rec['impl']} {bench:6s} {args.preset} {device} {PRECISION} batch {args.batch} threads {torch.get_num_threads()}: "
           f"{img_s:.1f} img/s (median iteration {rec['img_per_s_median']:.1f} img/s), {len(seconds)} iterations "
           f"in {total:.2f} s{peak}", flush=True)
 
@@ -570,7 +588,9 @@ def bench_train(args, preset, device, steps, warmup):
         noise = torch.randn_like(x0)
         ab = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1.0 - ab).sqrt() * noise  # DDPMScheduler.add_noise
-        loss = F.mse_loss(model(x_t, timesteps, y), noise)
+        with autocast(device):
+            out = model(x_t, timesteps, y)
+        loss = F.mse_loss(out.float(), noise)
         loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -621,12 +641,14 @@ def bench_sample(args, preset, device, evals, warmup):
     seconds = []
     with torch.no_grad():
         for _ in range(warmup):
-            model(x, t, y)
+            with autocast(device):
+                model(x, t, y)
         sync(device)
         reset_peak_memory(device)
         start = prev = time.perf_counter()
         for _ in range(evals):
-            model(x, t, y)
+            with autocast(device):
+                model(x, t, y).float()
             if device.type != "cuda":  # on CUDA a per-iteration time would only measure the launches
                 now = time.perf_counter()
                 seconds.append(now - prev)
@@ -658,12 +680,15 @@ def main():
     p.add_argument("--kernels", default="plain", choices=["plain", "onednn"],
                    help="plain: diffusers' calls (Linear, baddbmm); onednn: the C++ U-Net's CPU kernels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="network under torch.autocast to this dtype (loss in float32)")
     p.add_argument("--profile", metavar="PREFIX", help="trace one more iteration to PREFIX-{train,sample}.trace")
     p.add_argument("--check-fixtures", metavar="DIR", help="compare with diffusers' outputs in DIR and exit")
     args = p.parse_args()
 
-    global KERNELS
+    global KERNELS, PRECISION
     KERNELS = args.kernels
+    PRECISION = args.precision
     torch.set_num_threads(args.threads if args.threads > 0 else (os.cpu_count() or 1))
     if args.check_fixtures:
         return 0 if check_fixtures(args.check_fixtures) else 1
