@@ -12,17 +12,26 @@ void register_convert(CLI::App& app, Common& common) {
   auto src = std::make_shared<std::string>();
   auto dst = std::make_shared<std::string>();
   auto to = std::make_shared<std::string>("auto");
+  auto dtype = std::make_shared<std::string>("fp32");
   CLI::App* sub = app.add_subcommand("convert", "convert between a diffusers folder and a diffuse checkpoint");
   add_common(sub, common);
   sub->add_option("src", *src, "a diffuse run/checkpoint dir or a diffusers folder")->required();
   sub->add_option("dst", *dst, "output directory")->required();
   sub->add_option("--to", *to, "diffusers or diffuse (default: the other format)")
       ->check(CLI::IsMember({"auto", "diffusers", "diffuse"}));
-  sub->callback([src, dst, to, &common]() {
+  sub->add_option("--dtype", *dtype, "weights' storage type: fp32, fp16 or bf16 (half the size; loads as float32)")
+      ->check(CLI::IsMember({"fp32", "fp16", "bf16"}))
+      ->capture_default_str();
+  sub->callback([src, dst, to, dtype, &common]() {
     run_guarded(common, [&]() {
       const bool from_ckpt = is_directory(*src) && !checkpoint_resolve(*src).empty();
       std::string target = *to == "auto" ? (from_ckpt ? "diffusers" : "diffuse") : *to;
       Model m = load_model(*src, /*prefer_ema=*/true, "cpu");
+      const at::ScalarType storage = *dtype == "fp16" ? at::kHalf : *dtype == "bf16" ? at::kBFloat16 : at::kFloat;
+      if (storage != at::kFloat) {
+        at::NoGradGuard no_grad;
+        m.net->to(storage);
+      }
       if (target == "diffusers") {
         save_diffusers_unet(*m.net, *dst);
         save_diffusers_scheduler(*dst, m.config.process, m.config.loss);
@@ -32,7 +41,7 @@ void register_convert(CLI::App& app, Common& common) {
         c.config = m.config;
         c.model = unet_state_dict(*m.net);
         std::string dir = checkpoint_save(*dst, c, 1);
-        std::cout << dir << " (diffuse checkpoint)\n";
+        std::cout << dir << " (diffuse checkpoint, " << *dtype << " weights" << (m.uses_ema ? ", EMA" : "") << ")\n";
       }
       return 0;
     });
