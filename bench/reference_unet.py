@@ -11,6 +11,7 @@ Only torch is needed (1.13 or 2.x). On 2.x attention goes through F.scaled_dot_p
 diffusers' AttnProcessor2_0 does; on 1.13 through baddbmm + softmax, as its AttnProcessor does.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -34,7 +35,7 @@ PRECISION = "fp32"
 
 def autocast(device):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(PRECISION)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 class GroupNorm(nn.GroupNorm):
