@@ -8,27 +8,14 @@
 #include "diffuse/common.h"
 #include "diffuse/config.h"
 
+#include "model_util.h"
+
 namespace fs = std::filesystem;
 using namespace diffuse;
 
 namespace {
 
-Model untrained_model(int64_t channels, bool conditional) {
-  Model m;
-  m.config = load_preset("tiny");
-  m.config.model.in_channels = channels;
-  m.config.model.out_channels = channels;
-  if (conditional) {
-    m.config.model.num_class_embeds = 11;
-    m.config.train.class_conditional = true;
-    m.config.train.p_uncond = 0.1;
-  }
-  torch::manual_seed(0);
-  m.net = UNet2DModel(m.config.model);
-  m.net->eval();
-  m.process = std::shared_ptr<Process>(make_process(m.config.process).release());
-  return m;
-}
+using diffuse_test::untrained_model;
 
 std::string temp_dir(const std::string& name) {
   fs::path p = fs::temp_directory_path() / ("diffuse_augment_test_" + name + "_" + std::to_string(::getpid()));

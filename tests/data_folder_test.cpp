@@ -9,37 +9,16 @@
 #include "diffuse/io/file.h"
 #include "diffuse/io/image.h"
 
+#include "test_util.h"
+
 namespace {
+
+using diffuse_test::TempDir;
+using diffuse_test::error_of;
 
 namespace fs = std::filesystem;
 
 std::string images_dir(const std::string& name) { return std::string(DIFFUSE_TEST_DATA) + "/images/" + name; }
-
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name) {
-    path = fs::temp_directory_path() / ("diffuse_data_folder_" + name + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const {
-    fs::create_directories((path / name).parent_path());
-    return (path / name).string();
-  }
-  std::string str() const { return path.string(); }
-};
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const diffuse::Error& e) {
-    EXPECT_EQ(e.exit_code(), diffuse::kExitBadInput) << e.what();
-    return e.what();
-  }
-  ADD_FAILURE() << "no diffuse::Error thrown";
-  return "";
-}
 
 at::Tensor solid(int64_t c, int64_t h, int64_t w, int64_t value) {
   return at::full({c, h, w}, value, at::kByte);

@@ -10,33 +10,16 @@
 #include "diffuse/data/dataset.h"
 #include "diffuse/io/file.h"
 
+#include "test_util.h"
+
 namespace {
+
+using diffuse_test::TempDir;
+using diffuse_test::error_of;
 
 namespace fs = std::filesystem;
 
 std::string data_file(const std::string& name) { return std::string(DIFFUSE_TEST_DATA) + "/idx/" + name; }
-
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name) {
-    path = fs::temp_directory_path() / ("diffuse_data_idx_" + name + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const diffuse::Error& e) {
-    EXPECT_EQ(e.exit_code(), diffuse::kExitBadInput) << e.what();
-    return e.what();
-  }
-  ADD_FAILURE() << "no diffuse::Error thrown";
-  return "";
-}
 
 // gzip (RFC 1952) of `raw`, through zlib.
 std::string gzip_bytes(const std::string& raw) {

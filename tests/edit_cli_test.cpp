@@ -15,38 +15,18 @@
 #include "diffuse/io/image.h"
 #include "diffuse/train/trainer.h"
 
+#include "cli_util.h"
+
 namespace fs = std::filesystem;
 using namespace diffuse;
 
 namespace {
 
-struct CliRun {
-  int code = -1;
-  std::string out, err;
-};
+// The editing commands run single-threaded (tests run two at a time on two cores).
+using diffuse_test::CliRun;
+CliRun run_cli(const std::string& args) { return diffuse_test::run_cli(args + " --threads 1"); }
 
-CliRun run_cli(const std::string& args) {
-  const std::string base = (fs::temp_directory_path() / ("diffuse_edit_cli_" + std::to_string(::getpid()))).string();
-  const std::string cmd = std::string(DIFFUSE_CLI) + " " + args + " --threads 1 >" + base + ".out 2>" + base + ".err";
-  const int status = std::system(cmd.c_str());
-  CliRun r;
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  auto slurp = [](const std::string& p) {
-    std::ifstream f(p);
-    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  };
-  r.out = slurp(base + ".out");
-  r.err = slurp(base + ".err");
-  fs::remove(base + ".out");
-  fs::remove(base + ".err");
-  return r;
-}
-
-std::string temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("diffuse_edit_cli_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  return p.string();
-}
+std::string temp_dir(const std::string& name) { return diffuse_test::temp_path("edit_cli_" + name); }
 
 }  // namespace
 

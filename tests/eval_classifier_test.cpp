@@ -13,16 +13,13 @@
 #include "diffuse/io/file.h"
 #include "diffuse/io/image.h"
 
+#include "test_util.h"
+
 namespace {
 
-namespace fs = std::filesystem;
+using diffuse_test::make_temp_dir;
 
-std::string temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("diffuse_eval_classifier_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p.string();
-}
+namespace fs = std::filesystem;
 
 diffuse::ClassifierConfig tiny_config() {
   diffuse::ClassifierConfig c;
@@ -79,7 +76,7 @@ TEST(ClassifierConfig, JsonRoundTripAndValidation) {
 }
 
 TEST(Classifier, SaveLoadRoundTrip) {
-  std::string dir = temp_dir("roundtrip");
+  std::string dir = make_temp_dir("roundtrip");
   diffuse::Classifier a(tiny_config(), 3);
   a.save(dir);
   diffuse::Classifier b = diffuse::classifier_load(dir);

@@ -15,16 +15,13 @@
 #include "diffuse/io/file.h"
 #include "diffuse/io/image.h"
 
+#include "test_util.h"
+
 namespace {
 
-namespace fs = std::filesystem;
+using diffuse_test::make_temp_dir;
 
-std::string temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("diffuse_eval_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p.string();
-}
+namespace fs = std::filesystem;
 
 at::Tensor random_u8(std::vector<int64_t> shape, uint64_t seed) {
   at::Generator g = at::detail::createCPUGenerator(seed);
@@ -48,7 +45,7 @@ std::string npy_bytes(const std::string& header_dict, size_t data_bytes) {
 }
 
 TEST(Npy, RoundTripGreyAndRgb) {
-  std::string dir = temp_dir("npy");
+  std::string dir = make_temp_dir("npy");
   for (int64_t c : {1, 3}) {
     at::Tensor images = random_u8({4, c, 5, 7}, static_cast<uint64_t>(c));
     std::string path = dir + "/x" + std::to_string(c) + ".npy";
@@ -76,7 +73,7 @@ TEST(Npy, RejectsMalformedFiles) {
 }
 
 TEST(Samples, LoadsFoldersNpyAndIdx) {
-  std::string dir = temp_dir("sources");
+  std::string dir = make_temp_dir("sources");
   at::Tensor images = random_u8({12, 1, 8, 8}, 5);
   diffuse::npy_save_uint8(dir + "/s.npy", images);
   diffuse::idx_save(dir + "/s.idx", images.squeeze(1));
@@ -113,7 +110,7 @@ struct Reference {
 
 Reference make_reference(int64_t n) {
   Reference r;
-  r.dir = temp_dir("ref");
+  r.dir = make_temp_dir("ref");
   at::Generator g = at::detail::createCPUGenerator(11);
   at::Tensor x = at::zeros({n, 16, 16});
   at::Tensor labels = at::arange(n, at::kLong) % 4;
@@ -218,7 +215,7 @@ TEST(Evaluate, BadInputIsRefused) {
 
 // Runs the program; returns the exit code and fills out (stdout) and err (stderr).
 int run_cli(const std::string& args, std::string& out, std::string& err, const std::string& env = "") {
-  std::string err_path = temp_dir("cli_err") + "/stderr";
+  std::string err_path = make_temp_dir("cli_err") + "/stderr";
   std::string cmd = env + " " + DIFFUSE_CLI + " " + args + " 2>" + err_path;
   FILE* p = popen(cmd.c_str(), "r");
   out.clear();
@@ -235,7 +232,7 @@ TEST(EvalCli, RealImagesScoreNearTheFloor) {
   if (!diffuse::path_exists(std::string(diffuse::kFashionMnistDir) + "/t10k-images-idx3-ubyte.gz")) {
     GTEST_SKIP() << "Fashion-MNIST is not installed";
   }
-  std::string dir = temp_dir("cli");
+  std::string dir = make_temp_dir("cli");
   diffuse::DataOptions d;
   d.limit = 600;
   diffuse::Dataset train = diffuse::load_dataset("fashion-mnist:train", d);

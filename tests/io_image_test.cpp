@@ -8,37 +8,15 @@
 #include "diffuse/common.h"
 #include "diffuse/io/image.h"
 
+#include "test_util.h"
+
 namespace {
 
+using diffuse_test::TempDir;
+using diffuse_test::error_of;
+using diffuse_test::random_u8;
+
 namespace fs = std::filesystem;
-
-// A fresh folder under the system temp dir, removed at the end of the test.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name) {
-    path = fs::temp_directory_path() / ("diffuse_io_image_" + name + "_" + std::to_string(::getpid()));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
-
-at::Tensor random_u8(std::vector<int64_t> shape, uint64_t seed) {
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  return at::randint(0, 256, shape, gen, at::TensorOptions().dtype(at::kByte));
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const diffuse::Error& e) {
-    EXPECT_EQ(e.exit_code(), diffuse::kExitBadInput) << e.what();
-    return e.what();
-  }
-  ADD_FAILURE() << "no diffuse::Error thrown";
-  return "";
-}
 
 TEST(Image, PngRoundTripInMemoryAndOnDisk) {
   TempDir dir("roundtrip");

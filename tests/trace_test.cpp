@@ -6,6 +6,8 @@
 #include "diffuse/generate.h"
 #include "diffuse/trace.h"
 
+#include "model_util.h"
+
 using namespace diffuse;
 
 namespace {
@@ -17,20 +19,8 @@ int64_t count_colour(const Canvas& c, const uint8_t colour[3]) {
 }
 
 Model untrained_model(int64_t channels, bool conditional) {
-  Model m;
-  m.config = load_preset("tiny");
-  m.config.model.in_channels = channels;
-  m.config.model.out_channels = channels;
-  if (conditional) {
-    m.config.model.num_class_embeds = 11;
-    m.config.train.class_conditional = true;
-    m.config.train.p_uncond = 0.1;
-  }
+  Model m = diffuse_test::untrained_model(channels, conditional);
   m.config.train.data = "folder:/nonexistent/diffuse-trace-test";  // not loadable: trace falls back to a sample
-  torch::manual_seed(0);
-  m.net = UNet2DModel(m.config.model);
-  m.net->eval();
-  m.process = std::shared_ptr<Process>(make_process(m.config.process).release());
   return m;
 }
 
