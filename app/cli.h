@@ -34,6 +34,10 @@ void register_edit(CLI::App& app, Common& common);     // inpaint, upscale, edit
 void register_trace(CLI::App& app, Common& common);
 void register_augment(CLI::App& app, Common& common);
 
+// `diffuse train --nproc N`: runs this program's command line (without --nproc) as N local ranks with the
+// torchrun environment; returns the exit code (app/launch.cpp).
+int launch_ranks(int64_t nproc);
+
 // Sets the thread count, runs fn, maps diffuse::Error to its exit code (message on stderr), and
 // exits the process with the code.
 void run_guarded(const Common& common, const std::function<int()>& fn);

@@ -1,4 +1,5 @@
 // `diffuse train`: fills a RunConfig from a preset, a JSON config and flags, then calls diffuse::train.
+#include <cstdlib>
 #include <iostream>
 
 #include "cli.h"
@@ -22,6 +23,9 @@ struct TrainArgs {
   std::string classifier, precision;
   double lr = 0, grad_clip = 0, ema_decay = 0, max_minutes = 0, min_snr_gamma = 0, weight_decay = 0, p_uncond = 0;
   bool hflip = false, class_cond = false;
+  // Data-parallel training.
+  int64_t nproc = 0;
+  double dist_timeout = 120.0, dist_bucket_mb = 4.0;
 };
 
 }  // namespace
@@ -35,6 +39,9 @@ void register_train(CLI::App& app, Common& common) {
   sub->add_flag("--resume", args->resume, "continue the run in --out from its last checkpoint");
   sub->add_option("--stop-after", args->stop_after, "stop (with a checkpoint) after this many steps of this invocation");
   std::map<std::string, CLI::Option*> o;
+  o["nproc"] = sub->add_option("--nproc", args->nproc, "run as N data-parallel processes on this machine (--batch is the global batch)")->check(CLI::Range(1, 1024));
+  sub->add_option("--dist-timeout", args->dist_timeout, "seconds before a lost or hung peer stops a distributed run")->check(CLI::Range(1.0, 86400.0))->capture_default_str();
+  sub->add_option("--dist-bucket-mb", args->dist_bucket_mb, "MiB of float32 gradient per all-reduce bucket")->check(CLI::Range(0.001, 4096.0))->capture_default_str();
   o["data"] = sub->add_option("--data", args->data, "data: fashion-mnist[:train|:test], idx:IMAGES[,LABELS], folder:DIR or DIR, cifar10:DIR");
   o["process"] = sub->add_option("--process", args->process, "noise process: ddpm, vp, subvp, ve, edm");
   o["prediction"] = sub->add_option("--prediction", args->prediction, "network target: eps, x0, v, edm");
@@ -71,6 +78,11 @@ void register_train(CLI::App& app, Common& common) {
     run_guarded(common, [&]() {
       TrainArgs& a = *args;
       auto given = [&](const char* k) { return o.at(k)->count() > 0; };
+      if (given("nproc") && a.nproc > 1) return launch_ranks(a.nproc);
+      // torchrun's environment (RANK, WORLD_SIZE, ...), or a single process.
+      DistOptions dist = dist_options_from_env();
+      dist.timeout_s = a.dist_timeout;
+      dist.bucket_numel = std::max<int64_t>(1, static_cast<int64_t>(a.dist_bucket_mb * 1024 * 1024 / 4));
       RunConfig cfg = load_preset(a.preset);
       TrainOptions& t = cfg.train;
       if (given("data")) t.data = a.data;
@@ -117,7 +129,16 @@ void register_train(CLI::App& app, Common& common) {
         int64_t classes = given("num_classes") ? a.num_classes : 10;
         cfg.model.num_class_embeds = classes + (t.p_uncond > 0 ? 1 : 0);
       }
-      TrainResult r = train(cfg, a.out, a.resume, TrainControl{a.stop_after, false});
+      TrainResult r;
+      try {
+        r = train(cfg, a.out, a.resume, TrainControl{a.stop_after, false, dist});
+      } catch (const Error& e) {
+        // Ranks started by --nproc run the same command line on the same machine: rank 0 reports bad input
+        // once, for all of them.
+        if (e.exit_code() == kExitBadInput && dist.rank != 0 && std::getenv("DIFFUSE_NPROC_CHILD")) return kExitBadInput;
+        throw;
+      }
+      if (dist.rank != 0) return 0;  // rank 0 reports
       nlohmann::json j{{"step", r.step}, {"first_loss", r.first_loss}, {"last_loss", r.last_loss},
                        {"checkpoint", r.checkpoint}, {"stopped_by_budget", r.stopped_by_budget}};
       if (common.json) {

@@ -1,7 +1,10 @@
 #include "diffuse/io/checkpoint.h"
 
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <thread>
 
 #include "diffuse/common.h"
 #include "diffuse/io/file.h"
@@ -26,6 +29,51 @@ std::string step_dir_name(int64_t step) {
   return buf;
 }
 
+// DIFFUSE_DEBUG_CHECKPOINT_PAUSE_MS=N sleeps N ms after each file of a checkpoint is written, so that a
+// crash test can kill the process while a checkpoint is half written. Unset in normal use.
+void debug_pause() {
+  static const long ms = [] {
+    const char* env = std::getenv("DIFFUSE_DEBUG_CHECKPOINT_PAUSE_MS");
+    return env ? std::strtol(env, nullptr, 10) : 0L;
+  }();
+  if (ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(ms));
+}
+
+// Writes dir/name atomically and records its checksum for state.json.
+void write_recorded(const std::string& dir, const std::string& name, const std::string& bytes, json& checksums) {
+  write_file_atomic(path_join(dir, name), bytes);
+  checksums[name] = checksum_crc32(bytes);
+  debug_pause();
+}
+
+// Reads dir/name and checks it against the checksum state.json recorded (checkpoints written before
+// checksums existed have none: then the file is read unchecked).
+std::string read_verified(const std::string& dir, const std::string& name, const json& checksums) {
+  const std::string path = path_join(dir, name);
+  std::string bytes = read_file(path);
+  auto it = checksums.find(name);
+  if (it != checksums.end()) {
+    const std::string got = checksum_crc32(bytes);
+    if (*it != got) {
+      throw input_error(path + ": checksum mismatch (state.json records " + it->get<std::string>() + ", the file has " +
+                        got + "): the checkpoint is corrupt");
+    }
+  }
+  return bytes;
+}
+
+TensorDict parse_safetensors_bytes(const std::string& bytes, const std::string& path) {
+  return safetensors_parse(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), path);
+}
+
+// Removes temporary files a killed writer left in a checkpoint directory (name.tmp.PID.N).
+void remove_stale_temporaries(const std::string& dir) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    if (e.path().filename().string().find(".tmp.") != std::string::npos) fs::remove(e.path(), ec);
+  }
+}
+
 }  // namespace
 
 std::string checkpoint_save(const std::string& run_dir, const Checkpoint& ckpt, int64_t keep) {
@@ -33,33 +81,53 @@ std::string checkpoint_save(const std::string& run_dir, const Checkpoint& ckpt, 
   const std::string name = step_dir_name(ckpt.state.step);
   const std::string dir = path_join(ckpts, name);
   make_directories(dir);
+  remove_stale_temporaries(dir);
+  // A directory left half written by a killed run is rewritten from scratch: no state.json until the end.
+  std::error_code ec;
+  fs::remove(path_join(dir, "state.json"), ec);
   json config = run_config_to_json(ckpt.config);
   config["format"] = "diffuse-checkpoint-1";
   config["data_fingerprint"] = ckpt.state.data_fingerprint;
-  write_file_atomic(path_join(dir, "config.json"), config.dump(2) + "\n");
-  Metadata meta{{"format", "pt"}, {"step", std::to_string(ckpt.state.step)}};
-  safetensors_save(path_join(dir, "model.safetensors"), ckpt.model, meta);
-  if (!ckpt.ema.empty()) safetensors_save(path_join(dir, "ema.safetensors"), ckpt.ema, meta);
-  if (!ckpt.optimizer.empty()) safetensors_save(path_join(dir, "optimizer.safetensors"), ckpt.optimizer, meta);
-  json state{{"step", ckpt.state.step},
-             {"adam_step", ckpt.state.adam_step},
-             {"elapsed_seconds", ckpt.state.elapsed_seconds},
-             {"data_fingerprint", ckpt.state.data_fingerprint}};
-  // state.json last: its presence marks the checkpoint directory complete.
-  write_file_atomic(path_join(dir, "state.json"), state.dump(2) + "\n");
-  write_file_atomic(path_join(run_dir, "config.json"), config.dump(2) + "\n");
+  try {
+    json checksums = json::object();
+    write_recorded(dir, "config.json", config.dump(2) + "\n", checksums);
+    Metadata meta{{"format", "pt"}, {"step", std::to_string(ckpt.state.step)}};
+    write_recorded(dir, "model.safetensors", safetensors_serialize(ckpt.model, meta), checksums);
+    if (!ckpt.ema.empty()) write_recorded(dir, "ema.safetensors", safetensors_serialize(ckpt.ema, meta), checksums);
+    if (!ckpt.optimizer.empty()) {
+      write_recorded(dir, "optimizer.safetensors", safetensors_serialize(ckpt.optimizer, meta), checksums);
+    }
+    json state{{"step", ckpt.state.step},
+               {"adam_step", ckpt.state.adam_step},
+               {"elapsed_seconds", ckpt.state.elapsed_seconds},
+               {"data_fingerprint", ckpt.state.data_fingerprint},
+               {"checksums", checksums}};
+    // state.json last: its presence marks the checkpoint directory complete.
+    write_file_atomic(path_join(dir, "state.json"), state.dump(2) + "\n");
+  } catch (...) {
+    fs::remove_all(dir, ec);  // a write failed (full disk): leave no incomplete checkpoint behind
+    throw;
+  }
+  // `latest` before the run's config.json: a run dir with a config.json but no `latest` is one that
+  // never completed a checkpoint, and `train --resume` refuses it.
   write_file_atomic(path_join(run_dir, "latest"), name + "\n");
+  write_file_atomic(path_join(run_dir, "config.json"), config.dump(2) + "\n");
 
-  // Keep the newest `keep` complete checkpoints (and never the one just written).
+  // Keep the newest `keep` complete checkpoints (and never the one just written); remove directories a
+  // killed run left incomplete, which would otherwise count against `keep`.
   std::vector<std::string> names;
   for (const auto& e : fs::directory_iterator(ckpts)) {
-    if (e.is_directory() && e.path().filename().string().rfind("step_", 0) == 0) names.push_back(e.path().filename());
+    const std::string n = e.path().filename().string();
+    if (!e.is_directory() || n.rfind("step_", 0) != 0 || n == name) continue;
+    if (path_exists(path_join(e.path().string(), "state.json"))) {
+      names.push_back(n);
+    } else {
+      fs::remove_all(e.path(), ec);
+    }
   }
   std::sort(names.begin(), names.end());
-  int64_t excess = static_cast<int64_t>(names.size()) - std::max<int64_t>(keep, 1);
-  for (int64_t i = 0; i < excess; ++i) {
-    if (names[i] == name) continue;
-    std::error_code ec;
+  int64_t excess = static_cast<int64_t>(names.size()) + 1 - std::max<int64_t>(keep, 1);
+  for (int64_t i = 0; i < excess && i < static_cast<int64_t>(names.size()); ++i) {
     fs::remove_all(path_join(ckpts, names[i]), ec);
   }
   return dir;
@@ -86,25 +154,38 @@ Checkpoint checkpoint_load(const std::string& path, bool want_optimizer) {
   std::string dir = checkpoint_resolve(path);
   if (dir.empty()) throw input_error(path + ": not a diffuse checkpoint (no state.json/model.safetensors or latest)");
   Checkpoint c;
+  const std::string state_path = path_join(dir, "state.json");
+  json state = parse_json_file(state_path);
+  json checksums = json::object();
   try {
-    c.config = run_config_from_json(parse_json_file(path_join(dir, "config.json")));
-  } catch (const Error& e) {
-    throw input_error(path_join(dir, "config.json") + ": " + e.what());
-  }
-  json state = parse_json_file(path_join(dir, "state.json"));
-  try {
+    if (!state.is_object()) throw input_error(state_path + ": expected a JSON object");
     c.state.step = state.at("step").get<int64_t>();
     c.state.adam_step = state.value("adam_step", c.state.step);
     c.state.elapsed_seconds = state.value("elapsed_seconds", 0.0);
     c.state.data_fingerprint = state.value("data_fingerprint", std::string());
+    if (state.contains("checksums")) checksums = state.at("checksums").get<std::map<std::string, std::string>>();
   } catch (const json::exception&) {
-    throw input_error(path_join(dir, "state.json") + ": missing or mistyped step");
+    throw input_error(state_path + ": missing or mistyped step, or checksums that are not an object of strings");
   }
-  c.model = safetensors_load(path_join(dir, "model.safetensors"));
-  if (path_exists(path_join(dir, "ema.safetensors"))) c.ema = safetensors_load(path_join(dir, "ema.safetensors"));
-  if (want_optimizer && path_exists(path_join(dir, "optimizer.safetensors"))) {
-    c.optimizer = safetensors_load(path_join(dir, "optimizer.safetensors"));
+  const std::string config_path = path_join(dir, "config.json");
+  const std::string config_bytes = read_verified(dir, "config.json", checksums);
+  try {
+    c.config = run_config_from_json(json::parse(config_bytes));
+  } catch (const json::parse_error& e) {
+    throw input_error(config_path + ": invalid JSON (" + std::string(e.what()) + ")");
+  } catch (const json::exception& e) {
+    throw input_error(config_path + ": " + e.what());
+  } catch (const Error& e) {
+    throw input_error(config_path + ": " + e.what());
   }
+  auto load = [&](const std::string& name) {
+    return parse_safetensors_bytes(read_verified(dir, name, checksums), path_join(dir, name));
+  };
+  // A file state.json records must be there; one it does not record is optional (older checkpoints).
+  auto present = [&](const std::string& name) { return checksums.contains(name) || path_exists(path_join(dir, name)); };
+  c.model = load("model.safetensors");
+  if (present("ema.safetensors")) c.ema = load("ema.safetensors");
+  if (want_optimizer && present("optimizer.safetensors")) c.optimizer = load("optimizer.safetensors");
   return c;
 }
 

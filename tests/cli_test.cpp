@@ -7,12 +7,15 @@
 #include <unistd.h>
 
 #include <array>
+#include <cstdlib>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <thread>
 
+#include "diffuse/common.h"
 #include "diffuse/io/checkpoint.h"
 
 namespace fs = std::filesystem;
@@ -138,30 +141,130 @@ TEST(Cli, TrainSampleConvertRoundTrip) {
   fs::remove_all(dir);
 }
 
-TEST(Cli, KillNineLeavesALoadableCheckpoint) {
-  std::string dir = tmp("kill");
-  // Start a run that checkpoints every step, kill it at several moments, check the last checkpoint loads.
-  for (int attempt = 0; attempt < 4; ++attempt) {
+// Whether a step_* directory under run/checkpoints lacks its state.json (a checkpoint being written).
+bool has_incomplete_checkpoint(const std::string& run) {
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(run + "/checkpoints", ec)) {
+    if (e.path().filename().string().rfind("step_", 0) == 0 && !fs::exists(e.path() / "state.json")) return true;
+  }
+  return false;
+}
+
+// kill -9 at random moments (some while a checkpoint is half written, which DIFFUSE_DEBUG_CHECKPOINT_PAUSE_MS
+// makes likely and the polling kills make certain), resume each time, then finish: after every kill the
+// newest complete checkpoint loads with its checksums verified, progress never goes back, and the run ends
+// at its last step. DIFFUSE_CRASH_SEED=N replays one sequence of kill times.
+TEST(Cli, RandomKillNineResumesFromAnIntactCheckpoint) {
+  const std::string dir = tmp("kill"), run = dir + "/run";
+  const char* seed_env = std::getenv("DIFFUSE_CRASH_SEED");
+  const unsigned seed = seed_env ? static_cast<unsigned>(std::strtoul(seed_env, nullptr, 10)) : std::random_device{}();
+  std::mt19937 rng(seed);
+  SCOPED_TRACE("DIFFUSE_CRASH_SEED=" + std::to_string(seed));
+  const int64_t kSteps = 24;
+  auto start_training = [&]() {
     pid_t pid = fork();
-    ASSERT_GE(pid, 0);
     if (pid == 0) {
-      std::string out = dir + "/run";
       freopen("/dev/null", "w", stderr);
       freopen("/dev/null", "w", stdout);
-      execl(DIFFUSE_CLI, DIFFUSE_CLI, "train", "--preset", "tiny", "--steps", "100000", "--ckpt-every", "1",
-            "--sample-every", "0", "--threads", "1", "--resume", "--out", out.c_str(), (char*)nullptr);
+      setenv("DIFFUSE_DEBUG_CHECKPOINT_PAUSE_MS", "40", 1);
+      execl(DIFFUSE_CLI, DIFFUSE_CLI, "train", "--preset", "tiny", "--steps", std::to_string(kSteps).c_str(),
+            "--ckpt-every", "1", "--sample-every", "0", "--threads", "1", "--resume", "--out", run.c_str(), (char*)nullptr);
       _exit(127);
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(3000 + 370 * attempt));
-    kill(pid, SIGKILL);
+    return pid;
+  };
+  int64_t last_step = 0;
+  int kills = 0, kills_inside_writes = 0;
+  for (int attempt = 0; attempt < 6; ++attempt) {
+    pid_t pid = start_training();
+    ASSERT_GT(pid, 0);
+    const auto t0 = std::chrono::steady_clock::now();
+    const bool wait_for_write = attempt % 2 == 1;  // kill as soon as a checkpoint is seen half written
+    const int delay_ms = std::uniform_int_distribution<int>(200, 3500)(rng);
     int status = 0;
-    waitpid(pid, &status, 0);
-    if (!diffuse::checkpoint_resolve(dir + "/run").empty()) {
-      diffuse::Checkpoint c = diffuse::checkpoint_load(dir + "/run");
-      EXPECT_GT(c.model.size(), 0u);
-      EXPECT_FALSE(c.ema.empty());
+    bool exited = false;
+    while (true) {
+      if (waitpid(pid, &status, WNOHANG) == pid) {
+        exited = true;
+        break;
+      }
+      const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+      if (wait_for_write ? (has_incomplete_checkpoint(run) || ms > 20000) : ms >= delay_ms) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(wait_for_write ? 1 : 5));
     }
+    if (!exited) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      ++kills;
+    }
+    ASSERT_TRUE(exited ? WIFEXITED(status) && WEXITSTATUS(status) == 0 : WIFSIGNALED(status))
+        << "attempt " << attempt << ": training failed on its own (status " << status << ")";
+    if (has_incomplete_checkpoint(run)) ++kills_inside_writes;
+    if (diffuse::checkpoint_resolve(run).empty()) continue;  // killed before the first checkpoint
+    diffuse::Checkpoint c;
+    ASSERT_NO_THROW(c = diffuse::checkpoint_load(run)) << "attempt " << attempt;
+    EXPECT_GT(c.model.size(), 0u);
+    EXPECT_FALSE(c.ema.empty());
+    EXPECT_FALSE(c.optimizer.empty());
+    EXPECT_GE(c.state.step, last_step) << "attempt " << attempt << ": the run went back";
+    last_step = c.state.step;
+    if (exited) break;
   }
-  EXPECT_FALSE(diffuse::checkpoint_resolve(dir + "/run").empty()) << "no checkpoint was ever completed";
+  std::fprintf(stderr, "%d kills, %d inside a checkpoint write, last step before finishing %lld\n", kills,
+               kills_inside_writes, static_cast<long long>(last_step));
+  EXPECT_GE(kills, 3);
+  EXPECT_GE(kills_inside_writes, 1) << "no kill landed inside a checkpoint write";
+  // Resume once more without a kill: the run finishes at its last step.
+  pid_t pid = start_training();
+  int status = 0;
+  waitpid(pid, &status, 0);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "status " << status;
+  diffuse::Checkpoint c = diffuse::checkpoint_load(run);
+  EXPECT_EQ(c.state.step, kSteps);
+  EXPECT_FALSE(has_incomplete_checkpoint(run));
+  fs::remove_all(dir);
+}
+
+// state.json records a CRC-32 per file; a flipped byte in any of them is refused with a line naming the file,
+// and a checkpoint without checksums (written before they existed) still loads.
+TEST(Cli, CheckpointChecksumsAreVerifiedOnLoad) {
+  const std::string dir = tmp("checksum"), run = dir + "/run";
+  CliRun t = run_cli("train --preset tiny --steps 2 --sample-every 0 --out " + run);
+  ASSERT_EQ(t.code, 0) << t.err;
+  const std::string ckpt = diffuse::checkpoint_resolve(run);
+  ASSERT_FALSE(ckpt.empty());
+  auto slurp = [](const std::string& p) {
+    std::ifstream f(p, std::ios::binary);
+    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  };
+  auto spit = [](const std::string& p, const std::string& bytes) { std::ofstream(p, std::ios::binary) << bytes; };
+  const std::string state = slurp(ckpt + "/state.json");
+  ASSERT_NE(state.find("\"checksums\""), std::string::npos) << state;
+  for (const char* name : {"config.json", "model.safetensors", "ema.safetensors", "optimizer.safetensors"}) {
+    const std::string path = ckpt + "/" + name, good = slurp(path);
+    ASSERT_FALSE(good.empty()) << name;
+    std::string bad = good;
+    bad[bad.size() - 2] ^= 0x01;  // a flipped bit in the data (or JSON whitespace), still parseable
+    spit(path, bad);
+    try {
+      diffuse::checkpoint_load(run);
+      ADD_FAILURE() << name << ": corrupt file loaded";
+    } catch (const diffuse::Error& e) {
+      EXPECT_EQ(e.exit_code(), 2);
+      EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("checksum"), std::string::npos) << e.what();
+    }
+    CliRun s = run_cli("sample --ckpt " + run + " --n 1 --steps 1 --out " + dir + "/x.png");
+    if (std::string(name) != "optimizer.safetensors") {  // sampling does not read the optimizer
+      EXPECT_EQ(s.code, 2) << name << ": " << s.err;
+      EXPECT_EQ(count_lines(s.err), 1) << s.err;
+    }
+    spit(path, good);
+  }
+  // Without "checksums" (an older checkpoint): loads unchecked.
+  nlohmann::json old_state = nlohmann::json::parse(state);
+  old_state.erase("checksums");
+  spit(ckpt + "/state.json", old_state.dump(2));
+  EXPECT_NO_THROW(diffuse::checkpoint_load(run));
   fs::remove_all(dir);
 }

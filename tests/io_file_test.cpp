@@ -1,5 +1,7 @@
 // Whole-file reads, atomic writes and path helpers.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -57,14 +59,14 @@ TEST_F(FileTest, WriteReplacesContentAndLeavesNoTempFiles) {
   EXPECT_EQ(entries(), std::vector<std::string>{"state.json"});
 }
 
-TEST_F(FileTest, WriteIntoMissingDirectoryThrowsRunErrorAndCreatesNothing) {
+TEST_F(FileTest, WriteIntoMissingDirectoryIsBadInputAndCreatesNothing) {
   const std::string missing = diffuse::path_join(dir_, "no/such/dir");
   const std::string path = diffuse::path_join(missing, "out.bin");
   try {
     diffuse::write_file_atomic(path, "data");
     FAIL() << "expected an error";
   } catch (const diffuse::Error& e) {
-    EXPECT_EQ(e.exit_code(), diffuse::kExitFailure);
+    EXPECT_EQ(e.exit_code(), diffuse::kExitBadInput);  // the output path given is at fault
     EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
   }
   EXPECT_FALSE(diffuse::path_exists(missing));
@@ -80,6 +82,48 @@ TEST_F(FileTest, FailedRenameLeavesTargetUntouchedAndRemovesTemp) {
   EXPECT_TRUE(diffuse::is_directory(path));
   EXPECT_EQ(diffuse::read_file(diffuse::path_join(path, "inside.txt")), "keep me");
   EXPECT_EQ(entries(), std::vector<std::string>{"target"});
+}
+
+TEST_F(FileTest, WriteThatHitsTheFileSizeLimitIsARunFailureAndLeavesNothing) {
+  // ulimit -f: the write fails with EFBIG (SIGXFSZ ignored, as the program does) like a full disk would.
+  struct sigaction ignore {}, old_action {};
+  ignore.sa_handler = SIG_IGN;
+  ASSERT_EQ(sigaction(SIGXFSZ, &ignore, &old_action), 0);
+  struct rlimit old_limit {};
+  ASSERT_EQ(getrlimit(RLIMIT_FSIZE, &old_limit), 0);
+  struct rlimit small = old_limit;
+  small.rlim_cur = 4096;
+  ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &small), 0);
+  const std::string path = diffuse::path_join(dir_, "big.bin");
+  int code = -1;
+  try {
+    diffuse::write_file_atomic(path, std::string(1 << 20, 'x'));
+  } catch (const diffuse::Error& e) {
+    code = e.exit_code();
+  }
+  setrlimit(RLIMIT_FSIZE, &old_limit);
+  sigaction(SIGXFSZ, &old_action, nullptr);
+  EXPECT_EQ(code, diffuse::kExitFailure);
+  EXPECT_TRUE(entries().empty());
+}
+
+TEST_F(FileTest, AtomicFileWriterPublishesOnCommitOnly) {
+  const std::string path = diffuse::path_join(dir_, "streamed.bin");
+  {
+    diffuse::AtomicFileWriter f(path);
+    f.write("abc");
+    f.write(std::string("def"));
+    EXPECT_FALSE(diffuse::path_exists(path));
+    EXPECT_EQ(entries().size(), 1u);  // the temporary file
+  }  // abandoned: no file, no temporary
+  EXPECT_TRUE(entries().empty());
+  diffuse::AtomicFileWriter f(path);
+  f.write("abc");
+  f.write("def", 3);
+  f.commit();
+  EXPECT_EQ(diffuse::read_file(path), "abcdef");
+  EXPECT_EQ(entries(), std::vector<std::string>{"streamed.bin"});
+  EXPECT_EQ(diffuse::checksum_crc32("123456789"), "crc32:cbf43926");  // the CRC-32 check value
 }
 
 TEST_F(FileTest, ReadErrorsAreInputErrorsNamingThePath) {

@@ -53,7 +53,16 @@ struct LossOutput {
 //               VE: 2 ln(sigma_max/sigma_min); EDM: 2/sigma); continuous processes only.
 // A network with learned variances (2C outputs, DDPM only) adds Nichol & Dhariwal's L_vlb (bits/dim,
 // times T/1000, mean frozen) to each sample: their L_hybrid.
+// A batch that is one slice of a larger one: its sigmas and noise are those of images [offset, offset + N)
+// of a batch of `total` drawn with the same generator, so that data-parallel ranks each holding a slice
+// draw exactly what one process holding the whole batch draws. total 0: x0 is the whole batch.
+struct BatchSlice {
+  int64_t offset = 0;
+  int64_t total = 0;
+};
+
 LossOutput diffusion_loss(const ModelFn& model, const Process& process, const LossConfig& cfg,
-                          const at::Tensor& x0, const at::Tensor& labels, at::Generator& gen);
+                          const at::Tensor& x0, const at::Tensor& labels, at::Generator& gen,
+                          const BatchSlice& slice = {});
 
 }  // namespace diffuse

@@ -136,12 +136,15 @@ std::string loss_weighting_name(LossWeighting w) {
 }
 
 LossOutput diffusion_loss(const ModelFn& model, const Process& process, const LossConfig& cfg, const at::Tensor& x0,
-                          const at::Tensor& labels, at::Generator& gen) {
+                          const at::Tensor& labels, at::Generator& gen, const BatchSlice& slice) {
   if (!x0.defined() || x0.dim() < 1 || x0.size(0) < 1) throw input_error("loss: x0 must be a non-empty [N, ...] tensor");
   if (cfg.weighting == LossWeighting::kMinSnr && !(cfg.min_snr_gamma > 0.0))
     throw input_error("loss: min_snr_gamma must be positive");
   if (!(cfg.p_std >= 0.0) || !std::isfinite(cfg.p_mean)) throw input_error("loss: bad EDM p_mean/p_std");
   const int64_t n = x0.size(0);
+  // Draws for the whole batch of `total`, of which this batch is [offset, offset + n).
+  const int64_t total = slice.total > 0 ? slice.total : n, offset = slice.total > 0 ? slice.offset : 0;
+  if (offset < 0 || offset + n > total) throw input_error("loss: batch slice outside the whole batch");
   const ProcessConfig& pc = process.config();
   const auto on_gen = at::TensorOptions().device(gen.device());
 
@@ -149,7 +152,7 @@ LossOutput diffusion_loss(const ModelFn& model, const Process& process, const Lo
   std::vector<double> sigma(n), c_noise(n), c_in(n), coef_x0(n), coef_eps(n), weight(n);
   std::vector<double> t_index;  // DDPM: the integer timesteps
   if (pc.kind == ProcessKind::kDdpm) {
-    const at::Tensor t = at::randint(0, pc.num_timesteps, {n}, gen, on_gen.dtype(at::kLong)).cpu().contiguous();
+    const at::Tensor t = at::randint(0, pc.num_timesteps, {total}, gen, on_gen.dtype(at::kLong)).narrow(0, offset, n).cpu().contiguous();
     const auto& alphas_cumprod = process.alphas_cumprod();
     for (int64_t i = 0; i < n; ++i) {
       const int64_t ti = t.data_ptr<int64_t>()[i];
@@ -158,11 +161,11 @@ LossOutput diffusion_loss(const ModelFn& model, const Process& process, const Lo
     }
   } else if (pc.kind == ProcessKind::kEdm) {
     // Karras et al. (2022): ln sigma ~ N(P_mean, P_std^2).
-    const at::Tensor z = at::randn({n}, gen, on_gen.dtype(at::kDouble)).cpu().contiguous();
+    const at::Tensor z = at::randn({total}, gen, on_gen.dtype(at::kDouble)).narrow(0, offset, n).cpu().contiguous();
     for (int64_t i = 0; i < n; ++i) sigma[i] = std::exp(cfg.p_mean + cfg.p_std * z.data_ptr<double>()[i]);
   } else {
     // Song et al. (2021): t ~ U[t_eps, 1].
-    const at::Tensor u = at::rand({n}, gen, on_gen.dtype(at::kDouble)).cpu().contiguous();
+    const at::Tensor u = at::rand({total}, gen, on_gen.dtype(at::kDouble)).narrow(0, offset, n).cpu().contiguous();
     for (int64_t i = 0; i < n; ++i) sigma[i] = process.sigma(pc.t_eps + (1.0 - pc.t_eps) * u.data_ptr<double>()[i]);
   }
 
@@ -178,7 +181,9 @@ LossOutput diffusion_loss(const ModelFn& model, const Process& process, const Lo
     weight[i] = f_weight(process, cfg, sigma[i], p.c_out);
   }
 
-  at::Tensor eps = at::randn(x0.sizes(), gen, x0.options().device(gen.device())).to(x0.device());
+  std::vector<int64_t> eps_sizes = x0.sizes().vec();
+  eps_sizes[0] = total;
+  at::Tensor eps = at::randn(eps_sizes, gen, x0.options().device(gen.device())).narrow(0, offset, n).to(x0.device());
   const at::Tensor x0_d = x0.detach();
   const at::Tensor x_hat = x0_d + per_sample(sigma, x0_d) * eps;
   const at::Tensor noise_cond = at::tensor(c_noise, at::kDouble).to(x0.device(), at::kFloat);

@@ -3,7 +3,9 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zlib.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
@@ -71,37 +73,89 @@ std::string read_file(const std::string& path) {
   return bytes;
 }
 
-void write_file_atomic(const std::string& path, const std::string& bytes) {
+AtomicFileWriter::AtomicFileWriter(const std::string& path) : path_(path) {
   static std::atomic<uint64_t> counter{0};
-  const std::string tmp =
-      path + ".tmp." + std::to_string(static_cast<long long>(::getpid())) + "." + std::to_string(counter++);
-
+  tmp_ = path + ".tmp." + std::to_string(static_cast<long long>(::getpid())) + "." + std::to_string(counter++);
   // O_EXCL: never write through a stale temp file or a link someone planted under that name.
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-  if (fd < 0) throw run_error(path + ": cannot create temporary file " + tmp + ": " + errno_text(errno));
-  std::FILE* f = ::fdopen(fd, "wb");
-  if (f == nullptr) {
-    int err = errno;
+  int fd = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+  if (fd < 0) {
+    const int err = errno;
+    // The output's place is missing, not a folder, read-only or not ours: the path given is at fault.
+    if (err == ENOENT || err == ENOTDIR || err == EACCES || err == EPERM || err == EROFS || err == EISDIR ||
+        err == ENAMETOOLONG || err == ELOOP) {
+      throw input_error(path + ": cannot be written: " + errno_text(err));
+    }
+    throw run_error(path + ": cannot create temporary file " + tmp_ + ": " + errno_text(err));
+  }
+  f_ = ::fdopen(fd, "wb");
+  if (f_ == nullptr) {
+    const int err = errno;
     ::close(fd);
-    ::unlink(tmp.c_str());
+    ::unlink(tmp_.c_str());
     throw run_error(path + ": fdopen failed: " + errno_text(err));
   }
+}
 
-  // Write, flush the stdio buffer, fsync the data, close; any failure removes the temp file.
-  auto fail = [&](const std::string& what, int err, bool still_open) {
-    if (still_open) std::fclose(f);
-    ::unlink(tmp.c_str());
-    throw run_error(path + ": " + what + ": " + errno_text(err));
-  };
-  if (!bytes.empty() && std::fwrite(bytes.data(), 1, bytes.size(), f) != bytes.size())
-    fail("write failed", errno, true);
-  if (std::fflush(f) != 0) fail("flush failed", errno, true);
-  if (::fsync(::fileno(f)) != 0) fail("fsync failed", errno, true);
-  if (std::fclose(f) != 0) fail("close failed", errno, false);
+AtomicFileWriter::~AtomicFileWriter() {
+  if (committed_) return;
+  if (f_) std::fclose(f_);
+  ::unlink(tmp_.c_str());
+}
 
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) fail("rename from " + tmp + " failed", errno, false);
-  int err = fsync_dir(parent_dir(path));
-  if (err != 0) throw run_error(path + ": written, but fsync of its folder failed: " + errno_text(err));
+void AtomicFileWriter::fail(const std::string& what, int err) {
+  if (f_) std::fclose(f_);
+  f_ = nullptr;
+  ::unlink(tmp_.c_str());
+  committed_ = true;  // nothing left to clean up
+  throw run_error(path_ + ": " + what + ": " + errno_text(err));
+}
+
+void AtomicFileWriter::write(const void* data, size_t size) {
+  if (!f_) throw run_error(path_ + ": write after commit");
+  if (size > 0 && std::fwrite(data, 1, size, f_) != size) fail("write failed", errno);
+}
+
+void AtomicFileWriter::commit() {
+  if (!f_) throw run_error(path_ + ": committed twice");
+  // Flush the stdio buffer, fsync the data, close, rename; any failure removes the temp file.
+  if (std::fflush(f_) != 0) fail("flush failed", errno);
+  if (::fsync(::fileno(f_)) != 0) fail("fsync failed", errno);
+  const int closed = std::fclose(f_);
+  f_ = nullptr;
+  if (closed != 0) fail("close failed", errno);
+  if (std::rename(tmp_.c_str(), path_.c_str()) != 0) {
+    const int err = errno;
+    if (err == EISDIR || err == ENOTEMPTY || err == EEXIST) {
+      ::unlink(tmp_.c_str());
+      committed_ = true;
+      throw input_error(path_ + ": cannot be written: it is a directory");
+    }
+    fail("rename from " + tmp_ + " failed", err);
+  }
+  committed_ = true;
+  int err = fsync_dir(parent_dir(path_));
+  if (err != 0) throw run_error(path_ + ": written, but fsync of its folder failed: " + errno_text(err));
+}
+
+void write_file_atomic(const std::string& path, const std::string& bytes) {
+  AtomicFileWriter f(path);
+  f.write(bytes);
+  f.commit();
+}
+
+std::string checksum_crc32(const std::string& bytes) {
+  uLong crc = ::crc32(0L, Z_NULL, 0);
+  const auto* p = reinterpret_cast<const Bytef*>(bytes.data());
+  size_t left = bytes.size();
+  while (left > 0) {  // zlib takes uInt lengths: feed files over 4 GiB in pieces
+    uInt n = static_cast<uInt>(std::min<size_t>(left, 1u << 30));
+    crc = ::crc32(crc, p, n);
+    p += n;
+    left -= n;
+  }
+  char buf[16];
+  std::snprintf(buf, sizeof(buf), "%08lx", static_cast<unsigned long>(crc & 0xffffffffUL));
+  return std::string("crc32:") + buf;
 }
 
 bool path_exists(const std::string& path) {
@@ -117,8 +171,23 @@ bool is_directory(const std::string& path) {
 void make_directories(const std::string& path) {
   std::error_code ec;
   std::filesystem::create_directories(path, ec);
-  if (ec) throw run_error(path + ": cannot create directory: " + ec.message());
-  if (!is_directory(path)) throw run_error(path + ": exists and is not a directory");
+  if (ec) {
+    const int err = ec.value();
+    if (err == ENOSPC || err == EDQUOT || err == EIO) throw run_error(path + ": cannot create directory: " + ec.message());
+    throw input_error(path + ": cannot create directory: " + ec.message());  // the path given is at fault
+  }
+  if (!is_directory(path)) throw input_error(path + ": exists and is not a directory");
+}
+
+void rename_path(const std::string& from, const std::string& to) {
+  if (std::rename(from.c_str(), to.c_str()) != 0) {
+    throw run_error(to + ": cannot rename " + from + " into place: " + errno_text(errno));
+  }
+}
+
+void remove_all_quietly(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::remove_all(path, ec);
 }
 
 std::string path_join(const std::string& dir, const std::string& name) {

@@ -15,6 +15,7 @@
 #include "diffuse/io/file.h"
 #include "diffuse/io/image.h"
 #include "diffuse/loss.h"
+#include "diffuse/train/distributed.h"
 #include "diffuse/train/optim.h"
 
 namespace diffuse {
@@ -87,9 +88,20 @@ double learning_rate(const TrainOptions& t, int64_t step) {
 
 TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const TrainControl& control) {
   TrainOptions& t = cfg.train;
+  // Data-parallel ranks meet first, so that any later step fails cleanly when a peer is lost.
+  const int64_t world = control.dist.world_size, rank = control.dist.rank;
+  const bool lead = rank == 0;  // the rank that reads and writes the run directory
+  std::string device_name = resolve_device(t.device);
+  if (world > 1 && device_name == "cuda") device_name += ":" + std::to_string(control.dist.local_rank);
+  const at::Device device(device_name);
+  std::unique_ptr<Communicator> comm;
+  if (world > 1) comm = Communicator::connect(control.dist, device);
+  // Rank 0 waits this long for a peer's collective; the others wait longer for rank 0's own work.
+  const double rank0_wait_s = std::max(control.dist.timeout_s, 1800.0);
+
   // Resume: the checkpoint's configuration wins except for the run length and output cadence.
   Checkpoint resumed;
-  bool have_ckpt = resume && !checkpoint_resolve(run_dir).empty();
+  bool have_ckpt = lead && resume && !checkpoint_resolve(run_dir).empty();
   if (have_ckpt) {
     resumed = checkpoint_load(run_dir, /*want_optimizer=*/true);
     TrainOptions keep = t;
@@ -97,11 +109,25 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     t.steps = keep.steps;
     t.max_minutes = keep.max_minutes;
     t.device = keep.device;
-  } else if (resume && path_exists(path_join(run_dir, "config.json"))) {
+  } else if (lead && resume && path_exists(path_join(run_dir, "config.json"))) {
     throw input_error(run_dir + ": has no complete checkpoint to resume from");
   }
-  const std::string device_name = resolve_device(t.device);
-  const at::Device device(device_name);
+  // Rank 0's configuration and run state for every rank: the others need not see the run directory.
+  nlohmann::json shared{{"config", run_config_to_json(cfg)}, {"resumed", have_ckpt}, {"step", resumed.state.step},
+                        {"adam_step", resumed.state.adam_step}, {"elapsed", resumed.state.elapsed_seconds}};
+  if (comm) {
+    shared = nlohmann::json::parse(comm->share("config", shared.dump()));
+    if (!lead) {
+      const std::string own_device = t.device;
+      cfg = run_config_from_json(shared["config"]);
+      t.device = own_device;
+      have_ckpt = shared["resumed"].get<bool>();
+    }
+    if (t.batch_size % world != 0) {
+      throw input_error("the global batch " + std::to_string(t.batch_size) + (have_ckpt ? " (from the checkpoint)" : "") +
+                        " does not divide evenly over " + std::to_string(world) + " processes");
+    }
+  }
   const Precision precision = parse_precision(t.precision);
   check_precision(precision, device);
 
@@ -111,11 +137,16 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   Dataset data = load_dataset(t.data, dopt);
   validate(cfg, data);
   const std::string fingerprint = dataset_fingerprint(data);
-  if (have_ckpt && !resumed.state.data_fingerprint.empty() && resumed.state.data_fingerprint != fingerprint) {
+  if (have_ckpt && lead && !resumed.state.data_fingerprint.empty() && resumed.state.data_fingerprint != fingerprint) {
     throw input_error(run_dir + ": checkpoint was trained on different data (" + resumed.state.data_fingerprint + ")");
   }
-  make_directories(run_dir);
-  make_directories(path_join(run_dir, "samples"));
+  if (comm && comm->share("data", fingerprint) != fingerprint) {
+    throw input_error(t.data + ": rank " + std::to_string(rank) + " holds different data than rank 0");
+  }
+  if (lead) {
+    make_directories(run_dir);
+    make_directories(path_join(run_dir, "samples"));
+  }
 
   // Model, flat parameters, optimizer, EMA.
   torch::manual_seed(t.seed);
@@ -124,12 +155,10 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   net->set_precision(precision);
   FlatParameters flat(net->named_parameters());
   AdamW opt(flat, AdamWOptions{t.beta1, t.beta2, t.adam_eps, t.weight_decay});
-  int64_t step = 0;
-  double elapsed_before = 0.0;
-  if (have_ckpt) {
+  int64_t step = shared["step"].get<int64_t>();
+  double elapsed_before = shared["elapsed"].get<double>();
+  if (have_ckpt && lead) {
     flat.load_into(flat.data(), resumed.model, run_dir + " model.safetensors");
-    step = resumed.state.step;
-    elapsed_before = resumed.state.elapsed_seconds;
     TensorDict m, v;
     for (auto& [name, tensor] : resumed.optimizer) {
       if (name.rfind("exp_avg.", 0) == 0) m.emplace_back(name.substr(8), tensor);
@@ -137,7 +166,19 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     }
     flat.load_into(opt.exp_avg(), m, run_dir + " optimizer.safetensors (exp_avg)");
     flat.load_into(opt.exp_avg_sq(), v, run_dir + " optimizer.safetensors (exp_avg_sq)");
-    opt.set_step_count(resumed.state.adam_step);
+  }
+  if (have_ckpt) opt.set_step_count(shared["adam_step"].get<int64_t>());
+  // Every rank starts from rank 0's parameters and optimizer moments.
+  std::unique_ptr<GradReducer> reducer;
+  if (comm) {
+    comm->broadcast(flat.data(), 0);
+    if (have_ckpt) {
+      comm->broadcast(opt.exp_avg(), 0);
+      comm->broadcast(opt.exp_avg_sq(), 0);
+    }
+    std::vector<at::Tensor> params;
+    for (const auto& p : net->parameters()) params.push_back(p);
+    reducer = std::make_unique<GradReducer>(*comm, flat, params, control.dist.bucket_numel);
   }
   Ema ema(flat.data(), t.ema_decay);
   if (have_ckpt && !resumed.ema.empty()) flat.load_into(ema.data(), resumed.ema, run_dir + " ema.safetensors");
@@ -151,9 +192,12 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
 
   const at::Tensor images = data.images.to(device);  // uint8, resident
   const at::Tensor labels = data.labels.to(device);
-  const int64_t N = data.size(), B = t.batch_size, steps_per_epoch = N / B;
-  const bool tty = !control.quiet && isatty(STDERR_FILENO);
-  std::ofstream metrics(path_join(run_dir, "metrics.jsonl"), std::ios::app);
+  // G images per step in all; this rank takes B of them, from `first` on.
+  const int64_t N = data.size(), G = t.batch_size, B = G / world, first = rank * B, steps_per_epoch = N / G;
+  const bool quiet = control.quiet || !lead;
+  const bool tty = !quiet && isatty(STDERR_FILENO);
+  std::ofstream metrics;
+  if (lead) metrics.open(path_join(run_dir, "metrics.jsonl"), std::ios::app);
 
   auto save = [&](int64_t at_step, double elapsed) {
     Checkpoint c;
@@ -199,7 +243,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   // FD during training: the feature network and the reference features are prepared once.
   Classifier classifier;
   at::Tensor ref_features;
-  if (t.eval_every > 0) {
+  if (t.eval_every > 0 && lead) {
     classifier = classifier_load(t.classifier.empty() ? default_classifier_dir() : t.classifier);
     const int64_t n_ref = std::min(t.eval_n, N);
     ref_features = classifier.run(data.images.narrow(0, 0, n_ref)).features;
@@ -215,7 +259,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     double fd = frechet_distance(classifier.run(to_uint8(x)).features, ref_features);
     metrics << nlohmann::json{{"step", at_step}, {"fd", fd}, {"fd_n", t.eval_n}, {"time", elapsed}}.dump() << "\n"
             << std::flush;
-    if (!control.quiet) std::cerr << (tty ? "\n" : "") << "step " << at_step << "  FD " << fd << " (" << t.eval_n << " samples)\n";
+    if (!quiet) std::cerr << (tty ? "\n" : "") << "step " << at_step << "  FD " << fd << " (" << t.eval_n << " samples)\n";
   };
 
   TrainResult result;
@@ -229,6 +273,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   const int64_t start_step = step;
   int64_t perm_epoch = -1;
   at::Tensor perm;
+  if (comm) comm->sync_after_rank0("setup", rank0_wait_s);
   net->train();
   while (step < t.steps) {
     // Batch: the epoch's permutation from (seed, epoch), without replacement.
@@ -238,39 +283,57 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
       perm = at::randperm(N, perm_gen, at::kLong);
       perm_epoch = epoch;
     }
-    at::Tensor idx = perm.narrow(0, within * B, B).to(device);
+    // Per-image draws are made for the whole global batch and sliced, so that N ranks draw what one does.
+    at::Tensor idx = perm.narrow(0, within * G + first, B).to(device);
     at::Tensor x0 = to_float(images.index_select(0, idx));
     at::Generator gen = make_generator(mix_seed(t.seed, 2, static_cast<uint64_t>(step)));
-    torch::manual_seed(mix_seed(t.seed, 3, static_cast<uint64_t>(step)));  // dropout
+    const uint64_t dropout_seed = mix_seed(t.seed, 3, static_cast<uint64_t>(step));
+    torch::manual_seed(world > 1 ? mix_seed(dropout_seed, 4, static_cast<uint64_t>(rank)) : dropout_seed);
     if (t.hflip) {
-      at::Tensor flip = (at::rand({B}, gen) < 0.5).to(device).view({B, 1, 1, 1});
+      at::Tensor flip = (at::rand({G}, gen).narrow(0, first, B) < 0.5).to(device).view({B, 1, 1, 1});
       x0 = at::where(flip, x0.flip({3}), x0);
     }
     at::Tensor y;
     if (t.class_conditional) {
       y = labels.index_select(0, idx);
       if (t.p_uncond > 0) {
-        at::Tensor drop = (at::rand({B}, gen) < t.p_uncond).to(device);
+        at::Tensor drop = (at::rand({G}, gen).narrow(0, first, B) < t.p_uncond).to(device);
         y = at::where(drop, at::full_like(y, data.num_classes), y);
       }
     }
     UNet2DModel n = net;
     ModelFn model = [n](const at::Tensor& x, const at::Tensor& c, const at::Tensor& l) mutable { return n->forward(x, c, l); };
-    LossOutput out = diffusion_loss(model, *process, cfg.loss, x0, y, gen);
+    LossOutput out = diffusion_loss(model, *process, cfg.loss, x0, y, gen, BatchSlice{first, G});
+    if (reducer) reducer->prepare();
     out.loss.backward();
+    if (reducer) reducer->finish();  // the gradient is the mean over all G images
     last_norm = flat.clip_grad_norm(t.grad_clip);
     nonfinite.logical_or_(out.loss.detach().isinf().logical_or(out.loss.detach().isnan()));
     opt.step(learning_rate(t, step));
     flat.zero_grad();
     ++step;
-    ema.update(flat.data(), step);
-    const double loss_value = out.loss.item<double>();
+    if (lead) ema.update(flat.data(), step);
+    double loss_value = 0.0;
+    const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
+    bool budget_spent = t.max_minutes > 0 && elapsed >= t.max_minutes * 60.0;
+    bool stop_asked = control.stop_after_steps > 0 && step - start_step >= control.stop_after_steps;
+    if (comm) {
+      // One small all-reduce: the mean loss (the same on every rank, NaN on all if on one) and whether any
+      // rank must stop, so that all stop at the same step.
+      const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
+      at::Tensor s = at::stack(std::vector<at::Tensor>{out.loss.detach().to(f64), at::scalar_tensor(budget_spent ? 1.0 : 0.0, f64),
+                                                       at::scalar_tensor(stop_asked ? 1.0 : 0.0, f64)});
+      comm->all_reduce_sum(s);
+      at::Tensor h = s.cpu();
+      loss_value = h[0].item<double>() / world;
+      budget_spent = h[1].item<double>() > 0;
+      stop_asked = h[2].item<double>() > 0;
+    } else {
+      loss_value = out.loss.item<double>();
+    }
     window_loss += loss_value;
     ++window_steps;
-
-    const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
-    const bool budget_spent = t.max_minutes > 0 && elapsed >= t.max_minutes * 60.0;
-    const bool stop_now = (control.stop_after_steps > 0 && step - start_step >= control.stop_after_steps) || budget_spent;
+    const bool stop_now = stop_asked || budget_spent;
     const bool log_now = step % std::max<int64_t>(t.log_every, 1) == 0 || step == t.steps || stop_now;
     const bool ckpt_now = (t.ckpt_every > 0 && step % t.ckpt_every == 0) || step == t.steps || stop_now;
     if (!std::isfinite(loss_value) || (ckpt_now && nonfinite.item<bool>())) {
@@ -280,7 +343,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     if (log_now) {
       const double window_s = std::chrono::duration<double>(Clock::now() - window_start).count();
       const double mean_loss = window_loss / window_steps;
-      const double img_s = window_steps * B / std::max(window_s, 1e-9);
+      const double img_s = window_steps * G / std::max(window_s, 1e-9);
       if (first_window < 0) {
         first_window = step;
         result.first_loss = mean_loss;
@@ -288,9 +351,9 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
       result.last_loss = mean_loss;
       nlohmann::json rec{{"step", step}, {"loss", mean_loss}, {"lr", learning_rate(t, step - 1)},
                          {"grad_norm", last_norm.item<double>()}, {"img_per_s", img_s},
-                         {"time", elapsed_before + elapsed}, {"epoch", static_cast<double>(step) * B / N}};
-      metrics << rec.dump() << "\n" << std::flush;
-      if (!control.quiet) {
+                         {"time", elapsed_before + elapsed}, {"epoch", static_cast<double>(step) * G / N}};
+      if (lead) metrics << rec.dump() << "\n" << std::flush;
+      if (!quiet) {
         const double eta = (t.steps - step) * (elapsed / std::max<int64_t>(step - start_step, 1));
         char line[256];
         std::snprintf(line, sizeof(line), "step %lld/%lld  loss %.4f  lr %.2e  %.1f img/s  elapsed %s  eta %s",
@@ -309,9 +372,13 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
       window_steps = 0;
       window_start = Clock::now();
     }
-    if (t.sample_every > 0 && (step % t.sample_every == 0 || step == t.steps)) sample_grid(step);
-    if (t.eval_every > 0 && (step % t.eval_every == 0 || step == t.steps)) measure_fd(step, elapsed_before + elapsed);
-    if (ckpt_now) result.checkpoint = save(step, elapsed_before + elapsed);
+    // Rank 0 alone samples, measures and saves; the others wait for it.
+    const bool sample_now = t.sample_every > 0 && (step % t.sample_every == 0 || step == t.steps);
+    const bool fd_now = t.eval_every > 0 && (step % t.eval_every == 0 || step == t.steps);
+    if (lead && sample_now) sample_grid(step);
+    if (lead && fd_now) measure_fd(step, elapsed_before + elapsed);
+    if (lead && ckpt_now) result.checkpoint = save(step, elapsed_before + elapsed);
+    if (comm && (sample_now || fd_now || ckpt_now)) comm->sync_after_rank0("step" + std::to_string(step), rank0_wait_s);
     if (stop_now) {
       result.stopped_by_budget = budget_spent;
       break;
@@ -319,7 +386,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   }
   if (tty) std::cerr << "\n";
   result.step = step;
-  if (result.checkpoint.empty()) result.checkpoint = checkpoint_resolve(run_dir);
+  if (result.checkpoint.empty() && lead) result.checkpoint = checkpoint_resolve(run_dir);
   return result;
 }
 

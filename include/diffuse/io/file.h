@@ -4,6 +4,8 @@
 //   std::string bytes = diffuse::read_file("runs/fm/state.json");
 #pragma once
 
+#include <cstddef>
+#include <cstdio>
 #include <string>
 
 namespace diffuse {
@@ -11,13 +13,43 @@ namespace diffuse {
 // Reads a whole file; throws input_error naming the path when it is missing or unreadable.
 std::string read_file(const std::string& path);
 // Writes bytes to path so that a crash leaves either the old file or the new one, never a mix.
-// Throws run_error on any I/O failure (the old file is then untouched).
+// A path that cannot be created (missing or unwritable folder, a file where a folder should be) is
+// input_error (exit code 2); a write that fails on the way (full disk, file size limit) is run_error
+// (exit code 1). Either way the old file is untouched and no temporary file is left.
 void write_file_atomic(const std::string& path, const std::string& bytes);
+
+// A file written in pieces and published atomically, for outputs too large to hold in memory:
+//   diffuse::AtomicFileWriter f("samples.npy");  f.write(header);  f.write(batch...);  f.commit();
+// Bytes go to a temporary file beside path; commit() flushes, fsyncs and renames it into place.
+// Destroyed without commit() (an exception on the way), it removes the temporary file. Errors as above.
+class AtomicFileWriter {
+ public:
+  explicit AtomicFileWriter(const std::string& path);
+  ~AtomicFileWriter();
+  AtomicFileWriter(const AtomicFileWriter&) = delete;
+  AtomicFileWriter& operator=(const AtomicFileWriter&) = delete;
+  void write(const void* data, size_t size);
+  void write(const std::string& bytes) { write(bytes.data(), bytes.size()); }
+  void commit();
+  const std::string& path() const { return path_; }
+
+ private:
+  [[noreturn]] void fail(const std::string& what, int err);
+  std::string path_, tmp_;
+  std::FILE* f_ = nullptr;
+  bool committed_ = false;
+};
+// CRC-32 (zlib's polynomial) of bytes as "crc32:" + 8 lowercase hex digits, for checksums in manifests.
+std::string checksum_crc32(const std::string& bytes);
 // True when path exists (file or directory).
 bool path_exists(const std::string& path);
 bool is_directory(const std::string& path);
 // Creates a directory and its parents (no error when it exists).
 void make_directories(const std::string& path);
+// Renames from to to (a file or a folder); run_error when it fails.
+void rename_path(const std::string& from, const std::string& to);
+// Removes a file or folder tree, ignoring errors (cleanup after a failure).
+void remove_all_quietly(const std::string& path);
 // path joined with name, with one '/' between.
 std::string path_join(const std::string& dir, const std::string& name);
 

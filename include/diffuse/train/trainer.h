@@ -12,6 +12,7 @@
 
 #include "diffuse/config.h"
 #include "diffuse/data/dataset.h"
+#include "diffuse/train/distributed.h"
 
 namespace diffuse {
 
@@ -26,10 +27,15 @@ struct TrainResult {
 struct TrainControl {
   int64_t stop_after_steps = 0;  // stop (with a checkpoint) after this many steps of this invocation (0: no)
   bool quiet = false;            // no progress output
+  DistOptions dist;              // data-parallel rank and peers (world_size 1: a single process)
 };
 
 // Trains (or resumes, when resume is true and run_dir holds a checkpoint). Throws Error on bad input;
 // run_error (exit code 1) when the loss becomes NaN/Inf, after which the last good checkpoint remains.
+// Data-parallel (control.dist.world_size N > 1): cfg.train.batch_size is the global batch, N ranks take
+// batch/N images each from the same global batch and draw the same noise for them, so N ranks train what
+// one process does; rank 0 alone reads and writes the run directory (config, checkpoints, EMA, metrics,
+// samples) and shares config and state with the others, which need only the data.
 TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const TrainControl& control = {});
 
 // Learning rate at a step: linear warm-up to lr over warmup_steps, then constant.

@@ -1,0 +1,186 @@
+// `diffuse train --nproc N`: a local launcher in the manner of torchrun. It re-runs this program's command
+// line (without --nproc) as N children with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a free
+// MASTER_PORT, forwards SIGINT/SIGTERM/SIGHUP to them, and when one fails stops the others.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <thread>
+#include <vector>
+
+#include "cli.h"
+#include "diffuse/common.h"
+
+namespace diffuse::cli {
+namespace {
+
+std::vector<pid_t> g_children;          // read by the signal handler
+volatile sig_atomic_t g_signal = 0;     // the signal forwarded, if any
+
+void forward_signal(int sig) {
+  g_signal = sig;
+  for (pid_t pid : g_children)
+    if (pid > 0) ::kill(pid, sig);
+}
+
+// This process's argv, as the kernel has it.
+std::vector<std::string> own_command_line() {
+  std::ifstream f("/proc/self/cmdline", std::ios::binary);
+  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  std::vector<std::string> args;
+  std::string cur;
+  for (char c : all) {
+    if (c == '\0') {
+      args.push_back(cur);
+      cur.clear();
+    } else {
+      cur += c;
+    }
+  }
+  if (args.empty()) throw run_error("--nproc: cannot read this program's command line from /proc/self/cmdline");
+  return args;
+}
+
+// A TCP port that is free on the loopback interface now (the kernel's choice).
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) throw run_error(std::string("--nproc: socket: ") + std::strerror(errno));
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = 0;
+  socklen_t len = sizeof(a);
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    ::close(fd);
+    throw run_error(std::string("--nproc: no free port: ") + std::strerror(errno));
+  }
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+std::string describe(int status) {
+  if (WIFEXITED(status)) return "exit code " + std::to_string(WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return std::string("signal ") + strsignal(WTERMSIG(status));
+  return "status " + std::to_string(status);
+}
+
+}  // namespace
+
+int launch_ranks(int64_t nproc) {
+  if (std::getenv("WORLD_SIZE") && std::string(std::getenv("WORLD_SIZE")) != "1") {
+    throw input_error("--nproc launches its own ranks; it cannot run inside a distributed environment (WORLD_SIZE is set)");
+  }
+  // The command line without --nproc; each rank gets cores / N threads unless --threads was given.
+  std::vector<std::string> args;
+  bool threads_given = false;
+  const std::vector<std::string> all = own_command_line();
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (all[i] == "--nproc") {
+      ++i;
+      continue;
+    }
+    if (all[i].rfind("--nproc=", 0) == 0) continue;
+    if (all[i] == "--threads" || all[i].rfind("--threads=", 0) == 0) threads_given = true;
+    args.push_back(all[i]);
+  }
+  if (!threads_given) {
+    args.push_back("--threads");
+    args.push_back(std::to_string(std::max<int64_t>(1, hardware_threads() / nproc)));
+  }
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const std::string port = std::to_string(free_port());
+
+  std::cout.flush();
+  std::cerr.flush();
+  g_children.assign(static_cast<size_t>(nproc), 0);
+  struct sigaction sa {};
+  sa.sa_handler = forward_signal;
+  sigemptyset(&sa.sa_mask);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaction(sig, &sa, nullptr);
+  const pid_t parent = ::getpid();
+  for (int64_t r = 0; r < nproc; ++r) {
+    pid_t pid = ::fork();
+    if (pid < 0) {
+      forward_signal(SIGTERM);
+      throw run_error(std::string("--nproc: fork: ") + std::strerror(errno));
+    }
+    if (pid == 0) {
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // a launcher killed with -9 takes its ranks along
+      if (::getppid() != parent) ::_exit(kExitFailure);
+      struct sigaction dfl {};
+      dfl.sa_handler = SIG_DFL;
+      for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaction(sig, &dfl, nullptr);
+      ::setenv("RANK", std::to_string(r).c_str(), 1);
+      ::setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
+      ::setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+      ::setenv("LOCAL_WORLD_SIZE", std::to_string(nproc).c_str(), 1);
+      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
+      ::setenv("MASTER_PORT", port.c_str(), 1);
+      ::setenv("DIFFUSE_NPROC_CHILD", "1", 1);
+      ::execv("/proc/self/exe", argv.data());
+      std::fprintf(stderr, "error: --nproc: cannot run %s: %s\n", argv[0], std::strerror(errno));
+      ::_exit(kExitFailure);
+    }
+    g_children[static_cast<size_t>(r)] = pid;
+  }
+
+  // Wait for all; on the first failure stop the others (SIGTERM, then SIGKILL after 10 s).
+  int64_t running = nproc, failed_rank = -1;
+  int failed_status = 0;
+  auto kill_deadline = std::chrono::steady_clock::time_point::max();
+  while (running > 0) {
+    int status = 0;
+    pid_t pid = ::waitpid(-1, &status, WNOHANG);
+    if (pid < 0 && errno != EINTR) break;
+    if (pid <= 0) {
+      if (std::chrono::steady_clock::now() > kill_deadline) {
+        for (pid_t c : g_children)
+          if (c > 0) ::kill(c, SIGKILL);
+        kill_deadline = std::chrono::steady_clock::time_point::max();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      continue;
+    }
+    for (size_t r = 0; r < g_children.size(); ++r) {
+      if (g_children[r] != pid) continue;
+      g_children[r] = 0;
+      --running;
+      const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
+      if (!ok && failed_rank < 0) {
+        failed_rank = static_cast<int64_t>(r);
+        failed_status = status;
+        for (pid_t c : g_children)
+          if (c > 0) ::kill(c, SIGTERM);
+        kill_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      }
+    }
+  }
+  if (g_signal != 0) {
+    std::cerr << "error: interrupted (" << strsignal(g_signal) << "); stopped the " << nproc << " ranks\n";
+    return kExitFailure;
+  }
+  if (failed_rank < 0) return kExitOk;
+  // Rank 0 prints the one line of bad input (the others stay silent on it); anything else gets a line here.
+  if (WIFEXITED(failed_status) && WEXITSTATUS(failed_status) == kExitBadInput) {
+    if (failed_rank != 0) std::cerr << "error: rank " << failed_rank << " of " << nproc << " stopped on bad input\n";
+    return kExitBadInput;
+  }
+  std::cerr << "error: rank " << failed_rank << " of " << nproc << " failed (" << describe(failed_status)
+            << "); stopped the other ranks\n";
+  return kExitFailure;
+}
+
+}  // namespace diffuse::cli
