@@ -2,6 +2,7 @@
 // IDX) against a reference data set, with the same numbers for real images as the floor.
 #include <cstdio>
 #include <iostream>
+#include <memory>
 
 #include "cli.h"
 #include "diffuse/common.h"
@@ -51,6 +52,9 @@ void register_eval(CLI::App& app, Common& common) {
   sub->add_option("--k-dc", a->eval.prdc.k_dc, "neighbours for density/coverage")->check(CLI::PositiveNumber)->capture_default_str();
   sub->callback([a, &common]() {
     run_guarded(common, [&]() {
+      // --out opened first: an unwritable path fails before any sampling; the file appears at the end.
+      std::unique_ptr<AtomicFileWriter> out;
+      if (!a->out.empty()) out = std::make_unique<AtomicFileWriter>(a->out);
       std::string dir = a->classifier.empty() ? default_classifier_dir() : a->classifier;
       Classifier clf = classifier_load(dir);  // first: a missing classifier should not cost a sampling run
       a->sample.prefer_ema = !a->no_ema;
@@ -64,9 +68,15 @@ void register_eval(CLI::App& app, Common& common) {
         a->sample.expect_channels = shape[0];
         a->sample.expect_size = shape[1] == shape[2] ? shape[1] : 0;
       }
-      SampleSet s = load_samples(a->samples, a->sample);
-      if (s.kind == "model" && !common.json) std::fprintf(stderr, "\n");
-      EvalReport r = evaluate_images(s.images, clf, a->eval);
+      SampleSet s;
+      EvalReport r;
+      if (is_model_path(a->samples)) {
+        r = evaluate_model(a->samples, a->sample, clf, a->eval, &s);  // streamed: memory does not grow with --n
+        if (!common.json) std::fprintf(stderr, "\n");
+      } else {
+        s = load_samples(a->samples, a->sample);
+        r = evaluate_images(s.images, clf, a->eval);
+      }
       r.classifier = dir;
       nlohmann::json j = eval_report_to_json(r);
       j["samples"] = {{"source", a->samples}, {"kind", s.kind}};
@@ -77,7 +87,10 @@ void register_eval(CLI::App& app, Common& common) {
         j["samples"]["seed"] = a->sample.generate.seed;
         j["samples"]["seconds"] = s.seconds;
       }
-      if (!a->out.empty()) write_file_atomic(a->out, j.dump(2) + "\n");
+      if (out) {
+        out->write(j.dump(2) + "\n");
+        out->commit();
+      }
       if (common.json) {
         std::cout << j.dump() << "\n";
       } else {

@@ -1,4 +1,6 @@
 // `diffuse sample`: loads a model, draws images with a sampler, writes a grid, PNG folder, .npy or IDX.
+#include <unistd.h>
+
 #include <cmath>
 #include <iostream>
 
@@ -73,21 +75,39 @@ void register_sample(CLI::App& app, Common& common) {
       Model m = load_model(a->ckpt, !a->no_ema, a->device, a->precision);
       if (a->class_label >= 0) a->g.labels.assign(a->g.n, a->class_label);
       int64_t nfe = 0;
-      at::Tensor images = to_uint8(generate(m, a->g, nullptr, &nfe));
+      const int64_t C = m.channels(), S = m.image_size();
       if (format == "grid") {
+        // A grid is one picture: it holds every image at once.
+        AtomicFileWriter f(a->out);  // opened first: an unwritable --out fails before sampling
+        at::Tensor images = to_uint8(generate(m, a->g, nullptr, &nfe));
         int64_t ncol = a->ncol > 0 ? a->ncol : static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(a->g.n))));
-        image_save_png(a->out, make_grid(images, ncol));
-      } else if (format == "npy") {
-        npy_save_uint8(a->out, images);
-      } else if (format == "idx") {
-        if (images.size(1) != 1) throw input_error("--format idx writes single-channel images; this model has " + std::to_string(images.size(1)));
-        idx_save(a->out, images.squeeze(1));
+        f.write(image_encode_png(make_grid(images, ncol)));
+        f.commit();
+      } else if (format == "npy" || format == "idx") {
+        // Streamed: each batch is written as it is drawn; the file appears when all are done.
+        ImageArrayWriter w(a->out, format, a->g.n, C, S, S);
+        generate_batches(m, a->g, [&](int64_t, const at::Tensor& images) { w.append(to_uint8(images)); }, &nfe);
+        w.finish();
       } else {
-        make_directories(a->out);
-        for (int64_t i = 0; i < images.size(0); ++i) {
-          char name[32];
-          std::snprintf(name, sizeof(name), "%06lld.png", static_cast<long long>(a->g.first_index + i));
-          image_save_png(path_join(a->out, name), images[i]);
+        // One PNG per image, each written atomically as its batch is drawn; a new folder is filled under a
+        // temporary name and renamed into place at the end, so a failed run leaves no partial folder.
+        const bool fresh = !path_exists(a->out);
+        const std::string dir = fresh ? a->out + ".tmp." + std::to_string(::getpid()) : a->out;
+        if (!fresh && !is_directory(a->out)) throw input_error(a->out + ": exists and is not a directory");
+        make_directories(dir);
+        try {
+          generate_batches(m, a->g, [&](int64_t first, const at::Tensor& images) {
+            at::Tensor u8 = to_uint8(images);
+            for (int64_t i = 0; i < u8.size(0); ++i) {
+              char name[32];
+              std::snprintf(name, sizeof(name), "%06lld.png", static_cast<long long>(a->g.first_index + first + i));
+              image_save_png(path_join(dir, name), u8[i]);
+            }
+          }, &nfe);
+          if (fresh) rename_path(dir, a->out);
+        } catch (...) {
+          if (fresh) remove_all_quietly(dir);
+          throw;
         }
       }
       if (common.json) {

@@ -27,8 +27,8 @@ std::vector<double> generation_sigmas(const Model& m, const GenerateOptions& g) 
   return make_grid_by_name(grid, *m.process, g.steps, g.rho);
 }
 
-at::Tensor generate(const Model& m, const GenerateOptions& g, const std::function<void(int64_t, int64_t)>& on_batch,
-                    int64_t* nfe_per_image) {
+void generate_batches(const Model& m, const GenerateOptions& g,
+                      const std::function<void(int64_t, const at::Tensor&)>& on_images, int64_t* nfe_per_image) {
   if (g.n < 1) throw input_error("--n must be at least 1");
   if (g.batch < 1) throw input_error("--batch must be at least 1");
   const SamplerInfo& info = find_sampler(g.sampler);
@@ -50,7 +50,6 @@ at::Tensor generate(const Model& m, const GenerateOptions& g, const std::functio
   const at::Device device = m.net->parameters().front().device();
   Denoiser denoiser = m.denoiser();
   const int64_t C = m.channels(), H = m.image_size(), W = m.image_size();
-  std::vector<at::Tensor> out;
   at::NoGradGuard no_grad;
   int64_t nfe_total = 0;
   for (int64_t start = 0; start < g.n; start += g.batch) {
@@ -92,19 +91,28 @@ at::Tensor generate(const Model& m, const GenerateOptions& g, const std::functio
     }
     at::Tensor result = info.fn(denoise, x, sigmas, opt);
     nfe_total = nfe;
-    out.push_back(result.clamp(-1.0, 1.0).to(at::kCPU, at::kFloat));
-    if (on_batch) on_batch(start + b, g.n);
+    on_images(start, result.clamp(-1.0, 1.0).to(at::kCPU, at::kFloat));
   }
   if (nfe_per_image) *nfe_per_image = nfe_total;
+}
+
+at::Tensor generate(const Model& m, const GenerateOptions& g, const std::function<void(int64_t, int64_t)>& on_batch,
+                    int64_t* nfe_per_image) {
+  std::vector<at::Tensor> out;
+  generate_batches(m, g, [&](int64_t first, const at::Tensor& images) {
+    out.push_back(images);
+    if (on_batch) on_batch(first + images.size(0), g.n);
+  }, nfe_per_image);
   return at::cat(out, 0);
 }
 
-void npy_save_uint8(const std::string& path, const at::Tensor& images) {
-  if (images.dim() != 4 || images.scalar_type() != at::kByte) throw input_error("npy: expected uint8 [N, C, H, W]");
-  at::Tensor nhwc = images.permute({0, 2, 3, 1}).contiguous().cpu();
-  std::string shape = "(" + std::to_string(images.size(0)) + ", " + std::to_string(images.size(2)) + ", " +
-                      std::to_string(images.size(3)) + (images.size(1) == 1 ? "" : ", " + std::to_string(images.size(1))) + ")";
-  // NPY 1.0: magic, version, header length (LE u16), header dict padded with spaces to a multiple of 64.
+namespace {
+
+// NPY 1.0 header for uint8 (N, H, W[, C]): magic, version, header length (LE u16), the dict padded with
+// spaces to a multiple of 64.
+std::string npy_header_uint8(int64_t n, int64_t c, int64_t h, int64_t w) {
+  std::string shape = "(" + std::to_string(n) + ", " + std::to_string(h) + ", " + std::to_string(w) +
+                      (c == 1 ? "" : ", " + std::to_string(c)) + ")";
   std::string header = "{'descr': '|u1', 'fortran_order': False, 'shape': " + shape + ", }";
   size_t total = 10 + header.size() + 1;
   header.append((64 - total % 64) % 64, ' ');
@@ -114,9 +122,58 @@ void npy_save_uint8(const std::string& path, const at::Tensor& images) {
   bytes.push_back('\x00');
   bytes.push_back(static_cast<char>(header.size() & 0xff));
   bytes.push_back(static_cast<char>((header.size() >> 8) & 0xff));
-  bytes += header;
-  bytes.append(reinterpret_cast<const char*>(nhwc.data_ptr<uint8_t>()), static_cast<size_t>(nhwc.numel()));
-  write_file_atomic(path, bytes);
+  return bytes + header;
+}
+
+// IDX header for uint8 (N, H, W): 0, 0, type 0x08, rank 3, then each dimension as a big-endian u32.
+std::string idx_header_uint8(int64_t n, int64_t h, int64_t w) {
+  std::string bytes = {'\0', '\0', '\x08', '\x03'};
+  for (int64_t d : {n, h, w}) {
+    if (d < 0 || d > 0xFFFFFFFFLL) throw input_error("IDX dimension " + std::to_string(d) + " is too large");
+    for (int b = 0; b < 4; ++b) bytes.push_back(static_cast<char>((static_cast<uint64_t>(d) >> (24 - 8 * b)) & 0xFF));
+  }
+  return bytes;
+}
+
+}  // namespace
+
+void npy_save_uint8(const std::string& path, const at::Tensor& images) {
+  if (images.dim() != 4 || images.scalar_type() != at::kByte) throw input_error("npy: expected uint8 [N, C, H, W]");
+  ImageArrayWriter w(path, "npy", images.size(0), images.size(1), images.size(2), images.size(3));
+  w.append(images);
+  w.finish();
+}
+
+ImageArrayWriter::ImageArrayWriter(const std::string& path, const std::string& format, int64_t n, int64_t channels,
+                                   int64_t height, int64_t width)
+    : file_(path), n_(n), channels_(channels), height_(height), width_(width) {
+  if (format == "npy") {
+    file_.write(npy_header_uint8(n, channels, height, width));
+  } else if (format == "idx") {
+    if (channels != 1) throw input_error(path + ": IDX holds single-channel images; these have " + std::to_string(channels));
+    file_.write(idx_header_uint8(n, height, width));
+  } else {
+    throw input_error(path + ": unknown array format " + format + " (npy, idx)");
+  }
+}
+
+void ImageArrayWriter::append(const at::Tensor& images_u8) {
+  if (images_u8.dim() != 4 || images_u8.scalar_type() != at::kByte || images_u8.size(1) != channels_ ||
+      images_u8.size(2) != height_ || images_u8.size(3) != width_) {
+    throw input_error(file_.path() + ": expected uint8 images [b, " + std::to_string(channels_) + ", " +
+                      std::to_string(height_) + ", " + std::to_string(width_) + "]");
+  }
+  if (written_ + images_u8.size(0) > n_) throw input_error(file_.path() + ": more images than announced");
+  at::Tensor nhwc = images_u8.permute({0, 2, 3, 1}).contiguous().cpu();
+  file_.write(nhwc.data_ptr<uint8_t>(), static_cast<size_t>(nhwc.numel()));
+  written_ += images_u8.size(0);
+}
+
+void ImageArrayWriter::finish() {
+  if (written_ != n_) {
+    throw input_error(file_.path() + ": " + std::to_string(written_) + " images written, " + std::to_string(n_) + " announced");
+  }
+  file_.commit();
 }
 
 }  // namespace diffuse

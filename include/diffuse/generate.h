@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "diffuse/io/checkpoint.h"
+#include "diffuse/io/file.h"
 #include "diffuse/sampler.h"
 
 namespace diffuse {
@@ -40,7 +41,29 @@ at::Tensor generate(const Model& m, const GenerateOptions& g,
                     const std::function<void(int64_t, int64_t)>& on_batch = nullptr,
                     int64_t* nfe_per_image = nullptr);
 
+// Draws g.n images batch by batch and hands each batch to on_images(first, images) — images float
+// [-1, 1] [b, C, H, W] on CPU, first the index of its first image within the g.n — keeping none:
+// memory does not grow with g.n. The images are generate()'s.
+void generate_batches(const Model& m, const GenerateOptions& g,
+                      const std::function<void(int64_t, const at::Tensor&)>& on_images,
+                      int64_t* nfe_per_image = nullptr);
+
 // Writes uint8 images [N, C, H, W] as a .npy file (shape N, H, W[, C]), atomically.
 void npy_save_uint8(const std::string& path, const at::Tensor& images);
+
+// A .npy (N, H, W[, C]) or IDX (N, H, W; one channel) file of n uint8 images written batch by batch,
+// published atomically when all n have come (finish()); abandoned (an exception), it leaves nothing.
+//   diffuse::ImageArrayWriter w("s.npy", "npy", n, C, H, W);  w.append(batch_u8);  ...  w.finish();
+class ImageArrayWriter {
+ public:
+  ImageArrayWriter(const std::string& path, const std::string& format, int64_t n, int64_t channels, int64_t height,
+                   int64_t width);
+  void append(const at::Tensor& images_u8);  // uint8 [b, C, H, W]
+  void finish();
+
+ private:
+  AtomicFileWriter file_;
+  int64_t n_, channels_, height_, width_, written_ = 0;
+};
 
 }  // namespace diffuse

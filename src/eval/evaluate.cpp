@@ -58,6 +58,28 @@ nlohmann::json set_metrics_json(const SetMetrics& m) {
           {"class_entropy", m.class_entropy}};
 }
 
+// Loads the model to sample from, checking its image shape against the one expected.
+Model load_sample_model(const std::string& path, const SampleOptions& options) {
+  Model m = load_model(path, options.prefer_ema, options.device);
+  if ((options.expect_channels > 0 && m.channels() != options.expect_channels) ||
+      (options.expect_size > 0 && m.image_size() != options.expect_size)) {
+    throw input_error(path + ": the model draws " + std::to_string(m.image_size()) + "x" + std::to_string(m.image_size()) + "x" +
+                      std::to_string(m.channels()) + " images but the reference is " + std::to_string(options.expect_size) + "x" +
+                      std::to_string(options.expect_size) + "x" + std::to_string(options.expect_channels) +
+                      "; evaluate against a matching reference (--ref, --ref-size, --ref-channels)");
+  }
+  return m;
+}
+
+GenerateOptions sample_generate_options(const Model& m, const SampleOptions& options) {
+  GenerateOptions g = options.generate;
+  g.n = options.n > 0 ? options.n : kDefaultModelSamples;
+  if (m.class_conditional() && g.labels.empty()) {
+    for (int64_t i = 0; i < g.n; ++i) g.labels.push_back(i % m.num_classes());  // balanced classes
+  }
+  return g;
+}
+
 }  // namespace
 
 bool is_model_path(const std::string& path) {
@@ -73,19 +95,8 @@ SampleSet load_samples(const std::string& path, const SampleOptions& options) {
   SampleSet s;
   if (is_model_path(path)) {
     auto t0 = std::chrono::steady_clock::now();
-    Model m = load_model(path, options.prefer_ema, options.device);
-    if ((options.expect_channels > 0 && m.channels() != options.expect_channels) ||
-        (options.expect_size > 0 && m.image_size() != options.expect_size)) {
-      throw input_error(path + ": the model draws " + std::to_string(m.image_size()) + "x" + std::to_string(m.image_size()) + "x" +
-                        std::to_string(m.channels()) + " images but the reference is " + std::to_string(options.expect_size) + "x" +
-                        std::to_string(options.expect_size) + "x" + std::to_string(options.expect_channels) +
-                        "; evaluate against a matching reference (--ref, --ref-size, --ref-channels)");
-    }
-    GenerateOptions g = options.generate;
-    g.n = options.n > 0 ? options.n : kDefaultModelSamples;
-    if (m.class_conditional() && g.labels.empty()) {
-      for (int64_t i = 0; i < g.n; ++i) g.labels.push_back(i % m.num_classes());  // balanced classes
-    }
+    Model m = load_sample_model(path, options);
+    GenerateOptions g = sample_generate_options(m, options);
     s.images = to_uint8(generate(m, g, options.on_batch, &s.nfe));
     s.kind = "model";
     s.seconds = seconds_since(t0);
@@ -124,14 +135,17 @@ std::string floor_spec_for(const std::string& ref) {
   return "";
 }
 
-EvalReport evaluate_images(const at::Tensor& samples_in, const Classifier& clf, const EvalOptions& options) {
+namespace {
+
+// Measures samples that the classifier has already seen (their outputs) against the reference; `shape`
+// is the samples' {C, H, W}.
+EvalReport evaluate_outputs(const ClassifierOutput& sample_out, const std::vector<int64_t>& shape, const Classifier& clf,
+                            const EvalOptions& options) {
   auto t0 = std::chrono::steady_clock::now();
-  if (!samples_in.defined() || samples_in.dim() != 4) throw input_error("samples: expected images [N, C, H, W]");
-  if (samples_in.size(0) == 0) throw input_error("samples: the sample set is empty");
-  if (samples_in.size(0) < kMinImages) {
-    throw input_error("samples: " + std::to_string(samples_in.size(0)) + " images; at least " + std::to_string(kMinImages) + " are needed");
+  const int64_t count = sample_out.features.size(0);
+  if (count < kMinImages) {
+    throw input_error("samples: " + std::to_string(count) + " images; at least " + std::to_string(kMinImages) + " are needed");
   }
-  at::Tensor samples = samples_in.scalar_type() == at::kByte ? samples_in : to_uint8(samples_in);
   const ClassifierConfig& cc = clf.config();
 
   EvalReport r;
@@ -139,8 +153,9 @@ EvalReport evaluate_images(const at::Tensor& samples_in, const Classifier& clf, 
   Dataset ref = load_dataset(options.ref, options.ref_data);
   r.ref_count = ref.size();
   if (ref.size() < kMinImages) throw input_error(options.ref + ": the reference has " + std::to_string(ref.size()) + " images; at least 10 are needed");
-  if (samples.size(1) != ref.channels() || samples.size(2) != ref.height() || samples.size(3) != ref.width()) {
-    throw input_error("samples: images are " + describe_shape(samples) + " (HxWxC) but the reference " + options.ref + " is " +
+  if (shape[0] != ref.channels() || shape[1] != ref.height() || shape[2] != ref.width()) {
+    throw input_error("samples: images are " + std::to_string(shape[1]) + "x" + std::to_string(shape[2]) + "x" +
+                      std::to_string(shape[0]) + " (HxWxC) but the reference " + options.ref + " is " +
                       describe_shape(ref.images) + "; evaluate against a matching reference (--ref, --ref-size, --ref-channels)");
   }
   r.feature_dim = cc.feature_dim;
@@ -152,7 +167,7 @@ EvalReport evaluate_images(const at::Tensor& samples_in, const Classifier& clf, 
     r.classifier_ref_accuracy = ref_out.logits.argmax(1).eq(ref.labels).to(at::kDouble).mean().item<double>();
   }
   PrdcReference ref_prdc = prdc_reference(ref_out.features, options.prdc);
-  r.samples = measure(ref_out.features, ref_prdc, clf.run(samples, options.batch), cc.num_classes, options);
+  r.samples = measure(ref_out.features, ref_prdc, sample_out, cc.num_classes, options);
 
   r.floor = options.floor == "auto" ? floor_spec_for(options.ref) : (options.floor == "none" ? "" : options.floor);
   if (!r.floor.empty()) {
@@ -165,15 +180,68 @@ EvalReport evaluate_images(const at::Tensor& samples_in, const Classifier& clf, 
       throw input_error(r.floor + ": floor images are not the reference's size");
     }
     // As many real images as samples, a seeded random subset.
-    const int64_t count = std::min(samples.size(0), real.size());
+    const int64_t n_real = std::min(count, real.size());
     at::Generator gen = at::detail::createCPUGenerator(options.seed + 1);
-    at::Tensor idx = at::randperm(real.size(), gen, at::TensorOptions().dtype(at::kLong)).narrow(0, 0, count);
+    at::Tensor idx = at::randperm(real.size(), gen, at::TensorOptions().dtype(at::kLong)).narrow(0, 0, n_real);
     ClassifierOutput real_out = clf.run(real.images.index_select(0, idx), options.batch);
     r.floor_metrics = measure(ref_out.features, ref_prdc, real_out, cc.num_classes, options);
     r.has_floor = true;
   }
   r.seconds = seconds_since(t0);
   return r;
+}
+
+}  // namespace
+
+EvalReport evaluate_images(const at::Tensor& samples_in, const Classifier& clf, const EvalOptions& options) {
+  auto t0 = std::chrono::steady_clock::now();
+  if (!samples_in.defined() || samples_in.dim() != 4) throw input_error("samples: expected images [N, C, H, W]");
+  if (samples_in.size(0) == 0) throw input_error("samples: the sample set is empty");
+  if (samples_in.size(0) < kMinImages) {
+    throw input_error("samples: " + std::to_string(samples_in.size(0)) + " images; at least " + std::to_string(kMinImages) + " are needed");
+  }
+  at::Tensor samples = samples_in.scalar_type() == at::kByte ? samples_in : to_uint8(samples_in);
+  // The reference's shape first: a mismatch should not cost a classifier pass over the samples.
+  std::vector<int64_t> ref_shape = reference_shape(options);
+  const std::vector<int64_t> shape = {samples.size(1), samples.size(2), samples.size(3)};
+  if (shape != ref_shape) {
+    throw input_error("samples: images are " + describe_shape(samples) + " (HxWxC) but the reference " + options.ref + " is " +
+                      std::to_string(ref_shape[1]) + "x" + std::to_string(ref_shape[2]) + "x" + std::to_string(ref_shape[0]) +
+                      "; evaluate against a matching reference (--ref, --ref-size, --ref-channels)");
+  }
+  EvalReport r = evaluate_outputs(clf.run(samples, options.batch), shape, clf, options);
+  r.seconds = seconds_since(t0);
+  return r;
+}
+
+EvalReport evaluate_model(const std::string& path, const SampleOptions& options, const Classifier& clf,
+                          const EvalOptions& eval, SampleSet* info) {
+  auto t0 = std::chrono::steady_clock::now();
+  if (options.n < 0) throw input_error("--n: must be >= 0");
+  Model m = load_sample_model(path, options);
+  GenerateOptions g = sample_generate_options(m, options);
+  if (g.n < kMinImages) {
+    throw input_error("samples: " + std::to_string(g.n) + " images; at least " + std::to_string(kMinImages) + " are needed");
+  }
+  // Each batch goes through the classifier as it is drawn; only features and logits are kept.
+  std::vector<at::Tensor> features, logits;
+  int64_t nfe = 0;
+  generate_batches(m, g, [&](int64_t first, const at::Tensor& images) {
+    ClassifierOutput out = clf.run(to_uint8(images), eval.batch);
+    features.push_back(out.features);
+    logits.push_back(out.logits);
+    if (options.on_batch) options.on_batch(first + images.size(0), g.n);
+  }, &nfe);
+  ClassifierOutput all{at::cat(features), at::cat(logits)};
+  features.clear();
+  logits.clear();
+  const double sampling_seconds = seconds_since(t0);
+  if (info) {
+    info->kind = "model";
+    info->nfe = nfe;
+    info->seconds = sampling_seconds;
+  }
+  return evaluate_outputs(all, {m.channels(), m.image_size(), m.image_size()}, clf, eval);
 }
 
 nlohmann::json eval_report_to_json(const EvalReport& r) {

@@ -93,6 +93,11 @@ struct EvalReport {
 
 // Checks the samples against the reference (same channels and size, enough images) and measures them.
 EvalReport evaluate_images(const at::Tensor& samples, const Classifier& clf, const EvalOptions& options);
+// Draws options.n images (1000 when 0) from a model at path batch by batch and measures them as
+// evaluate_images would, keeping only the classifier's features and logits per image: memory does not
+// grow with the images. info (optional) gets the kind, nfe and seconds of the sampling.
+EvalReport evaluate_model(const std::string& path, const SampleOptions& options, const Classifier& clf,
+                          const EvalOptions& eval, SampleSet* info = nullptr);
 nlohmann::json eval_report_to_json(const EvalReport& r);
 // A few lines for people.
 std::string eval_report_text(const EvalReport& r);
