@@ -15,9 +15,16 @@
 #include <fstream>
 #include <thread>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include "diffuse/config.h"
 #include "diffuse/io/checkpoint.h"
 #include "diffuse/io/file.h"
+#include "diffuse/nn/unet.h"
 #include "diffuse/train/distributed.h"
+#include "diffuse/train/optim.h"
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
@@ -256,4 +263,42 @@ TEST(Dist, BadEnvironmentIsOneLineExitTwo) {
   EXPECT_EQ(r.code, 2) << r.err;
   EXPECT_EQ(count_lines(r.err), 1) << r.err;
   fs::remove_all(dir);
+}
+
+// The all-reduce of a bucket starts inside backward(), from the AccumulateGrad post-hooks, not after it;
+// and the reduced gradient (one rank: the mean is the gradient itself) is exactly autograd's.
+TEST(Dist, BucketsLaunchDuringBackward) {
+  if (!have_c10d()) GTEST_SKIP() << "built without c10d";
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  ASSERT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  ::close(fd);
+  diffuse::DistOptions d;
+  d.master_addr = "127.0.0.1";
+  d.master_port = ntohs(a.sin_port);
+  d.timeout_s = 30;
+  auto comm = diffuse::Communicator::connect(d, at::Device(at::kCPU));
+
+  torch::manual_seed(0);
+  diffuse::UNet2DModel net(diffuse::load_preset("tiny").model);
+  diffuse::FlatParameters flat(net->named_parameters());
+  std::vector<at::Tensor> params;
+  for (const auto& p : net->parameters()) params.push_back(p);
+  diffuse::GradReducer reducer(*comm, flat, params, /*bucket_numel=*/20000);
+  ASSERT_GE(reducer.num_buckets(), 5);
+  const at::Tensor x = torch::randn({4, 1, 8, 8}), t = torch::tensor({1.0f, 10.0f, 100.0f, 999.0f});
+  net->forward(x, t).pow(2).mean().backward();
+  const at::Tensor plain = flat.grad().clone();
+  for (int step = 0; step < 2; ++step) {
+    flat.zero_grad();
+    reducer.prepare();
+    net->forward(x, t).pow(2).mean().backward();
+    EXPECT_EQ(reducer.launched_in_backward(), reducer.num_buckets());  // every parameter has a gradient
+    reducer.finish();
+    EXPECT_TRUE(at::equal(flat.grad(), plain));
+  }
 }

@@ -249,6 +249,7 @@ struct GradReducer::State {
   std::vector<int64_t> expected, pending;
   std::vector<WorkPtr> works;
   int64_t next = 0;                    // the next bucket to launch
+  int64_t early = 0;                   // buckets launched from the backward pass this step
   bool armed = false;                  // between prepare() and finish()
   bool active = true;                  // false once the reducer is gone (hooks stay on the graph nodes)
 
@@ -269,7 +270,10 @@ struct GradReducer::State {
     std::lock_guard<std::mutex> lock(mu);
     if (!active || !armed) return;
     if (--pending[b] > 0) return;
-    while (next < static_cast<int64_t>(lo.size()) && pending[next] == 0) launch_next();
+    while (next < static_cast<int64_t>(lo.size()) && pending[next] == 0) {
+      launch_next();
+      ++early;
+    }
   }
 };
 
@@ -328,11 +332,13 @@ GradReducer::~GradReducer() {
 }
 
 int64_t GradReducer::num_buckets() const { return static_cast<int64_t>(state_->lo.size()); }
+int64_t GradReducer::launched_in_backward() const { return state_->early; }
 
 void GradReducer::prepare() {
   std::lock_guard<std::mutex> lock(state_->mu);
   state_->pending = state_->expected;
   state_->next = 0;
+  state_->early = 0;
   for (auto& w : state_->works) w.reset();
   state_->armed = true;
 }
@@ -370,6 +376,7 @@ std::string Communicator::share(const std::string&, const std::string& v) { retu
 GradReducer::GradReducer(Communicator&, FlatParameters&, const std::vector<at::Tensor>&, int64_t) {}
 GradReducer::~GradReducer() = default;
 int64_t GradReducer::num_buckets() const { return 0; }
+int64_t GradReducer::launched_in_backward() const { return 0; }
 void GradReducer::prepare() {}
 void GradReducer::finish() {}
 

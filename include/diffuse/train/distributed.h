@@ -76,6 +76,7 @@ class GradReducer {
   void prepare();  // before backward()
   void finish();   // after backward(): flat.grad() holds the mean over ranks
   int64_t num_buckets() const;
+  int64_t launched_in_backward() const;  // buckets of the last step launched before finish()
 
   struct State;
 
