@@ -26,6 +26,8 @@
 namespace diffuse {
 namespace {
 
+constexpr int64_t kMaxImagePixels = int64_t{1} << 26;  // 64 Mpx (8192 x 8192): far above any data set here
+
 std::string shape_string(const at::Tensor& t) {
   std::string s;
   for (int64_t d = 0; d < t.dim(); ++d) s += (d ? "x" : "") + std::to_string(t.size(d));
@@ -95,6 +97,17 @@ at::Tensor image_decode(const std::string& bytes, int64_t channels, const std::s
   int w = 0, h = 0, comp = 0;
   if (!stbi_info_from_memory(data, len, &w, &h, &comp))
     throw input_error(context + ": not a readable image (" + stbi_failure_reason() + ")");
+  // Decompression bombs: a few bytes may declare a huge image that stb then fills pixel by pixel. Cap the
+  // pixel count, and an uncompressed BMP (stb reads no RLE BMPs) must hold at least 1 bit per pixel.
+  const int64_t pixels_declared = static_cast<int64_t>(w) * h;
+  if (pixels_declared > kMaxImagePixels) {
+    throw input_error(context + ": image of " + std::to_string(w) + "x" + std::to_string(h) + " pixels is larger than " +
+                      std::to_string(kMaxImagePixels) + " pixels");
+  }
+  if (bytes.size() >= 2 && bytes[0] == 'B' && bytes[1] == 'M' && static_cast<int64_t>(bytes.size()) * 8 < pixels_declared) {
+    throw input_error(context + ": BMP declares " + std::to_string(w) + "x" + std::to_string(h) +
+                      " pixels but holds only " + std::to_string(bytes.size()) + " bytes");
+  }
   int want = channels != 0 ? static_cast<int>(channels) : (comp <= 2 ? 1 : 3);
   stbi_uc* pixels = stbi_load_from_memory(data, len, &w, &h, &comp, want);
   if (pixels == nullptr) throw input_error(context + ": cannot decode image (" + stbi_failure_reason() + ")");
