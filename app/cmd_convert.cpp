@@ -32,16 +32,23 @@ void register_convert(CLI::App& app, Common& common) {
         at::NoGradGuard no_grad;
         m.net->to(storage);
       }
-      if (target == "diffusers") {
-        save_diffusers_unet(*m.net, *dst);
-        save_diffusers_scheduler(*dst, m.config.process, m.config.loss);
-        std::cout << *dst << " (diffusers UNet2DModel" << (m.uses_ema ? ", EMA weights" : "") << ")\n";
-      } else {
-        Checkpoint c;
-        c.config = m.config;
-        c.model = unet_state_dict(*m.net);
-        std::string dir = checkpoint_save(*dst, c, 1);
-        std::cout << dir << " (diffuse checkpoint, " << *dtype << " weights" << (m.uses_ema ? ", EMA" : "") << ")\n";
+      // A destination this command creates is removed again when writing it fails (a full disk).
+      const bool fresh = !path_exists(*dst);
+      try {
+        if (target == "diffusers") {
+          save_diffusers_unet(*m.net, *dst);
+          save_diffusers_scheduler(*dst, m.config.process, m.config.loss);
+          std::cout << *dst << " (diffusers UNet2DModel" << (m.uses_ema ? ", EMA weights" : "") << ")\n";
+        } else {
+          Checkpoint c;
+          c.config = m.config;
+          c.model = unet_state_dict(*m.net);
+          std::string dir = checkpoint_save(*dst, c, 1);
+          std::cout << dir << " (diffuse checkpoint, " << *dtype << " weights" << (m.uses_ema ? ", EMA" : "") << ")\n";
+        }
+      } catch (...) {
+        if (fresh) remove_all_quietly(*dst);
+        throw;
       }
       return 0;
     });

@@ -1,4 +1,5 @@
 // The `diffuse` program: a thin layer that fills config structs and calls the library.
+#include <csignal>
 #include <iostream>
 
 #include "cli.h"
@@ -7,19 +8,35 @@
 
 namespace diffuse::cli {
 
+namespace {
+
+// Error messages are one line: LibTorch's and a few library messages carry newlines.
+std::string one_line(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  for (char& c : s) {
+    if (c == '\n' || c == '\r') c = ' ';
+  }
+  return s;
+}
+
+}  // namespace
+
 void run_guarded(const Common& common, const std::function<int()>& fn) {
   int code = kExitOk;
   try {
     set_threads(common.threads);
     code = fn();
   } catch (const Error& e) {
-    std::cerr << "error: " << e.what() << "\n";
+    std::cerr << "error: " << one_line(e.what()) << "\n";
     code = e.exit_code();
   } catch (const c10::Error& e) {
-    std::cerr << "error: " << e.what_without_backtrace() << "\n";
+    std::cerr << "error: " << one_line(e.what_without_backtrace()) << "\n";
+    code = kExitFailure;
+  } catch (const std::bad_alloc&) {
+    std::cerr << "error: out of memory\n";
     code = kExitFailure;
   } catch (const std::exception& e) {
-    std::cerr << "error: " << e.what() << "\n";
+    std::cerr << "error: " << one_line(e.what()) << "\n";
     code = kExitFailure;
   }
   std::cout.flush();
@@ -29,7 +46,17 @@ void run_guarded(const Common& common, const std::function<int()>& fn) {
 }  // namespace diffuse::cli
 
 int main(int argc, char** argv) {
+  // A write past `ulimit -f` fails with EFBIG and a one-line error instead of killing the process.
+  std::signal(SIGXFSZ, SIG_IGN);
   CLI::App app{"diffuse: train, sample, edit and measure image diffusion models (LibTorch)"};
+  // Usage errors are one line too (CLI11 adds a "Run with --help" line by default).
+  app.failure_message([](const CLI::App*, const CLI::Error& e) {
+    std::string what = e.what();
+    for (char& c : what) {
+      if (c == '\n') c = ' ';
+    }
+    return "error: " + what + " (see --help)\n";
+  });
   app.set_version_flag("--version", diffuse::version());
   app.require_subcommand(1);
   diffuse::cli::Common common;

@@ -206,7 +206,9 @@ std::string report_html(const std::string& run_dir, const ReportOptions& options
     if (eval.is_object()) break;
     eval = json();
   }
-  if (metrics.records.empty() && grids.empty() && !path_exists(config_path) && !eval.is_object()) {
+  // A config.json that does not parse is shown raw, but it alone is nothing to report.
+  const bool have_config = path_exists(config_path) && json::parse(read_file(config_path), nullptr, false).is_object();
+  if (metrics.records.empty() && grids.empty() && !have_config && !eval.is_object()) {
     throw input_error(run_dir + ": nothing to report (no metrics.jsonl, samples/*.png, config.json or eval.json)");
   }
   std::string title = options.title.empty() ? fs::path(run_dir).lexically_normal().filename().string() : options.title;
