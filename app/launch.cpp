@@ -137,34 +137,45 @@ int launch_ranks(int64_t nproc) {
     g_children[static_cast<size_t>(r)] = pid;
   }
 
-  // Wait for all; on the first failure stop the others (SIGTERM, then SIGKILL after 10 s).
+  // Wait for all; on the first failure stop the others: SIGTERM (after 3 s when it was bad input, which
+  // the others are likely to find too, so that rank 0 gets to say it), then SIGKILL 10 s later.
+  using SteadyClock = std::chrono::steady_clock;
   int64_t running = nproc, failed_rank = -1;
   int failed_status = 0;
-  auto kill_deadline = std::chrono::steady_clock::time_point::max();
+  std::vector<int> statuses(static_cast<size_t>(nproc), -1);
+  auto term_at = SteadyClock::time_point::max(), kill_at = SteadyClock::time_point::max();
+  auto signal_all = [&](int sig) {
+    for (pid_t c : g_children)
+      if (c > 0) ::kill(c, sig);
+  };
   while (running > 0) {
     int status = 0;
     pid_t pid = ::waitpid(-1, &status, WNOHANG);
     if (pid < 0 && errno != EINTR) break;
     if (pid <= 0) {
-      if (std::chrono::steady_clock::now() > kill_deadline) {
-        for (pid_t c : g_children)
-          if (c > 0) ::kill(c, SIGKILL);
-        kill_deadline = std::chrono::steady_clock::time_point::max();
+      if (SteadyClock::now() > term_at) {
+        signal_all(SIGTERM);
+        term_at = SteadyClock::time_point::max();
+        kill_at = SteadyClock::now() + std::chrono::seconds(10);
       }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      if (SteadyClock::now() > kill_at) {
+        signal_all(SIGKILL);
+        kill_at = SteadyClock::time_point::max();
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
       continue;
     }
     for (size_t r = 0; r < g_children.size(); ++r) {
       if (g_children[r] != pid) continue;
       g_children[r] = 0;
+      statuses[r] = status;
       --running;
       const bool ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
       if (!ok && failed_rank < 0) {
         failed_rank = static_cast<int64_t>(r);
         failed_status = status;
-        for (pid_t c : g_children)
-          if (c > 0) ::kill(c, SIGTERM);
-        kill_deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        const bool bad_input = WIFEXITED(status) && WEXITSTATUS(status) == kExitBadInput;
+        term_at = SteadyClock::now() + std::chrono::seconds(bad_input ? 3 : 0);
       }
     }
   }
@@ -175,7 +186,8 @@ int launch_ranks(int64_t nproc) {
   if (failed_rank < 0) return kExitOk;
   // Rank 0 prints the one line of bad input (the others stay silent on it); anything else gets a line here.
   if (WIFEXITED(failed_status) && WEXITSTATUS(failed_status) == kExitBadInput) {
-    if (failed_rank != 0) std::cerr << "error: rank " << failed_rank << " of " << nproc << " stopped on bad input\n";
+    const bool rank0_said_it = WIFEXITED(statuses[0]) && WEXITSTATUS(statuses[0]) == kExitBadInput;
+    if (!rank0_said_it) std::cerr << "error: rank " << failed_rank << " of " << nproc << " stopped on bad input that rank 0 did not see\n";
     return kExitBadInput;
   }
   std::cerr << "error: rank " << failed_rank << " of " << nproc << " failed (" << describe(failed_status)

@@ -129,6 +129,19 @@ constexpr double kTol = 2e-5;
 
 bool have_c10d() { return diffuse::distributed_available(); }
 
+// A loopback TCP port that is free now.
+int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  EXPECT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
 }  // namespace
 
 TEST(Dist, TwoRanksWithHalfBatchEqualOneProcess) {
@@ -185,7 +198,7 @@ TEST(Dist, ResumeAcrossProcessCounts) {
 // Two ranks started torchrun-style; one is killed (or frozen) mid-run; the other must stop by itself.
 void lose_a_peer(int victim, int sig, double timeout_s) {
   std::string dir = tmp("lose" + std::to_string(victim) + "_" + std::to_string(sig));
-  const std::string port = std::to_string(20000 + (::getpid() * 7 + victim * 13 + sig) % 30000);
+  const std::string port = std::to_string(free_port());
   std::vector<std::string> args = tiny(dir, 100000, 16);
   args.back() = std::to_string(static_cast<int>(timeout_s));  // --dist-timeout
   Proc p[2];
@@ -269,17 +282,9 @@ TEST(Dist, BadEnvironmentIsOneLineExitTwo) {
 // and the reduced gradient (one rank: the mean is the gradient itself) is exactly autograd's.
 TEST(Dist, BucketsLaunchDuringBackward) {
   if (!have_c10d()) GTEST_SKIP() << "built without c10d";
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
-  ASSERT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
-  ::close(fd);
   diffuse::DistOptions d;
   d.master_addr = "127.0.0.1";
-  d.master_port = ntohs(a.sin_port);
+  d.master_port = free_port();
   d.timeout_s = 30;
   auto comm = diffuse::Communicator::connect(d, at::Device(at::kCPU));
 

@@ -228,12 +228,18 @@ void Communicator::sync_after_rank0(const std::string& key, double timeout_s) {
 std::string Communicator::share(const std::string& key, const std::string& value_on_rank0) {
   const std::string k = "diffuse/share/" + key;
   try {
+    std::string value = value_on_rank0;
     if (rank() == 0) {
-      impl_->store->set(k, std::vector<uint8_t>(value_on_rank0.begin(), value_on_rank0.end()));
-      return value_on_rank0;
+      impl_->store->set(k, std::vector<uint8_t>(value.begin(), value.end()));
+    } else {
+      std::vector<uint8_t> v = impl_->store->get(k);
+      value.assign(v.begin(), v.end());
     }
-    std::vector<uint8_t> v = impl_->store->get(k);
-    return std::string(v.begin(), v.end());
+    // Nobody goes on before all have the value: a rank that then stops on bad input (every rank checks the
+    // same shared value) cannot make a slower one fail on a lost connection instead.
+    if (impl_->store->add(k + "/read", 1) == world_size()) impl_->store->set(k + "/all", std::vector<uint8_t>{1});
+    impl_->store->wait({k + "/all"});
+    return value;
   } catch (const std::exception& e) {
     impl_->fail("receiving '" + key + "' from rank 0", e);
   }

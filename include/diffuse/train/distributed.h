@@ -52,7 +52,8 @@ class Communicator {
   // Rank 0 says it finished work the others do not share (checkpoint, samples, FD); the others wait for
   // it up to timeout_s, longer than a collective's timeout since that work may take minutes.
   void sync_after_rank0(const std::string& key, double timeout_s);
-  // Rank 0 publishes a string under key; every other rank receives it (rank 0 gets its own back).
+  // Rank 0 publishes a string under key; every other rank receives it (rank 0 gets its own back). Returns
+  // once every rank has it.
   std::string share(const std::string& key, const std::string& value_on_rank0);
 
   struct Impl;
