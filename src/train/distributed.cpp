@@ -19,6 +19,7 @@
 #endif
 
 #ifdef DIFFUSE_HAVE_C10D
+#include <torch/version.h>  // TORCH_VERSION_MAJOR: LibTorch 2 puts Gloo and NCCL behind c10d::Backend
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
