@@ -169,14 +169,15 @@ void register_edit(CLI::App& app, Common& common) {
   // upscale
   {
     auto a = std::make_shared<EditArgs>();
-    CLI::App* sub = add_edit_command(app, common, "upscale", "zero-shot super-resolution (ILVR) of a low-resolution image", a);
-    sub->add_option("--factor", a->factor, "upscaling factor (the input is the model's size / factor)")
-        ->check(CLI::Range(int64_t{2}, int64_t{64}))->capture_default_str();
+    CLI::App* sub = add_edit_command(app, common, "upscale", "super-resolution of a low-resolution image: SR3 with a model trained with --task sr, else zero-shot (ILVR)", a);
+    CLI::Option* factor = sub->add_option("--factor", a->factor, "upscaling factor (the input is the model's size / factor; default 4, or the SR model's)")
+        ->check(CLI::Range(int64_t{2}, int64_t{64}));
     sub->add_option("--upsample", a->upsample_mode, "upsampling inside the low-pass filter: nearest, bilinear")
         ->check(CLI::IsMember({"nearest", "bilinear"}))->capture_default_str();
-    sub->callback([a, &common]() {
+    sub->callback([a, factor, &common]() {
       run_guarded(common, [&]() {
         Model m = load_for_edit(*a);
+        if (m.super_resolution() && factor->count() == 0) a->factor = m.config.train.sr_factor;
         if (m.image_size() % a->factor != 0) {
           throw input_error("--factor " + std::to_string(a->factor) + " does not divide the model's image size " +
                             std::to_string(m.image_size()));

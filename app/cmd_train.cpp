@@ -20,7 +20,8 @@ struct TrainArgs {
   std::string data, process, prediction, schedule, weighting, device, sampler;
   int64_t steps = 0, batch = 0, seed = 0, warmup = 0, log_every = 0, sample_every = 0, ckpt_every = 0;
   int64_t timesteps = 0, size = 0, sample_n = 0, sample_steps = 0, num_classes = 0, eval_every = 0, eval_n = 0;
-  std::string classifier, precision;
+  std::string classifier, precision, task;
+  int64_t sr_factor = 0;
   double lr = 0, grad_clip = 0, ema_decay = 0, max_minutes = 0, min_snr_gamma = 0, weight_decay = 0, p_uncond = 0;
   bool hflip = false, class_cond = false;
   // Data-parallel training.
@@ -73,6 +74,9 @@ void register_train(CLI::App& app, Common& common) {
   o["num_classes"] = sub->add_option("--num-classes", args->num_classes, "classes of the data (class-conditional; default 10)")->check(CLI::PositiveNumber);
   o["eval_every"] = sub->add_option("--eval-every", args->eval_every, "steps between FD measurements in metrics.jsonl (0: off)")->check(CLI::NonNegativeNumber);
   o["eval_n"] = sub->add_option("--eval-n", args->eval_n, "samples per FD measurement")->check(CLI::PositiveNumber);
+  o["task"] = sub->add_option("--task", args->task, "generate, or sr: a super-resolution model (SR3) that also sees the low-resolution image")
+                  ->check(CLI::IsMember({"generate", "sr"}));
+  o["sr_factor"] = sub->add_option("--sr-factor", args->sr_factor, "super-resolution factor (--task sr; default 4)")->check(CLI::PositiveNumber);
   o["classifier"] = sub->add_option("--classifier", args->classifier, "feature network for FD (default models/fmnist-classifier)");
   sub->callback([args, o, &common]() {
     run_guarded(common, [&]() {
@@ -124,6 +128,13 @@ void register_train(CLI::App& app, Common& common) {
       if (given("eval_every")) t.eval_every = a.eval_every;
       if (given("eval_n")) t.eval_n = a.eval_n;
       if (given("classifier")) t.classifier = a.classifier;
+      if (given("sr_factor")) t.sr_factor = a.sr_factor;
+      if (given("task") && a.task != t.task) {
+        // The network takes the image and the upsampled low-resolution image, and predicts the image's target.
+        if (a.task == "sr") cfg.model.in_channels = 2 * cfg.model.in_channels;
+        else cfg.model.in_channels = image_channels(cfg);
+        t.task = a.task;
+      }
       if (given("class_cond") || given("p_uncond")) {
         t.class_conditional = true;
         int64_t classes = given("num_classes") ? a.num_classes : 10;

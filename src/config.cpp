@@ -68,7 +68,9 @@ json train_options_to_json(const TrainOptions& t) {
               {"precision", t.precision},
               {"eval_every", t.eval_every},
               {"eval_n", t.eval_n},
-              {"classifier", t.classifier}};
+              {"classifier", t.classifier},
+              {"task", t.task},
+              {"sr_factor", t.sr_factor}};
 }
 
 TrainOptions train_options_from_json(const json& j, const TrainOptions& defaults) {
@@ -107,6 +109,8 @@ TrainOptions train_options_from_json(const json& j, const TrainOptions& defaults
   read_key(j, s, "eval_every", t.eval_every);
   read_key(j, s, "eval_n", t.eval_n);
   read_key(j, s, "classifier", t.classifier);
+  read_key(j, s, "task", t.task);
+  read_key(j, s, "sr_factor", t.sr_factor);
   return t;
 }
 
@@ -147,7 +151,32 @@ RunConfig run_config_from_json(const json& j) {
   if (j.contains("process")) c.process = process_config_from_json(j.at("process"));
   if (j.contains("loss")) c.loss = loss_config_from_json(j.at("loss"));
   if (j.contains("train")) c.train = train_options_from_json(j.at("train"));
+  validate_run_config(c);
   return c;
+}
+
+void validate_run_config(const RunConfig& c) {
+  const TrainOptions& t = c.train;
+  if (t.task != "generate" && t.task != "sr") {
+    throw input_error("train.task: \"" + t.task + "\" is not a task (generate, sr)");
+  }
+  if (t.task == "sr") {
+    if (t.sr_factor < 2) throw input_error("train.sr_factor: must be at least 2, got " + std::to_string(t.sr_factor));
+    if (c.model.sample_size % t.sr_factor != 0) {
+      throw input_error("train.sr_factor: " + std::to_string(t.sr_factor) + " does not divide the model's sample_size " +
+                        std::to_string(c.model.sample_size));
+    }
+    const int64_t image = c.model.in_channels / 2;
+    if (c.model.in_channels % 2 != 0 || (c.model.out_channels != image && c.model.out_channels != 2 * image)) {
+      throw input_error("a super-resolution model takes the image and its low-resolution version: model.in_channels (" +
+                        std::to_string(c.model.in_channels) + ") must be twice model.out_channels (" +
+                        std::to_string(c.model.out_channels) + ")");
+    }
+  }
+}
+
+int64_t image_channels(const RunConfig& c) {
+  return c.train.task == "sr" ? c.model.in_channels / 2 : c.model.in_channels;
 }
 
 std::string configs_dir() {

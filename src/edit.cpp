@@ -150,6 +150,17 @@ at::Tensor upsample(const at::Tensor& x, int64_t factor, Upsample mode) {
   return at::upsample_bilinear2d(x, size, /*align_corners=*/false);
 }
 
+at::Tensor sr_condition(const at::Tensor& low, int64_t factor) { return upsample(low, factor, Upsample::kBilinear); }
+
+ModelFn conditioned_model_fn(const Model& m, const at::Tensor& condition) {
+  UNet2DModel net = m.net;
+  const at::Tensor cond = condition;
+  return [net, cond](const at::Tensor& x, const at::Tensor& c_noise, const at::Tensor& labels) mutable {
+    const at::Tensor c = cond.size(0) == x.size(0) ? cond : cond.expand({x.size(0), -1, -1, -1});
+    return net->forward(at::cat({x, c.to(x.dtype())}, 1), c_noise, labels);
+  };
+}
+
 namespace {
 
 // Per row of values [..., K], the shift c with mean(clamp(values + c, -1, 1)) = target [..., 1], by
@@ -286,10 +297,17 @@ void check_edit_options(const Model& m, const GenerateOptions& g) {
 }
 
 // Runs fn batch by batch with the model's denoiser (labels, classifier-free guidance as in generate()).
-at::Tensor run_batches(const Model& m, const GenerateOptions& g, const BatchFn& fn) {
+// `condition`: the extra input channels of a super-resolution model (undefined: none).
+at::Tensor run_batches(const Model& m, const GenerateOptions& g, const BatchFn& fn,
+                       const at::Tensor& condition = at::Tensor()) {
   check_edit_options(m, g);
+  if (m.super_resolution() && !condition.defined()) {
+    throw input_error(m.source + ": a super-resolution model (task sr) only upscales: use `diffuse upscale`");
+  }
   const at::Device device = m.net->parameters().front().device();
-  const Denoiser denoiser = m.denoiser();
+  const Denoiser denoiser = condition.defined()
+                                ? Denoiser(conditioned_model_fn(m, condition.to(device)), *m.process, m.config.loss.prediction)
+                                : m.denoiser();
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> out;
   for (int64_t start = 0; start < g.n; start += g.batch) {
@@ -361,6 +379,19 @@ at::Tensor upscale(const Model& m, const at::Tensor& low, const GenerateOptions&
   const SamplerInfo& sampler = find_sampler(g.sampler);
   const std::vector<double> sigmas = generation_sigmas(m, g);
   const at::Tensor low_cpu = low.to(at::kFloat).unsqueeze(0);
+  if (m.super_resolution()) {
+    if (uo.factor != m.config.train.sr_factor) {
+      throw input_error("--factor " + std::to_string(uo.factor) + ": this super-resolution model was trained for factor " +
+                        std::to_string(m.config.train.sr_factor));
+    }
+    // SR3: the reverse process from pure noise, every evaluation seeing the upsampled low image.
+    return run_batches(
+        m, g,
+        [&](const DenoiseFn& d, SamplerOptions& o, int64_t, const at::Device& device) {
+          return sampler.fn(d, initial_noise(m, *o.noise, sigmas.front(), device), sigmas, o).clamp(-1.0, 1.0);
+        },
+        sr_condition(low_cpu, uo.factor));
+  }
   return run_batches(m, g, [&](const DenoiseFn& d, SamplerOptions& o, int64_t b, const at::Device& device) {
     at::Tensor x = initial_noise(m, *o.noise, sigmas.front(), device);
     // The constraint's last call (sigma 0) projects exactly; the result lies in [-1, 1].

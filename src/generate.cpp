@@ -31,6 +31,9 @@ void generate_batches(const Model& m, const GenerateOptions& g,
                       const std::function<void(int64_t, const at::Tensor&)>& on_images, int64_t* nfe_per_image) {
   if (g.n < 1) throw input_error("--n must be at least 1");
   if (g.batch < 1) throw input_error("--batch must be at least 1");
+  if (m.super_resolution()) {
+    throw input_error(m.source + ": a super-resolution model (task sr) needs a low-resolution image: use `diffuse upscale`");
+  }
   const SamplerInfo& info = find_sampler(g.sampler);
   std::vector<double> sigmas = generation_sigmas(m, g);
   const bool conditional = m.class_conditional();

@@ -48,6 +48,10 @@ struct TrainOptions {
   int64_t eval_every = 0;        // steps between FD measurements written to metrics.jsonl (0: off)
   int64_t eval_n = 2000;         // samples (and reference images from the training data) per FD
   std::string classifier;        // feature network for FD; empty: default_classifier_dir()
+  std::string task = "generate";  // "generate", or "sr": super-resolution as SR3 (Saharia et al. 2022), the
+                                  // network also sees the low-resolution image (average-pooled by
+                                  // sr_factor, upsampled back bilinearly) as extra input channels
+  int64_t sr_factor = 4;          // "sr": downsampling factor of the low-resolution input
 };
 
 struct RunConfig {
@@ -63,6 +67,11 @@ nlohmann::json loss_config_to_json(const LossConfig& l);
 LossConfig loss_config_from_json(const nlohmann::json& j);
 nlohmann::json run_config_to_json(const RunConfig& c);
 RunConfig run_config_from_json(const nlohmann::json& j);
+// Checks what the pieces cannot check alone (task vs. the model's channels); input_error naming the key.
+void validate_run_config(const RunConfig& c);
+// Channels of the images the model generates: in_channels, or half of them for a super-resolution model
+// (the other half is the conditioning image).
+int64_t image_channels(const RunConfig& c);
 
 // Directory holding the presets: $DIFFUSE_CONFIGS, else <source>/configs, else <prefix>/share/diffuse/configs.
 std::string configs_dir();

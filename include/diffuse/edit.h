@@ -106,8 +106,16 @@ struct UpscaleOptions {
   int64_t factor = 4;                  // N: the low-resolution image is (size / N) x (size / N)
   Upsample mode = Upsample::kBilinear; // phi_N's upsampling during sampling (the final projection is exact)
 };
-// low: [C, size / N, size / N]. The result, average-pooled by N, equals low within ~1e-5.
+// low: [C, size / N, size / N]. Two methods, by the model:
+// - an unconditional model: ILVR; the result, average-pooled by N, equals low within ~1e-5;
+// - a super-resolution model (trained with task "sr", SR3): plain sampling with the upsampled low image as
+//   the extra input channels (o.factor must be the model's sr_factor); o.mode is not used.
 at::Tensor upscale(const Model& m, const at::Tensor& low, const GenerateOptions& g, const UpscaleOptions& o = {});
+
+// SR3's conditioning image: low [N, C, h, w] upsampled bilinearly by factor to [N, C, h f, w f].
+at::Tensor sr_condition(const at::Tensor& low, int64_t factor);
+// The model's network with `condition` ([1 or N, C, H, W]) concatenated to its input's channels.
+ModelFn conditioned_model_fn(const Model& m, const at::Tensor& condition);
 
 // SDEdit: noises the image to the grid's sigma at fraction `strength` in [0, 1] of the g.steps-step grid
 // (from its low-noise end) and denoises from there. Strength 0 returns the image exactly.

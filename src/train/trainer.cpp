@@ -8,6 +8,7 @@
 #include <iostream>
 
 #include "diffuse/common.h"
+#include "diffuse/edit.h"
 #include "diffuse/eval/classifier.h"
 #include "diffuse/eval/metrics.h"
 #include "diffuse/generate.h"
@@ -47,9 +48,13 @@ void validate(const RunConfig& cfg, const Dataset& data) {
     throw input_error(data.source + ": " + std::to_string(data.size()) + " images, fewer than one batch of " +
                       std::to_string(t.batch_size));
   }
-  if (data.channels() != cfg.model.in_channels) {
+  validate_run_config(cfg);
+  if (t.task == "sr" && t.eval_every > 0) {
+    throw input_error("--eval-every measures FD of generated samples; a super-resolution model does not generate");
+  }
+  if (data.channels() != image_channels(cfg)) {
     throw input_error(data.source + ": images have " + std::to_string(data.channels()) + " channels, the model takes " +
-                      std::to_string(cfg.model.in_channels));
+                      std::to_string(image_channels(cfg)));
   }
   if (data.height() != cfg.model.sample_size || data.width() != cfg.model.sample_size) {
     throw input_error(data.source + ": images are " + std::to_string(data.height()) + "x" + std::to_string(data.width()) +
@@ -133,7 +138,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
 
   DataOptions dopt;
   dopt.size = t.image_size > 0 ? t.image_size : cfg.model.sample_size;
-  dopt.channels = cfg.model.in_channels;
+  dopt.channels = image_channels(cfg);
   Dataset data = load_dataset(t.data, dopt);
   validate(cfg, data);
   const std::string fingerprint = dataset_fingerprint(data);
@@ -233,8 +238,26 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     g.batch = std::min<int64_t>(t.sample_n, 64);
     g.sampler = t.sample_sampler;
     g.steps = t.sample_steps;
-    at::Tensor x = generate(m, g);
     int64_t ncol = static_cast<int64_t>(std::ceil(std::sqrt(static_cast<double>(g.n))));
+    at::Tensor x;
+    if (t.task == "sr") {
+      // Rows of (low-resolution input upsampled, the model's output, the original) for training images.
+      const int64_t k = std::max<int64_t>(1, std::min<int64_t>(t.sample_n / 3, 16));
+      g.n = 1;
+      UpscaleOptions uo;
+      uo.factor = t.sr_factor;
+      std::vector<at::Tensor> rows;
+      for (int64_t i = 0; i < k; ++i) {
+        const at::Tensor hr = to_float(data.images[i]).unsqueeze(0);
+        const at::Tensor low = downsample(hr, t.sr_factor);
+        g.seed = t.seed + static_cast<uint64_t>(i);
+        rows.push_back(at::cat({upsample(low, t.sr_factor, Upsample::kNearest), upscale(m, low[0], g, uo), hr}));
+      }
+      x = at::cat(rows);
+      ncol = 3;
+    } else {
+      x = generate(m, g);
+    }
     char name[64];
     std::snprintf(name, sizeof(name), "step_%08lld.png", static_cast<long long>(at_step));
     image_save_png(path_join(path_join(run_dir, "samples"), name), make_grid(to_uint8(x), ncol));
@@ -303,6 +326,13 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     }
     UNet2DModel n = net;
     ModelFn model = [n](const at::Tensor& x, const at::Tensor& c, const at::Tensor& l) mutable { return n->forward(x, c, l); };
+    if (t.task == "sr") {
+      // SR3: the network sees the low-resolution version of its target beside the noisy image.
+      const at::Tensor cond = sr_condition(downsample(x0, t.sr_factor), t.sr_factor);
+      model = [n, cond](const at::Tensor& x, const at::Tensor& c, const at::Tensor& l) mutable {
+        return n->forward(at::cat({x, cond.to(x.dtype())}, 1), c, l);
+      };
+    }
     LossOutput out = diffusion_loss(model, *process, cfg.loss, x0, y, gen, BatchSlice{first, G});
     if (reducer) reducer->prepare();
     out.loss.backward();

@@ -57,7 +57,9 @@ struct Model {
 
   ModelFn model_fn() const;
   Denoiser denoiser() const { return Denoiser(model_fn(), *process, config.loss.prediction); }
-  int64_t channels() const { return config.model.in_channels; }
+  // Channels of the generated images (a super-resolution model takes twice as many: image + condition).
+  int64_t channels() const { return image_channels(config); }
+  bool super_resolution() const { return config.train.task == "sr"; }
   int64_t image_size() const { return config.model.sample_size; }
   bool class_conditional() const { return config.model.num_class_embeds.has_value(); }
   // Classes a user may ask for; with label dropout the last embedding is the unconditional label.
