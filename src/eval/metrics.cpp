@@ -1,6 +1,8 @@
 // Fréchet distance, KID, precision/recall, density/coverage between feature sets.
 #include "diffuse/eval/metrics.h"
 
+#include <algorithm>
+
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "diffuse/common.h"
@@ -122,6 +124,17 @@ KidResult kernel_inception_distance(const at::Tensor& real, const at::Tensor& fa
   return r;
 }
 
+namespace {
+
+// Rows per distance block against `cols` columns: at most `chunk`, and few enough that a block holds at most
+// 2^24 distances (64 MiB in float32), so the memory of k-NN and PRDC does not grow with the number of samples.
+int64_t block_rows(int64_t chunk, int64_t cols) {
+  constexpr int64_t kBlockElements = int64_t{1} << 24;
+  return std::clamp<int64_t>(kBlockElements / std::max<int64_t>(cols, 1), 1, std::max<int64_t>(chunk, 1));
+}
+
+}  // namespace
+
 at::Tensor knn_radii(const at::Tensor& x, const std::vector<int64_t>& ks, int64_t chunk) {
   if (ks.empty()) throw input_error("knn: no k given");
   const int64_t k_max = *std::max_element(ks.begin(), ks.end());
@@ -132,7 +145,7 @@ at::Tensor knn_radii(const at::Tensor& x, const std::vector<int64_t>& ks, int64_
   at::Tensor sq = xf.pow(2).sum(1);
   const int64_t n = xf.size(0);
   at::Tensor radii = at::empty({static_cast<int64_t>(ks.size()), n}, at::kFloat);
-  chunk = std::max<int64_t>(chunk, 1);
+  chunk = block_rows(chunk, n);
   for (int64_t i0 = 0; i0 < n; i0 += chunk) {
     const int64_t c = std::min(chunk, n - i0);
     at::Tensor d2 = squared_distances(xf.narrow(0, i0, c), sq.narrow(0, i0, c), xf, sq);
@@ -170,7 +183,7 @@ PrdcResult prdc(const PrdcReference& ref, const at::Tensor& fake) {
   at::Tensor ff = fake.to(at::kFloat).cpu() - ref.center;
   at::Tensor r_fake_pr = knn_radii(ff, options.k_pr, options.chunk).pow(2);
   at::Tensor fsq = ff.pow(2).sum(1);
-  const int64_t n = ref.features.size(0), m = ff.size(0), chunk = options.chunk;
+  const int64_t n = ref.features.size(0), m = ff.size(0), chunk = block_rows(options.chunk, n);
   at::Tensor real_in_fake = at::zeros({n}, at::kBool);  // recall: real sample inside some fake ball
   at::Tensor real_covered = at::zeros({n}, at::kBool);  // coverage: real ball holding some fake sample
   int64_t fake_in_real = 0;                             // precision numerator

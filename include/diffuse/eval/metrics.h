@@ -46,8 +46,8 @@ struct KidResult {
 KidResult kernel_inception_distance(const at::Tensor& real, const at::Tensor& fake, const KidOptions& options = {});
 
 // Precision/recall with k-NN manifolds (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020).
-// Radii are the distance to the k-th nearest other sample of the same set. Computed in row chunks, so
-// 10k x 10k fits in a few hundred MB.
+// Radii are the distance to the k-th nearest other sample of the same set. Distances are computed in row
+// blocks of at most `chunk` rows and 2^24 entries (64 MiB), so memory does not grow with the sample count.
 struct PrdcOptions {
   int64_t k_pr = 3;      // neighbours for the precision/recall manifolds
   int64_t k_dc = 5;      // neighbours for density/coverage (real balls only)
