@@ -17,8 +17,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(data, data + size);
-  } catch (const nlohmann::json::parse_error&) {
-    return 0;  // not JSON: the callers turn this into an input_error naming the file
+  } catch (const nlohmann::json::exception&) {
+    return 0;  // not JSON (or a number beyond double): the callers turn this into an input_error naming the file
   }
   diffuse::RunConfig cfg;
   try {

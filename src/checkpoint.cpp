@@ -18,7 +18,7 @@ namespace fs = std::filesystem;
 json parse_json_file(const std::string& path) {
   try {
     return json::parse(read_file(path));
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number beyond double
     throw input_error(path + ": invalid JSON (" + std::string(e.what()) + ")");
   }
 }

@@ -1,5 +1,9 @@
 #include "diffuse/config.h"
 
+#include <type_traits>
+
+#include <cmath>
+
 #include <cstdlib>
 #include <set>
 
@@ -24,7 +28,17 @@ void read_key(const json& j, const char* section, const char* key, T& out) {
   auto it = j.find(key);
   if (it == j.end() || it->is_null()) return;
   try {
-    out = it->get<T>();
+    if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+      // nlohmann casts a float to an integer unchecked (undefined beyond the type's range): only exact,
+      // in-range integers are taken.
+      if (it->is_number_float()) {
+        const double d = it->template get<double>();
+        if (!(d == std::floor(d) && d >= -9.2e18 && d <= 9.2e18)) {
+          throw input_error(std::string("config: ") + section + "." + key + " must be an integer (" + it->dump() + ")");
+        }
+      }
+    }
+    out = it->template get<T>();
   } catch (const json::exception&) {
     throw input_error(std::string("config: ") + section + "." + key + " has the wrong type (" + it->dump() + ")");
   }
@@ -197,7 +211,7 @@ RunConfig load_preset(const std::string& name_or_path) {
   json j;
   try {
     j = json::parse(read_file(path));
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number beyond double
     throw input_error(path + ": invalid JSON (" + std::string(e.what()) + ")");
   }
   try {

@@ -3,6 +3,8 @@
 
 #include "diffuse/common.h"
 #include "diffuse/nn/unet.h"
+
+#include <cstdio>
 #include "nn/blocks.h"
 
 namespace diffuse {
@@ -160,7 +162,9 @@ void validate_unet_config(const UNetConfig& c) {
   weights += double(layout.temb_channels) * double(layout.temb_channels) +
              double(c.num_class_embeds.value_or(0)) * double(layout.temb_channels);
   if (weights > 4.0e9) {
-    fail("the config describes about " + std::to_string(int64_t(weights / 1e9)) +
+    char billions[32];
+    std::snprintf(billions, sizeof(billions), "%.3g", weights / 1e9);  // may exceed int64
+    fail(std::string("the config describes about ") + billions +
          " billion parameters (limit 4 billion); check block_out_channels, layers_per_block and "
          "num_class_embeds");
   }
