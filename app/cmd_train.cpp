@@ -142,7 +142,7 @@ void register_train(CLI::App& app, Common& common) {
       }
       TrainResult r;
       try {
-        r = train(cfg, a.out, a.resume, TrainControl{a.stop_after, false, dist});
+        r = train(cfg, a.out, a.resume, TrainControl{a.stop_after, /*quiet=*/common.json, dist});
       } catch (const Error& e) {
         // Ranks started by --nproc run the same command line on the same machine: rank 0 reports bad input
         // once, for all of them.

@@ -1,6 +1,7 @@
 // The `diffuse` program as a user meets it: help, info on the default data set, and bad input turned
 // into one line on stderr with exit code 2 — never a crash.
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <sys/wait.h>
 #include <signal.h>
@@ -123,6 +124,8 @@ TEST(Cli, TrainSampleConvertRoundTrip) {
   std::string dir = tmp("roundtrip");
   CliRun t = run_cli("train --preset tiny --steps 20 --sample-every 0 --out " + dir + "/run --json");
   ASSERT_EQ(t.code, 0) << t.err;
+  EXPECT_TRUE(t.err.empty()) << "--json: no progress lines on stderr, got " << t.err;
+  EXPECT_EQ(nlohmann::json::parse(t.out).value("step", 0), 20) << t.out;
   CliRun s = run_cli("sample --ckpt " + dir + "/run --n 9 --sampler ddim --steps 5 --out " + dir + "/grid.png --json");
   ASSERT_EQ(s.code, 0) << s.err;
   EXPECT_TRUE(fs::exists(dir + "/grid.png"));
