@@ -19,32 +19,19 @@
 #include "diffuse/common.h"
 #include "diffuse/io/checkpoint.h"
 
+#include "cli_util.h"
+
 namespace fs = std::filesystem;
 
 namespace {
 
-struct CliRun {
-  int code = -1;
-  std::string out;
-  std::string err;
-};
+using diffuse_test::CliRun;
 
-// Runs the CLI with arguments (a shell-quoted string), capturing stdout and stderr.
+// Runs the CLI with arguments (a shell-quoted string); the commands that compute run single-threaded
+// (tests run two at a time on two cores).
 CliRun run_cli(const std::string& args) {
-  std::string base = (fs::temp_directory_path() / ("diffuse_cli_" + std::to_string(::getpid()))).string();
-  std::string cmd = std::string(DIFFUSE_CLI) + " " + args + (args.rfind("train", 0) == 0 || args.rfind("sample", 0) == 0 || args.rfind("convert", 0) == 0 ? " --threads 1" : "") + " >" + base + ".out 2>" + base + ".err";
-  int status = std::system(cmd.c_str());
-  CliRun r;
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  auto slurp = [](const std::string& p) {
-    std::ifstream f(p);
-    return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  };
-  r.out = slurp(base + ".out");
-  r.err = slurp(base + ".err");
-  fs::remove(base + ".out");
-  fs::remove(base + ".err");
-  return r;
+  const bool compute = args.rfind("train", 0) == 0 || args.rfind("sample", 0) == 0 || args.rfind("convert", 0) == 0;
+  return diffuse_test::run_cli(args + (compute ? " --threads 1" : ""));
 }
 
 int count_lines(const std::string& s) {
