@@ -152,8 +152,7 @@ at::Tensor upsample(const at::Tensor& x, int64_t factor, Upsample mode) {
 
 at::Tensor sr_condition(const at::Tensor& low, int64_t factor) { return upsample(low, factor, Upsample::kBilinear); }
 
-ModelFn conditioned_model_fn(const Model& m, const at::Tensor& condition) {
-  UNet2DModel net = m.net;
+ModelFn conditioned_model_fn(UNet2DModel net, const at::Tensor& condition) {
   const at::Tensor cond = condition;
   return [net, cond](const at::Tensor& x, const at::Tensor& c_noise, const at::Tensor& labels) mutable {
     const at::Tensor c = cond.size(0) == x.size(0) ? cond : cond.expand({x.size(0), -1, -1, -1});
@@ -306,7 +305,7 @@ at::Tensor run_batches(const Model& m, const GenerateOptions& g, const BatchFn& 
   }
   const at::Device device = m.net->parameters().front().device();
   const Denoiser denoiser = condition.defined()
-                                ? Denoiser(conditioned_model_fn(m, condition.to(device)), *m.process, m.config.loss.prediction)
+                                ? Denoiser(conditioned_model_fn(m.net, condition.to(device)), *m.process, m.config.loss.prediction)
                                 : m.denoiser();
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> out;

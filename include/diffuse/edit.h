@@ -114,8 +114,9 @@ at::Tensor upscale(const Model& m, const at::Tensor& low, const GenerateOptions&
 
 // SR3's conditioning image: low [N, C, h, w] upsampled bilinearly by factor to [N, C, h f, w f].
 at::Tensor sr_condition(const at::Tensor& low, int64_t factor);
-// The model's network with `condition` ([1 or N, C, H, W]) concatenated to its input's channels.
-ModelFn conditioned_model_fn(const Model& m, const at::Tensor& condition);
+// The network with `condition` ([1 or N, C, H, W]) concatenated to its input's channels (SR3), for
+// sampling and for training alike.
+ModelFn conditioned_model_fn(UNet2DModel net, const at::Tensor& condition);
 
 // SDEdit: noises the image to the grid's sigma at fraction `strength` in [0, 1] of the g.steps-step grid
 // (from its low-noise end) and denoises from there. Strength 0 returns the image exactly.

@@ -79,7 +79,6 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, 
   conv1 = register_module("conv1", nn::Conv2d(nn::Conv2dOptions(in_channels, out_channels, 3).padding(1)));
   time_emb_proj = register_module("time_emb_proj", nn::Linear(temb_channels, out_channels));
   norm2 = register_module("norm2", nn::GroupNorm(nn::GroupNormOptions(groups, out_channels).eps(eps)));
-  dropout = register_module("dropout", nn::Dropout(nn::DropoutOptions(dropout_p)));
   conv2 = register_module("conv2", nn::Conv2d(nn::Conv2dOptions(out_channels, out_channels, 3).padding(1)));
   if (in_channels != out_channels) {
     conv_shortcut =

@@ -6,7 +6,6 @@
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/conv.h>
-#include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
@@ -49,7 +48,6 @@ class ResnetBlock2DImpl : public torch::nn::Module {
   torch::nn::Conv2d conv1{nullptr};
   torch::nn::Linear time_emb_proj{nullptr};
   torch::nn::GroupNorm norm2{nullptr};
-  torch::nn::Dropout dropout{nullptr};
   torch::nn::Conv2d conv2{nullptr};
   torch::nn::Conv2d conv_shortcut{nullptr};
   double output_scale_factor_ = 1.0;

@@ -328,10 +328,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     ModelFn model = [n](const at::Tensor& x, const at::Tensor& c, const at::Tensor& l) mutable { return n->forward(x, c, l); };
     if (t.task == "sr") {
       // SR3: the network sees the low-resolution version of its target beside the noisy image.
-      const at::Tensor cond = sr_condition(downsample(x0, t.sr_factor), t.sr_factor);
-      model = [n, cond](const at::Tensor& x, const at::Tensor& c, const at::Tensor& l) mutable {
-        return n->forward(at::cat({x, cond.to(x.dtype())}, 1), c, l);
-      };
+      model = conditioned_model_fn(net, sr_condition(downsample(x0, t.sr_factor), t.sr_factor));
     }
     LossOutput out = diffusion_loss(model, *process, cfg.loss, x0, y, gen, BatchSlice{first, G});
     if (reducer) reducer->prepare();
