@@ -580,7 +580,8 @@ def bench_train(args, preset, device, steps, warmup):
     def step_once(step):
         epoch, within = divmod(step, steps_per_epoch)
         if epoch != state["epoch"]:
-            state["perm"] = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000003 + epoch))
+            # On a GPU the permutation moves once per epoch and the loss stays on the device (as the C++ trainer).
+            state["perm"] = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed * 1000003 + epoch)).to(device)
             state["epoch"] = epoch
         idx = state["perm"][within * args.batch:(within + 1) * args.batch].to(device)
         x0 = images.index_select(0, idx).float() / 127.5 - 1.0
@@ -606,7 +607,7 @@ def bench_train(args, preset, device, steps, warmup):
             else:
                 torch._foreach_mul_(ema, d)
                 torch._foreach_add_(ema, params, alpha=1.0 - d)
-        state["loss"] = loss.item()
+        state["loss"] = loss.detach() if device.type == "cuda" else loss.item()
 
     for i in range(warmup):
         step_once(i)
@@ -616,13 +617,13 @@ def bench_train(args, preset, device, steps, warmup):
     start = prev = time.perf_counter()
     for i in range(steps):
         step_once(warmup + i)
-        now = time.perf_counter()  # loss.item() synchronized the device
+        now = time.perf_counter()  # on the CPU loss.item() synchronized; on a GPU the total below counts
         seconds.append(now - prev)
         prev = now
     sync(device)
     total = time.perf_counter() - start
     extra = peak_memory(device)
-    extra["last_loss"] = state["loss"]
+    extra["last_loss"] = float(state["loss"])
     extra["gflop_fwd_per_img"] = forward_gflops_per_image(model, model.cfg, device)
     report(args, "train", sum(p.numel() for p in params), device, seconds, total, extra)
     trace_one(args, "train", lambda: step_once(warmup + steps))

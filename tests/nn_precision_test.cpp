@@ -1,7 +1,6 @@
 // Mixed precision (nn/precision.h): bf16 autocast changes the arithmetic of the network's convolutions
 // and products but not its function (outputs and gradients close to float32 on diffusers' fixture);
 // the output comes back in float32; the autocast state is restored; impossible requests are input errors.
-#include <ATen/autocast_mode.h>
 #include <gtest/gtest.h>
 
 #include "diffuse/common.h"
@@ -31,15 +30,15 @@ TEST(Precision, NamesParseAndNonsenseIsAnInputError) {
 }
 
 TEST(Precision, GuardRestoresTheAutocastState) {
-  ASSERT_FALSE(at::autocast::is_cpu_enabled());
+  ASSERT_FALSE(diffuse::autocast_active(at::Device("cpu")));
   {
     diffuse::AutocastGuard g(at::Device("cpu"), diffuse::Precision::kBFloat16);
-    EXPECT_TRUE(at::autocast::is_cpu_enabled());
-    EXPECT_EQ(at::autocast::get_autocast_cpu_dtype(), at::kBFloat16);
+    EXPECT_TRUE(diffuse::autocast_active(at::Device("cpu")));
+    EXPECT_EQ(diffuse::autocast_target(at::Device("cpu")), at::kBFloat16);
     // A matrix product under the guard runs in bf16.
     EXPECT_EQ(at::mm(at::ones({2, 2}), at::ones({2, 2})).scalar_type(), at::kBFloat16);
   }
-  EXPECT_FALSE(at::autocast::is_cpu_enabled());
+  EXPECT_FALSE(diffuse::autocast_active(at::Device("cpu")));
   EXPECT_EQ(at::mm(at::ones({2, 2}), at::ones({2, 2})).scalar_type(), at::kFloat);
 }
 
@@ -78,7 +77,7 @@ TEST(Precision, Bf16ForwardAndGradientsFollowFloat32) {
   EXPECT_LT(out_err, 3e-2);
   EXPECT_GT(grad_err, 1e-5);
   EXPECT_LT(grad_err, 6e-2);
-  EXPECT_FALSE(at::autocast::is_cpu_enabled());
+  EXPECT_FALSE(diffuse::autocast_active(at::Device("cpu")));
 }
 
 }  // namespace

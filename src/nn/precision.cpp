@@ -58,6 +58,9 @@ void set_autocast_dtype(bool cuda, c10::ScalarType t) {
 
 }  // namespace
 
+bool autocast_active(const c10::Device& device) { return autocast_enabled(device.is_cuda()); }
+c10::ScalarType autocast_target(const c10::Device& device) { return autocast_dtype(device.is_cuda()); }
+
 AutocastGuard::AutocastGuard(const c10::Device& device, Precision p) {
   if (p == Precision::kFloat32) return;
   check_precision(p, device);

@@ -292,6 +292,11 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   double window_loss = 0.0;
   int64_t window_steps = 0, first_window = -1;
   at::Tensor nonfinite = at::zeros({}, at::TensorOptions().device(device).dtype(at::kBool));
+  // On a GPU the loss stays on the device until a log or checkpoint step: reading it every step would make the
+  // host wait for each step to finish before launching the next one's kernels. A non-finite loss then stops
+  // the run at the next log step instead of at once (no checkpoint is written in between: `nonfinite`).
+  const bool defer_loss = device.is_cuda() && !comm;
+  at::Tensor window_loss_dev = at::zeros({}, at::TensorOptions().device(device).dtype(at::kDouble));
   at::Tensor last_norm;
   const int64_t start_step = step;
   int64_t perm_epoch = -1;
@@ -303,11 +308,11 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     const int64_t epoch = step / steps_per_epoch, within = step % steps_per_epoch;
     if (epoch != perm_epoch) {
       at::Generator perm_gen = make_generator(mix_seed(t.seed, 1, static_cast<uint64_t>(epoch)));
-      perm = at::randperm(N, perm_gen, at::kLong);
+      perm = at::randperm(N, perm_gen, at::kLong).to(device);  // one copy per epoch, not one per step
       perm_epoch = epoch;
     }
     // Per-image draws are made for the whole global batch and sliced, so that N ranks draw what one does.
-    at::Tensor idx = perm.narrow(0, within * G + first, B).to(device);
+    at::Tensor idx = perm.narrow(0, within * G + first, B);
     at::Tensor x0 = to_float(images.index_select(0, idx));
     at::Generator gen = make_generator(mix_seed(t.seed, 2, static_cast<uint64_t>(step)));
     const uint64_t dropout_seed = mix_seed(t.seed, 3, static_cast<uint64_t>(step));
@@ -355,14 +360,21 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
       loss_value = h[0].item<double>() / world;
       budget_spent = h[1].item<double>() > 0;
       stop_asked = h[2].item<double>() > 0;
-    } else {
+    } else if (!defer_loss) {
       loss_value = out.loss.item<double>();
+    } else {
+      window_loss_dev.add_(out.loss.detach());
     }
     window_loss += loss_value;
     ++window_steps;
     const bool stop_now = stop_asked || budget_spent;
     const bool log_now = step % std::max<int64_t>(t.log_every, 1) == 0 || step == t.steps || stop_now;
     const bool ckpt_now = (t.ckpt_every > 0 && step % t.ckpt_every == 0) || step == t.steps || stop_now;
+    if (defer_loss && (log_now || ckpt_now)) {
+      window_loss += window_loss_dev.item<double>();
+      window_loss_dev.zero_();
+      loss_value = window_loss;  // non-finite when any loss of the window was
+    }
     if (!std::isfinite(loss_value) || (ckpt_now && nonfinite.item<bool>())) {
       throw run_error("loss became " + std::to_string(loss_value) + " at step " + std::to_string(step) +
                       "; stopped, the last good checkpoint in " + run_dir + " is kept (try a lower --lr)");

@@ -21,6 +21,9 @@ Precision parse_precision(const std::string& name);
 std::string precision_name(Precision p);
 // Throws input_error when the device cannot run the precision (float16 autocast on a CPU).
 void check_precision(Precision p, const c10::Device& device);
+// Whether autocast is on for the device's type, and the dtype it casts to (LibTorch 1.x and 2.x alike).
+bool autocast_active(const c10::Device& device);
+c10::ScalarType autocast_target(const c10::Device& device);
 
 // Enables autocast to the precision's dtype on the device's type for its lifetime; restores the previous
 // state (and clears autocast's weight-cast cache) on exit. A no-op for kFloat32.

@@ -1,0 +1,135 @@
+// CUDA (skipped where no GPU is visible, as on CI): the network, its gradients, mixed precision, a sampler
+// and a training run on the GPU compute what they compute on the CPU. scripts/gpu-check runs it on the
+// lent GPU machine against LibTorch 2.x.
+#include <ATen/Context.h>
+#include <gtest/gtest.h>
+#include <torch/cuda.h>
+
+#include <cmath>
+#include <filesystem>
+
+#include "diffuse/common.h"
+#include "diffuse/config.h"
+#include "diffuse/generate.h"
+#include "diffuse/io/checkpoint.h"
+#include "diffuse/io/safetensors.h"
+#include "diffuse/nn/precision.h"
+#include "diffuse/nn/unet.h"
+#include "diffuse/train/trainer.h"
+#include "model_util.h"
+#include "test_util.h"
+
+namespace {
+
+#define REQUIRE_CUDA()                                                       \
+  do {                                                                       \
+    if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";      \
+    at::globalContext().setAllowTF32CuDNN(false); /* exact float32 below */  \
+    at::globalContext().setAllowTF32CuBLAS(false);                           \
+  } while (0)
+
+std::string fixture_dir(const std::string& name) {
+  return std::string(DIFFUSE_FIXTURES) + "/diffusers_unet2d/" + name;
+}
+
+double rel_l2(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor d = a.to(at::kCPU, at::kDouble) - b.to(at::kCPU, at::kDouble);
+  return (d.norm() / b.to(at::kCPU, at::kDouble).norm()).item<double>();
+}
+
+// Output and flat gradient of 0.5 * mean(out^2) for the fixture's input, on `device`.
+std::pair<at::Tensor, at::Tensor> forward_backward(diffuse::UNet2DModel& net, const at::Tensor& x, const at::Tensor& t,
+                                                   const at::Device& device, diffuse::Precision p) {
+  net->to(device);
+  net->set_precision(p);
+  net->zero_grad();
+  at::Tensor out = net->forward(x.to(device), t.to(device));
+  (0.5 * out.square().mean()).backward();
+  std::vector<at::Tensor> flat;
+  for (auto& param : net->parameters()) flat.push_back(param.grad().flatten().to(at::kCPU));
+  net->set_precision(diffuse::Precision::kFloat32);
+  return {out.detach().to(at::kCPU), at::cat(flat)};
+}
+
+TEST(Cuda, UNetForwardAndGradientsMatchTheCpu) {
+  REQUIRE_CUDA();
+  diffuse::TensorDict io = diffuse::safetensors_load(fixture_dir("tiny") + "/io.safetensors");
+  const at::Tensor* sample = diffuse::find_tensor(io, "sample");
+  const at::Tensor* timestep = diffuse::find_tensor(io, "timestep");
+  ASSERT_TRUE(sample && timestep);
+  diffuse::UNet2DModel net = diffuse::load_diffusers_unet(fixture_dir("tiny"));
+  net->eval();
+  const at::Tensor x = sample->to(at::kFloat);
+  auto [out_cpu, grad_cpu] = forward_backward(net, x, *timestep, at::Device("cpu"), diffuse::Precision::kFloat32);
+  auto [out_gpu, grad_gpu] = forward_backward(net, x, *timestep, at::Device("cuda"), diffuse::Precision::kFloat32);
+  const double out_err = rel_l2(out_gpu, out_cpu), grad_err = rel_l2(grad_gpu, grad_cpu);
+  std::printf("CUDA vs CPU float32: output rel L2 %.3g, gradient rel L2 %.3g\n", out_err, grad_err);
+  EXPECT_LT(out_err, 1e-4);
+  EXPECT_LT(grad_err, 1e-3);
+  // The fixture's reference output (diffusers, float32) holds on the GPU too.
+  const at::Tensor* expected = diffuse::find_tensor(io, "expected");
+  ASSERT_TRUE(expected);
+  EXPECT_LT(rel_l2(out_gpu, expected->to(at::kFloat)), 1e-4);
+}
+
+TEST(Cuda, MixedPrecisionFollowsFloat32) {
+  REQUIRE_CUDA();
+  diffuse::TensorDict io = diffuse::safetensors_load(fixture_dir("tiny") + "/io.safetensors");
+  const at::Tensor* sample = diffuse::find_tensor(io, "sample");
+  const at::Tensor* timestep = diffuse::find_tensor(io, "timestep");
+  ASSERT_TRUE(sample && timestep);
+  diffuse::UNet2DModel net = diffuse::load_diffusers_unet(fixture_dir("tiny"));
+  net->eval();
+  const at::Tensor x = sample->to(at::kFloat);
+  const at::Device cuda("cuda");
+  auto [out32, grad32] = forward_backward(net, x, *timestep, cuda, diffuse::Precision::kFloat32);
+  for (diffuse::Precision p : {diffuse::Precision::kBFloat16, diffuse::Precision::kFloat16}) {
+    auto [out, grad] = forward_backward(net, x, *timestep, cuda, p);
+    const double out_err = rel_l2(out, out32), grad_err = rel_l2(grad, grad32);
+    std::printf("%s vs fp32 on CUDA: output rel L2 %.3g, gradient rel L2 %.3g\n", diffuse::precision_name(p).c_str(),
+                out_err, grad_err);
+    EXPECT_EQ(out.scalar_type(), at::kFloat);
+    EXPECT_GT(out_err, 1e-6) << "autocast did not change the arithmetic";
+    EXPECT_LT(out_err, 3e-2);
+    EXPECT_LT(grad_err, 6e-2);
+  }
+  EXPECT_FALSE(diffuse::autocast_active(cuda));
+}
+
+TEST(Cuda, SamplingMatchesTheCpu) {
+  REQUIRE_CUDA();
+  diffuse::Model m = diffuse_test::untrained_model(1, true);
+  diffuse::GenerateOptions g;
+  g.n = 6;
+  g.batch = 4;
+  g.steps = 8;
+  g.sampler = "dpmpp_2m";
+  g.guidance = 2.0;
+  g.labels = {0, 1, 2, 3, 4, 5};
+  at::Tensor cpu = diffuse::generate(m, g);
+  m.net->to(at::Device("cuda"));
+  at::Tensor gpu = diffuse::generate(m, g);
+  ASSERT_EQ(gpu.sizes(), cpu.sizes());
+  const double err = rel_l2(gpu, cpu);
+  std::printf("CUDA vs CPU sampling (dpmpp_2m, 8 steps, guidance 2): rel L2 %.3g\n", err);
+  EXPECT_LT(err, 1e-3);
+}
+
+TEST(Cuda, TrainingOnTheGpuLearns) {
+  REQUIRE_CUDA();
+  diffuse::RunConfig cfg = diffuse::load_preset("tiny");
+  cfg.train.device = "cuda";
+  cfg.train.steps = 300;
+  cfg.train.log_every = 30;
+  cfg.train.sample_every = 0;
+  cfg.train.ckpt_every = 0;
+  diffuse_test::TempDir dir("cuda_train");
+  diffuse::TrainResult r = diffuse::train(cfg, dir.str(), false, diffuse::TrainControl{0, true});
+  EXPECT_EQ(r.step, 300);
+  EXPECT_TRUE(std::isfinite(r.last_loss));
+  EXPECT_LT(r.last_loss, 0.6 * r.first_loss) << "first " << r.first_loss << " last " << r.last_loss;
+  diffuse::Model m = diffuse::load_model(dir.str());  // the checkpoint written from the GPU loads on the CPU
+  EXPECT_TRUE(m.uses_ema);
+}
+
+}  // namespace
