@@ -1,9 +1,10 @@
 #include "diffuse/io/checkpoint.h"
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <filesystem>
 #include <thread>
 
 #include "diffuse/common.h"
@@ -13,7 +14,6 @@ namespace diffuse {
 namespace {
 
 using json = nlohmann::json;
-namespace fs = std::filesystem;
 
 json parse_json_file(const std::string& path) {
   try {
@@ -68,9 +68,8 @@ TensorDict parse_safetensors_bytes(const std::string& bytes, const std::string& 
 
 // Removes temporary files a killed writer left in a checkpoint directory (name.tmp.PID.N).
 void remove_stale_temporaries(const std::string& dir) {
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(dir, ec)) {
-    if (e.path().filename().string().find(".tmp.") != std::string::npos) fs::remove(e.path(), ec);
+  for (const DirEntry& e : list_directory(dir)) {
+    if (e.name.find(".tmp.") != std::string::npos) ::unlink(path_join(dir, e.name).c_str());
   }
 }
 
@@ -83,8 +82,7 @@ std::string checkpoint_save(const std::string& run_dir, const Checkpoint& ckpt, 
   make_directories(dir);
   remove_stale_temporaries(dir);
   // A directory left half written by a killed run is rewritten from scratch: no state.json until the end.
-  std::error_code ec;
-  fs::remove(path_join(dir, "state.json"), ec);
+  ::unlink(path_join(dir, "state.json").c_str());
   json config = run_config_to_json(ckpt.config);
   config["format"] = "diffuse-checkpoint-1";
   config["data_fingerprint"] = ckpt.state.data_fingerprint;
@@ -105,7 +103,7 @@ std::string checkpoint_save(const std::string& run_dir, const Checkpoint& ckpt, 
     // state.json last: its presence marks the checkpoint directory complete.
     write_file_atomic(path_join(dir, "state.json"), state.dump(2) + "\n");
   } catch (...) {
-    fs::remove_all(dir, ec);  // a write failed (full disk): leave no incomplete checkpoint behind
+    remove_all_quietly(dir);  // a write failed (full disk): leave no incomplete checkpoint behind
     throw;
   }
   // `latest` before the run's config.json: a run dir with a config.json but no `latest` is one that
@@ -116,19 +114,19 @@ std::string checkpoint_save(const std::string& run_dir, const Checkpoint& ckpt, 
   // Keep the newest `keep` complete checkpoints (and never the one just written); remove directories a
   // killed run left incomplete, which would otherwise count against `keep`.
   std::vector<std::string> names;
-  for (const auto& e : fs::directory_iterator(ckpts)) {
-    const std::string n = e.path().filename().string();
-    if (!e.is_directory() || n.rfind("step_", 0) != 0 || n == name) continue;
-    if (path_exists(path_join(e.path().string(), "state.json"))) {
+  for (const DirEntry& e : list_directory(ckpts)) {
+    const std::string& n = e.name;
+    if (!e.is_directory || n.rfind("step_", 0) != 0 || n == name) continue;
+    if (path_exists(path_join(path_join(ckpts, n), "state.json"))) {
       names.push_back(n);
     } else {
-      fs::remove_all(e.path(), ec);
+      remove_all_quietly(path_join(ckpts, n));
     }
   }
   std::sort(names.begin(), names.end());
   int64_t excess = static_cast<int64_t>(names.size()) + 1 - std::max<int64_t>(keep, 1);
   for (int64_t i = 0; i < excess && i < static_cast<int64_t>(names.size()); ++i) {
-    fs::remove_all(path_join(ckpts, names[i]), ec);
+    remove_all_quietly(path_join(ckpts, names[i]));
   }
   return dir;
 }

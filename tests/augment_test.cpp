@@ -9,6 +9,7 @@
 #include "diffuse/config.h"
 
 #include "model_util.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace diffuse;
@@ -18,8 +19,8 @@ namespace {
 using diffuse_test::untrained_model;
 
 std::string temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("diffuse_augment_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
+  fs::path p = diffuse_test::temp_root() / ("diffuse_augment_test_" + name + "_" + std::to_string(::getpid()));
+  diffuse_test::remove_tree(p);
   return p.string();
 }
 
@@ -63,8 +64,8 @@ TEST(Augment, SynthesizesEveryClassAndRoundTripsThroughPngFoldersAndIdx) {
   const Dataset back_idx = load_dataset("idx:" + idx + "/images-idx3-ubyte," + idx + "/labels-idx1-ubyte");
   EXPECT_TRUE(at::equal(back_idx.images, ds.images));
   EXPECT_TRUE(at::equal(back_idx.labels, ds.labels));
-  fs::remove_all(png);
-  fs::remove_all(idx);
+  diffuse_test::remove_tree(png);
+  diffuse_test::remove_tree(idx);
 }
 
 TEST(Augment, SameSeedSameSetAndBadInput) {
@@ -81,7 +82,7 @@ TEST(Augment, SameSeedSameSetAndBadInput) {
   const std::string dir = temp_dir("rgb");
   EXPECT_THROW(save_labelled_dataset(ds, dir, "idx"), Error);
   EXPECT_THROW(save_labelled_dataset(ds, dir, "npz"), Error);
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(Augment, ConcatResizesTheSecondSet) {

@@ -20,6 +20,7 @@
 #include "diffuse/io/checkpoint.h"
 
 #include "cli_util.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 
@@ -41,8 +42,8 @@ int count_lines(const std::string& s) {
 }
 
 std::string tmp(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("diffuse_cli_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
+  fs::path p = diffuse_test::temp_root() / ("diffuse_cli_test_" + name + "_" + std::to_string(::getpid()));
+  diffuse_test::remove_tree(p);
   return p.string();
 }
 
@@ -77,10 +78,10 @@ TEST(Cli, InfoOnDiffusersFixture) {
 
 TEST(Cli, BadInputIsOneLineAndExitCodeTwo) {
   std::string dir = tmp("bad");
-  fs::create_directories(dir);
+  diffuse_test::make_dirs(dir);
   { std::ofstream(dir + "/model.pt") << "\x80\x02not really"; }
   { std::ofstream(dir + "/garbage.safetensors") << "12345678garbage"; }
-  fs::create_directories(dir + "/empty");
+  diffuse_test::make_dirs(dir + "/empty");
   const std::vector<std::string> cases = {
       "info /nonexistent/path",
       "info " + dir + "/model.pt",
@@ -104,7 +105,7 @@ TEST(Cli, BadInputIsOneLineAndExitCodeTwo) {
     EXPECT_LE(count_lines(r.err), 2) << c << "\n" << r.err;  // CLI11 may add a hint line
     EXPECT_FALSE(fs::exists(dir + "/x.png")) << c;
   }
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(Cli, TrainSampleConvertRoundTrip) {
@@ -128,7 +129,7 @@ TEST(Cli, TrainSampleConvertRoundTrip) {
   std::ifstream a(dir + "/grid.png", std::ios::binary), b(dir + "/grid2.png", std::ios::binary);
   std::string sa((std::istreambuf_iterator<char>(a)), {}), sb((std::istreambuf_iterator<char>(b)), {});
   EXPECT_EQ(sa, sb);
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 // Whether a step_* directory under run/checkpoints lacks its state.json (a checkpoint being written).
@@ -212,7 +213,7 @@ TEST(Cli, RandomKillNineResumesFromAnIntactCheckpoint) {
   diffuse::Checkpoint c = diffuse::checkpoint_load(run);
   EXPECT_EQ(c.state.step, kSteps);
   EXPECT_FALSE(has_incomplete_checkpoint(run));
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 // state.json records a CRC-32 per file; a flipped byte in any of them is refused with a line naming the file,
@@ -256,5 +257,5 @@ TEST(Cli, CheckpointChecksumsAreVerifiedOnLoad) {
   old_state.erase("checksums");
   spit(ckpt + "/state.json", old_state.dump(2));
   EXPECT_NO_THROW(diffuse::checkpoint_load(run));
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <iterator>
 #include <string>
+#include "test_util.h"
 
 namespace diffuse_test {
 
@@ -22,7 +23,7 @@ struct CliRun {
 inline CliRun run_cli(const std::string& args) {
   namespace fs = std::filesystem;
   static int counter = 0;
-  const std::string base = (fs::temp_directory_path() / ("diffuse_cli_" + std::to_string(::getpid()) + "_" +
+  const std::string base = (diffuse_test::temp_root() / ("diffuse_cli_" + std::to_string(::getpid()) + "_" +
                                                          std::to_string(counter++)))
                                .string();
   const std::string cmd = std::string(DIFFUSE_CLI) + " " + args + " >" + base + ".out 2>" + base + ".err";
@@ -43,8 +44,8 @@ inline CliRun run_cli(const std::string& args) {
 // A fresh (removed) path under the temp directory, unique to this process.
 inline std::string temp_path(const std::string& name) {
   namespace fs = std::filesystem;
-  fs::path p = fs::temp_directory_path() / ("diffuse_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
+  fs::path p = diffuse_test::temp_root() / ("diffuse_test_" + name + "_" + std::to_string(::getpid()));
+  diffuse_test::remove_tree(p);
   return p.string();
 }
 

@@ -8,6 +8,7 @@
 #include "diffuse/generate.h"
 #include "diffuse/io/checkpoint.h"
 #include "diffuse/io/safetensors.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using diffuse_test::run_cli;
@@ -54,7 +55,7 @@ TEST(Convert, HalfPrecisionCheckpointIsHalfTheSizeAndSamplesAlike) {
   EXPECT_TRUE(at::allclose(a, c, 1e-5, 1e-5));  // diffusers folder from the fp16 checkpoint: same weights
 
   EXPECT_EQ(run_cli("convert " + run + " " + temp_path("convert_bad") + " --dtype int4 --threads 1").code, 2);
-  for (const auto& p : {run, half, bf, diffusers}) fs::remove_all(p);
+  for (const auto& p : {run, half, bf, diffusers}) diffuse_test::remove_tree(p);
 }
 
 }  // namespace

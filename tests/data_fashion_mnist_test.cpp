@@ -8,6 +8,7 @@
 
 #include "diffuse/common.h"
 #include "diffuse/data/dataset.h"
+#include "test_util.h"
 
 namespace {
 
@@ -55,8 +56,8 @@ TEST_F(FashionMnist, TrainAndTestSplits) {
 
 TEST_F(FashionMnist, GzipAndRawIdxAgree) {
   std::string dir = diffuse::kFashionMnistDir;
-  fs::path tmp = fs::temp_directory_path() / ("diffuse_fmnist_raw_" + std::to_string(::getpid()));
-  fs::create_directories(tmp);
+  fs::path tmp = diffuse_test::temp_root() / ("diffuse_fmnist_raw_" + std::to_string(::getpid()));
+  diffuse_test::make_dirs(tmp);
   std::string raw_images = (tmp / "t10k-images-idx3-ubyte").string();
   std::string raw_labels = (tmp / "t10k-labels-idx1-ubyte").string();
   diffuse::idx_save(raw_images, diffuse::idx_load(dir + "/t10k-images-idx3-ubyte.gz"));
@@ -76,7 +77,7 @@ TEST_F(FashionMnist, GzipAndRawIdxAgree) {
     missing = e.what();
   }
   unsetenv("DIFFUSE_FASHION_MNIST_DIR");
-  fs::remove_all(tmp);
+  diffuse_test::remove_tree(tmp);
   EXPECT_TRUE(at::equal(via_env.images, test_->images));
   EXPECT_NE(missing.find("dataset-fashion-mnist"), std::string::npos) << missing;
   EXPECT_NE(missing.find("t10k-images-idx3-ubyte"), std::string::npos) << missing;

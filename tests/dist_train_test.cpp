@@ -25,6 +25,7 @@
 #include "diffuse/nn/unet.h"
 #include "diffuse/train/distributed.h"
 #include "diffuse/train/optim.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
@@ -32,8 +33,8 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 std::string tmp(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("diffuse_dist_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
+  fs::path p = diffuse_test::temp_root() / ("diffuse_dist_test_" + name + "_" + std::to_string(::getpid()));
+  diffuse_test::remove_tree(p);
   return p.string();
 }
 
@@ -161,7 +162,7 @@ TEST(Dist, TwoRanksWithHalfBatchEqualOneProcess) {
   EXPECT_GT(d_half, 100 * kTol);  // the comparison can tell a different batch apart
   // Rank 0 alone wrote metrics: one line per step.
   EXPECT_EQ(count_lines(slurp(diffuse::path_join(two, "metrics.jsonl"))), k);
-  for (auto& d : {one, two, half}) fs::remove_all(d);
+  for (auto& d : {one, two, half}) diffuse_test::remove_tree(d);
 }
 
 TEST(Dist, ResumeAcrossProcessCounts) {
@@ -192,7 +193,7 @@ TEST(Dist, ResumeAcrossProcessCounts) {
   EXPECT_EQ(bad.code, 2) << bad.err;
   EXPECT_EQ(count_lines(bad.err), 1) << bad.err;
   EXPECT_NE(bad.err.find("divide"), std::string::npos) << bad.err;
-  for (auto& d : {straight, a, b}) fs::remove_all(d);
+  for (auto& d : {straight, a, b}) diffuse_test::remove_tree(d);
 }
 
 // Two ranks started torchrun-style; one is killed (or frozen) mid-run; the other must stop by itself.
@@ -236,7 +237,7 @@ void lose_a_peer(int victim, int sig, double timeout_s) {
   EXPECT_EQ(last.rfind("error: distributed: rank " + std::to_string(survivor) + " of 2 failed", 0), 0u) << err;
   EXPECT_EQ(err.find("error:"), err.rfind("error:")) << err;
   for (int r = 0; r < 2; ++r) fs::remove(p[r].out), fs::remove(p[r].err);
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(Dist, KilledRankStopsTheOther) {
@@ -275,7 +276,7 @@ TEST(Dist, BadEnvironmentIsOneLineExitTwo) {
   CliRun r = run(plus(tiny(dir, 2, 16), {"--nproc", "2"}), {{"WORLD_SIZE", "2"}});
   EXPECT_EQ(r.code, 2) << r.err;
   EXPECT_EQ(count_lines(r.err), 1) << r.err;
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 // The all-reduce of a bucket starts inside backward(), from the AccumulateGrad post-hooks, not after it;

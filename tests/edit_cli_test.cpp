@@ -16,6 +16,7 @@
 #include "diffuse/train/trainer.h"
 
 #include "cli_util.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace diffuse;
@@ -65,7 +66,7 @@ class EditCli : public ::testing::Test {
     image_save_png(path_join(*root_, "mask_small.png"), at::full({1, 4, 4}, 255, at::kByte));
   }
   static void TearDownTestSuite() {
-    fs::remove_all(*root_);
+    diffuse_test::remove_tree(*root_);
     delete root_;
   }
   static std::string p(const std::string& name) { return path_join(*root_, name); }

@@ -13,6 +13,7 @@
 #include "diffuse/io/file.h"
 #include "diffuse/io/image.h"
 #include "diffuse/train/trainer.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace diffuse;
@@ -39,8 +40,8 @@ std::vector<double> karras(int64_t n) { return grid_karras(n, 0.002, 80.0, 7.0);
 double max_abs(const at::Tensor& t) { return t.abs().max().item<double>(); }
 
 std::string temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("diffuse_edit_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
+  fs::path p = diffuse_test::temp_root() / ("diffuse_edit_test_" + name + "_" + std::to_string(::getpid()));
+  diffuse_test::remove_tree(p);
   return p.string();
 }
 
@@ -249,7 +250,7 @@ class EditModel : public ::testing::Test {
   }
   static void TearDownTestSuite() {
     for (std::string* d : {dir_, cond_dir_, data_dir_}) {
-      fs::remove_all(*d);
+      diffuse_test::remove_tree(*d);
       delete d;
     }
   }

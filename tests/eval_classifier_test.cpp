@@ -103,7 +103,7 @@ TEST(Classifier, SaveLoadRoundTrip) {
     EXPECT_NE(std::string(e.what()).find("model.safetensors"), std::string::npos) << e.what();
     EXPECT_EQ(e.exit_code(), diffuse::kExitBadInput);
   }
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(Classifier, MissingDirectorySaysHowToTrain) {

@@ -54,7 +54,7 @@ TEST(Npy, RoundTripGreyAndRgb) {
     EXPECT_EQ(back.sizes(), images.sizes());
     EXPECT_TRUE(at::equal(back, images));
   }
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(Npy, RejectsMalformedFiles) {
@@ -77,7 +77,7 @@ TEST(Samples, LoadsFoldersNpyAndIdx) {
   at::Tensor images = random_u8({12, 1, 8, 8}, 5);
   diffuse::npy_save_uint8(dir + "/s.npy", images);
   diffuse::idx_save(dir + "/s.idx", images.squeeze(1));
-  fs::create_directories(dir + "/png");
+  diffuse_test::make_dirs(dir + "/png");
   for (int64_t i = 0; i < 12; ++i) {
     char name[32];
     std::snprintf(name, sizeof(name), "/png/%03lld.png", static_cast<long long>(i));
@@ -96,10 +96,10 @@ TEST(Samples, LoadsFoldersNpyAndIdx) {
   opt.n = 5;
   EXPECT_EQ(diffuse::load_samples(dir + "/s.npy", opt).images.size(0), 5);
   EXPECT_THROW(diffuse::load_samples(dir + "/missing.npy", opt), diffuse::Error);
-  fs::create_directories(dir + "/empty");
+  diffuse_test::make_dirs(dir + "/empty");
   EXPECT_THROW(diffuse::load_samples(dir + "/empty", opt), diffuse::Error);
   EXPECT_FALSE(diffuse::is_model_path(dir + "/png"));
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 // A reference of structured 16x16 images (IDX with labels) and a small untrained classifier.
@@ -182,7 +182,7 @@ TEST(Evaluate, IdenticalSetsAndShiftedSets) {
   }
   EXPECT_TRUE(j["floor"].contains("fd"));
   EXPECT_NE(diffuse::eval_report_text(fl).find("coverage"), std::string::npos);
-  fs::remove_all(ref.dir);
+  diffuse_test::remove_tree(ref.dir);
 }
 
 TEST(Evaluate, BadInputIsRefused) {
@@ -210,7 +210,7 @@ TEST(Evaluate, BadInputIsRefused) {
   EXPECT_EQ(code_of(random_u8({20, 1, 16, 16}, 1)), diffuse::kExitBadInput);  // missing reference
   EXPECT_EQ(diffuse::floor_spec_for("fashion-mnist:test"), "fashion-mnist:train");
   EXPECT_EQ(diffuse::floor_spec_for("folder:x"), "");
-  fs::remove_all(ref.dir);
+  diffuse_test::remove_tree(ref.dir);
 }
 
 // Runs the program; returns the exit code and fills out (stdout) and err (stderr).
@@ -224,7 +224,7 @@ int run_cli(const std::string& args, std::string& out, std::string& err, const s
   while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
   int status = pclose(p);
   err = diffuse::read_file(err_path);
-  fs::remove_all(fs::path(err_path).parent_path());
+  diffuse_test::remove_tree(fs::path(err_path).parent_path());
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
@@ -277,7 +277,7 @@ TEST(EvalCli, RealImagesScoreNearTheFloor) {
   code = run_cli("eval --samples " + dir + "/real.npy" + ref, out, err, "DIFFUSE_CLASSIFIER=" + dir + "/nowhere");
   EXPECT_EQ(code, 2);
   EXPECT_NE(err.find(dir + "/nowhere"), std::string::npos) << err;
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(EvalCli, SamplesAModelAndChecksItsShapeFirst) {

@@ -11,15 +11,16 @@
 #include "diffuse/eval/report.h"
 #include "diffuse/io/file.h"
 #include "diffuse/io/image.h"
+#include "test_util.h"
 
 namespace {
 
 namespace fs = std::filesystem;
 
 std::string temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("diffuse_report_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
+  fs::path p = diffuse_test::temp_root() / ("diffuse_report_" + name + "_" + std::to_string(::getpid()));
+  diffuse_test::remove_tree(p);
+  diffuse_test::make_dirs(p);
   return p.string();
 }
 
@@ -41,7 +42,7 @@ std::string make_run() {
   }
   lines += "{\"step\": 510, \"loss\": 0.0";  // cut short by a crash: skipped
   diffuse::write_file_atomic(dir + "/metrics.jsonl", lines);
-  fs::create_directories(dir + "/samples");
+  diffuse_test::make_dirs(dir + "/samples");
   for (int step : {100, 200, 300}) {
     at::Tensor grid = at::full({1, 20, 20}, step / 2, at::kByte);
     char name[64];
@@ -102,7 +103,7 @@ TEST(Report, PageHoldsChartsGridsConfigAndMetrics) {
   EXPECT_NE(two.find("step 100"), std::string::npos);
   EXPECT_NE(two.find("step 300"), std::string::npos);
   EXPECT_THROW(diffuse::report_html(dir + "/samples/nothing"), diffuse::Error);
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(Report, RendersInHeadlessChromium) {
@@ -126,8 +127,8 @@ TEST(Report, RendersInHeadlessChromium) {
   // Set by the page's load handler: charts with a non-empty layout box, images that decoded.
   EXPECT_NE(dom.find("data-charts-rendered=\"5\""), std::string::npos) << dom.substr(0, 2000);
   EXPECT_NE(dom.find("data-images-loaded=\"3\""), std::string::npos);
-  fs::remove_all(profile);
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(profile);
+  diffuse_test::remove_tree(dir);
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 
 #include "diffuse/common.h"
 #include "diffuse/io/file.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 
@@ -22,12 +23,12 @@ class FileTest : public ::testing::Test {
   void SetUp() override {
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
     dir_ =
-        (fs::temp_directory_path() / ("diffuse_io_file_" + std::to_string(::getpid()) + "_" + info->name()))
+        (diffuse_test::temp_root() / ("diffuse_io_file_" + std::to_string(::getpid()) + "_" + info->name()))
             .string();
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
+    diffuse_test::remove_tree(dir_);
+    diffuse_test::make_dirs(dir_);
   }
-  void TearDown() override { fs::remove_all(dir_); }
+  void TearDown() override { diffuse_test::remove_tree(dir_); }
 
   std::vector<std::string> entries() const {
     std::vector<std::string> names;

@@ -10,6 +10,7 @@
 #include "diffuse/common.h"
 #include "diffuse/io/file.h"
 #include "diffuse/io/safetensors.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 
@@ -229,7 +230,7 @@ TEST(Safetensors, CommittedValidFileHasEveryValue) {
 
 TEST(Safetensors, SaveLoadThroughAFile) {
   const std::string dir =
-      (fs::temp_directory_path() / ("diffuse_io_st_" + std::to_string(::getpid()))).string();
+      (diffuse_test::temp_root() / ("diffuse_io_st_" + std::to_string(::getpid()))).string();
   diffuse::make_directories(dir);
   const std::string path = diffuse::path_join(dir, "model.safetensors");
   diffuse::TensorDict in = {{"x", at::arange(10, at::kFloat)}};
@@ -238,7 +239,7 @@ TEST(Safetensors, SaveLoadThroughAFile) {
   diffuse::TensorDict out = diffuse::safetensors_load(path, &meta);
   EXPECT_EQ(meta.at("k"), "v");
   EXPECT_TRUE(at::equal(out.at(0).second, in[0].second));
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(Safetensors, HeaderLengthWithPickleLikeLowByteIsStillSafetensors) {

@@ -12,6 +12,7 @@
 #include "diffuse/io/safetensors.h"
 #include "diffuse/nn/unet.h"
 #include "nn/blocks.h"
+#include "test_util.h"
 
 namespace {
 
@@ -64,8 +65,8 @@ std::string error_of(F f) {
 
 std::string temp_dir(const std::string& tag) {
   std::random_device rd;
-  auto dir = std::filesystem::temp_directory_path() / ("diffuse_nn_" + tag + "_" + std::to_string(rd()));
-  std::filesystem::create_directories(dir);
+  auto dir = diffuse_test::temp_root() / ("diffuse_nn_" + tag + "_" + std::to_string(rd()));
+  diffuse_test::make_dirs(dir);
   return dir.string();
 }
 
@@ -189,7 +190,7 @@ TEST(UNet, SaveLoadRoundTripIsExact) {
   at::NoGradGuard no_grad;
   EXPECT_TRUE(at::equal(back->forward(io.sample, io.timestep, io.class_labels),
                         ref->forward(io.sample, io.timestep, io.class_labels)));
-  std::filesystem::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(UNet, Float16WeightsAreConvertedToFloat32) {
@@ -340,7 +341,7 @@ TEST(UNet, MissingFolderOrPickleWeightsAreClearErrors) {
   std::filesystem::remove(dir + "/diffusion_pytorch_model.bin");
   e = error_of([&] { diffuse::load_diffusers_unet(dir); });
   EXPECT_NE(e.find("diffusion_pytorch_model.safetensors"), std::string::npos) << e;
-  std::filesystem::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(UNet, AttentionMatchesTheFormula) {

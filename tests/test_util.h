@@ -12,26 +12,38 @@
 #include <vector>
 
 #include "diffuse/common.h"
+#include "diffuse/io/file.h"
 
 namespace diffuse_test {
+
+// The tests go through the library's POSIX file functions rather than std::filesystem's remove_all,
+// create_directories and temp_directory_path, which crash in programs linked against pip builds of
+// LibTorch 2.x (see io/file.h). std::filesystem::path stays: its operations are inline.
+inline void remove_tree(const std::filesystem::path& p) { diffuse::remove_all_quietly(p.string()); }
+inline void remove_tree(const std::filesystem::path& p, std::error_code&) { remove_tree(p); }
+inline void make_dirs(const std::filesystem::path& p) { diffuse::make_directories(p.string()); }
+inline std::filesystem::path temp_root() {
+  const char* t = std::getenv("TMPDIR");
+  return std::filesystem::path(t && *t ? t : "/tmp");
+}
 
 // A fresh folder under the system temp dir (unique to the process), removed when it goes out of scope.
 struct TempDir {
   std::filesystem::path path;
   explicit TempDir(const std::string& name) {
-    path = std::filesystem::temp_directory_path() / ("diffuse_test_" + name + "_" + std::to_string(::getpid()));
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
+    path = diffuse_test::temp_root() / ("diffuse_test_" + name + "_" + std::to_string(::getpid()));
+    diffuse_test::remove_tree(path);
+    diffuse_test::make_dirs(path);
   }
   ~TempDir() {
     std::error_code ec;
-    std::filesystem::remove_all(path, ec);
+    diffuse_test::remove_tree(path, ec);
   }
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;
   // A path inside the folder (its parent folders created).
   std::string file(const std::string& name) const {
-    std::filesystem::create_directories((path / name).parent_path());
+    diffuse_test::make_dirs((path / name).parent_path());
     return (path / name).string();
   }
   std::string str() const { return path.string(); }
@@ -40,9 +52,9 @@ struct TempDir {
 // A fresh, existing folder under the temp dir that the caller removes (for suite-wide fixtures).
 inline std::string make_temp_dir(const std::string& name) {
   std::filesystem::path p =
-      std::filesystem::temp_directory_path() / ("diffuse_test_" + name + "_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(p);
-  std::filesystem::create_directories(p);
+      diffuse_test::temp_root() / ("diffuse_test_" + name + "_" + std::to_string(::getpid()));
+  diffuse_test::remove_tree(p);
+  diffuse_test::make_dirs(p);
   return p.string();
 }
 

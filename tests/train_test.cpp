@@ -11,6 +11,7 @@
 #include "diffuse/io/checkpoint.h"
 #include "diffuse/io/file.h"
 #include "diffuse/train/trainer.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using namespace diffuse;
@@ -18,8 +19,8 @@ using namespace diffuse;
 namespace {
 
 std::string temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("diffuse_train_test_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(p);
+  fs::path p = diffuse_test::temp_root() / ("diffuse_train_test_" + name + "_" + std::to_string(::getpid()));
+  diffuse_test::remove_tree(p);
   return p.string();
 }
 
@@ -48,7 +49,7 @@ TEST(Train, TinyPresetLossFallsWellBelowItsStart) {
   Model m = load_model(dir);
   EXPECT_TRUE(m.uses_ema);
   EXPECT_TRUE(path_exists(path_join(dir, "metrics.jsonl")));
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(Train, ResumeIsBitIdentical) {
@@ -76,8 +77,8 @@ TEST(Train, ResumeIsBitIdentical) {
       EXPECT_TRUE(at::equal(da[i].second, db[i].second)) << da[i].first;
     }
   }
-  fs::remove_all(a);
-  fs::remove_all(b);
+  diffuse_test::remove_tree(a);
+  diffuse_test::remove_tree(b);
 }
 
 TEST(Train, DivergingLossStopsAndKeepsLastCheckpoint) {
@@ -101,7 +102,7 @@ TEST(Train, DivergingLossStopsAndKeepsLastCheckpoint) {
     Checkpoint c = checkpoint_load(dir);
     for (const auto& [name, t] : c.model) EXPECT_TRUE(t.isfinite().all().item<bool>()) << name;
   }
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(Train, RejectsDataThatDoesNotFitTheModel) {
@@ -113,7 +114,7 @@ TEST(Train, RejectsDataThatDoesNotFitTheModel) {
   // 3 channels requested from grey data converts; a wrong sample size with an explicit image size does not.
   cfg.train.image_size = 16;
   EXPECT_THROW(train(cfg, dir, false, TrainControl{1, true}), Error);
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(Generate, SameSeedSameImagesWhateverTheBatch) {
@@ -145,7 +146,7 @@ TEST(Generate, SameSeedSameImagesWhateverTheBatch) {
     g.seed = 4;
     EXPECT_GT((generate(m, g) - full).abs().max().item<double>(), 1e-2) << sampler;
   }
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }
 
 TEST(Train, EvalEveryWritesFdIntoMetrics) {
@@ -169,5 +170,5 @@ TEST(Train, EvalEveryWritesFdIntoMetrics) {
   }
   ASSERT_EQ(fds.size(), 2u);
   for (double fd : fds) EXPECT_TRUE(std::isfinite(fd) && fd > 0) << fd;
-  fs::remove_all(dir);
+  diffuse_test::remove_tree(dir);
 }

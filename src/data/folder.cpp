@@ -1,19 +1,20 @@
 // Folders of images (PNG/JPEG/BMP), labelled by their first-level sub-folder.
-#include <filesystem>
+#include <algorithm>
+#include <cctype>
 #include <set>
-#include <system_error>
 
 #include "diffuse/common.h"
 #include "diffuse/data/dataset.h"
+#include "diffuse/io/file.h"
 #include "diffuse/io/image.h"
 
 namespace diffuse {
 namespace {
 
-namespace fs = std::filesystem;
-
-bool is_image_file(const fs::path& path) {
-  std::string ext = path.extension().string();
+bool is_image_file(const std::string& name) {
+  const std::string::size_type dot = name.find_last_of('.');
+  if (dot == std::string::npos || dot == 0) return false;
+  std::string ext = name.substr(dot);
   for (char& ch : ext) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
   return ext == ".png" || ext == ".jpg" || ext == ".jpeg" || ext == ".bmp";
 }
@@ -27,26 +28,35 @@ struct FolderEntry {
   std::string label;  // first-level sub-folder, empty for files directly in the root
 };
 
+// Walks dir/rel: image files go to `found` keyed by their relative path. Symbolic links to folders are not
+// followed (no cycles); sub-folders that cannot be read are skipped, as permission-denied ones.
+void walk(const std::string& dir, const std::string& rel, std::vector<std::pair<std::string, FolderEntry>>& found) {
+  std::vector<DirEntry> entries;
+  try {
+    entries = list_directory(rel.empty() ? dir : path_join(dir, rel));
+  } catch (const Error&) {
+    if (rel.empty()) throw;
+    return;
+  }
+  for (const DirEntry& e : entries) {
+    const std::string r = rel.empty() ? e.name : rel + "/" + e.name;
+    if (e.is_directory) {
+      if (!e.is_symlink) walk(dir, r, found);
+    } else if (e.is_regular && is_image_file(e.name)) {
+      FolderEntry f;
+      f.path = path_join(dir, r);
+      const std::string::size_type slash = r.find('/');
+      if (slash != std::string::npos) f.label = r.substr(0, slash);
+      found.emplace_back(r, f);
+    }
+  }
+}
+
 // All image files under dir, recursively, sorted by relative path so that every run sees the same order.
 std::vector<FolderEntry> list_images(const std::string& dir) {
-  std::error_code ec;
-  if (!fs::is_directory(dir, ec)) throw input_error(dir + ": not a directory");
+  if (!is_directory(dir)) throw input_error(dir + ": not a directory");
   std::vector<std::pair<std::string, FolderEntry>> found;
-  fs::recursive_directory_iterator it(dir, fs::directory_options::skip_permission_denied, ec);
-  if (ec) throw input_error(dir + ": cannot list the folder (" + ec.message() + ")");
-  for (; it != fs::recursive_directory_iterator(); it.increment(ec)) {
-    if (ec) throw input_error(dir + ": cannot list the folder (" + ec.message() + ")");
-    const fs::directory_entry& entry = *it;
-    std::error_code type_ec;
-    if (!entry.is_regular_file(type_ec) || !is_image_file(entry.path())) continue;
-    fs::path rel = entry.path().lexically_relative(dir);
-    FolderEntry e;
-    e.path = entry.path().string();
-    auto first = rel.begin();
-    if (std::next(first) != rel.end()) e.label = first->string();
-    found.emplace_back(rel.generic_string(), e);
-  }
-  if (ec) throw input_error(dir + ": cannot list the folder (" + ec.message() + ")");
+  walk(dir, "", found);
   std::sort(found.begin(), found.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   std::vector<FolderEntry> out;
   out.reserve(found.size());

@@ -1,10 +1,11 @@
 // The run report: a self-contained HTML page with inline SVG charts and embedded sample grids.
 #include "diffuse/eval/report.h"
 
+#include <unistd.h>
+
 #include <cctype>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <sstream>
 
 #include "diffuse/common.h"
@@ -13,7 +14,6 @@
 namespace diffuse {
 namespace {
 
-namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 std::string fmt(const char* format, double v) {
@@ -193,8 +193,8 @@ std::string report_html(const std::string& run_dir, const ReportOptions& options
   Metrics metrics = read_metrics(metrics_path);
   std::vector<std::string> grids;
   if (is_directory(samples_dir)) {
-    for (const auto& entry : fs::directory_iterator(samples_dir)) {
-      if (entry.is_regular_file() && ends_with(entry.path().filename().string(), ".png")) grids.push_back(entry.path().filename().string());
+    for (const DirEntry& entry : list_directory(samples_dir)) {
+      if (entry.is_regular && ends_with(entry.name, ".png")) grids.push_back(entry.name);
     }
     std::sort(grids.begin(), grids.end());
   }
@@ -211,8 +211,13 @@ std::string report_html(const std::string& run_dir, const ReportOptions& options
   if (metrics.records.empty() && grids.empty() && !have_config && !eval.is_object()) {
     throw input_error(run_dir + ": nothing to report (no metrics.jsonl, samples/*.png, config.json or eval.json)");
   }
-  std::string title = options.title.empty() ? fs::path(run_dir).lexically_normal().filename().string() : options.title;
-  if (title.empty() || title == ".") title = fs::absolute(run_dir).lexically_normal().parent_path().filename().string();
+  std::string title = options.title.empty() ? base_name(run_dir) : options.title;
+  if (title.empty() || title == "." || title == "..") {
+    // "." or "..": the name of the folder it stands for.
+    char buf[4096];
+    const std::string cwd = ::getcwd(buf, sizeof(buf)) ? buf : "";
+    title = base_name(title == ".." ? cwd.substr(0, cwd.find_last_of('/')) : cwd);
+  }
 
   std::ostringstream o;
   o << "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>diffuse report: " << html_escape(title) << "</title>\n";

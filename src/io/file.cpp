@@ -1,5 +1,6 @@
 #include "diffuse/io/file.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -10,7 +11,6 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <string>
 
 #include "diffuse/common.h"
@@ -159,22 +159,28 @@ std::string checksum_crc32(const std::string& bytes) {
 }
 
 bool path_exists(const std::string& path) {
-  std::error_code ec;
-  return std::filesystem::exists(path, ec);
+  struct stat st;
+  return !path.empty() && ::stat(path.c_str(), &st) == 0;
 }
 
 bool is_directory(const std::string& path) {
-  std::error_code ec;
-  return std::filesystem::is_directory(path, ec);
+  struct stat st;
+  return !path.empty() && ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
 }
 
 void make_directories(const std::string& path) {
-  std::error_code ec;
-  std::filesystem::create_directories(path, ec);
-  if (ec) {
-    const int err = ec.value();
-    if (err == ENOSPC || err == EDQUOT || err == EIO) throw run_error(path + ": cannot create directory: " + ec.message());
-    throw input_error(path + ": cannot create directory: " + ec.message());  // the path given is at fault
+  if (path.empty()) throw input_error("cannot create a directory with an empty name");
+  // Each prefix ending before a '/', then the whole path: mkdir, and EEXIST is fine when it is a folder.
+  std::string::size_type pos = 0;
+  while (true) {
+    pos = path.find('/', pos + 1);
+    const std::string part = pos == std::string::npos ? path : path.substr(0, pos);
+    if (!part.empty() && part.back() != '/' && ::mkdir(part.c_str(), 0777) != 0 && errno != EEXIST) {
+      const int err = errno;
+      if (err == ENOSPC || err == EDQUOT || err == EIO) throw run_error(path + ": cannot create directory: " + errno_text(err));
+      throw input_error(path + ": cannot create directory: " + errno_text(err));  // the path given is at fault
+    }
+    if (pos == std::string::npos) break;
   }
   if (!is_directory(path)) throw input_error(path + ": exists and is not a directory");
 }
@@ -186,8 +192,51 @@ void rename_path(const std::string& from, const std::string& to) {
 }
 
 void remove_all_quietly(const std::string& path) {
-  std::error_code ec;
-  std::filesystem::remove_all(path, ec);
+  struct stat st;
+  if (path.empty() || ::lstat(path.c_str(), &st) != 0) return;
+  if (S_ISDIR(st.st_mode)) {
+    if (DIR* d = ::opendir(path.c_str())) {
+      std::vector<std::string> names;
+      while (const dirent* e = ::readdir(d)) {
+        const std::string n = e->d_name;
+        if (n != "." && n != "..") names.push_back(n);
+      }
+      ::closedir(d);
+      for (const std::string& n : names) remove_all_quietly(path_join(path, n));
+    }
+    ::rmdir(path.c_str());
+  } else {
+    ::unlink(path.c_str());
+  }
+}
+
+std::vector<DirEntry> list_directory(const std::string& dir) {
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) throw input_error(dir + ": cannot list the folder (" + errno_text(errno) + ")");
+  std::vector<DirEntry> out;
+  while (const dirent* e = ::readdir(d)) {
+    DirEntry entry;
+    entry.name = e->d_name;
+    if (entry.name == "." || entry.name == "..") continue;
+    const std::string path = path_join(dir, entry.name);
+    struct stat st;
+    if (::stat(path.c_str(), &st) == 0) {
+      entry.is_directory = S_ISDIR(st.st_mode);
+      entry.is_regular = S_ISREG(st.st_mode);
+    }
+    if (::lstat(path.c_str(), &st) == 0) entry.is_symlink = S_ISLNK(st.st_mode);
+    out.push_back(std::move(entry));
+  }
+  ::closedir(d);
+  std::sort(out.begin(), out.end(), [](const DirEntry& a, const DirEntry& b) { return a.name < b.name; });
+  return out;
+}
+
+std::string base_name(const std::string& path) {
+  const std::string::size_type end = path.find_last_not_of('/');
+  if (end == std::string::npos) return "";
+  const std::string::size_type begin = path.find_last_of('/', end);
+  return path.substr(begin == std::string::npos ? 0 : begin + 1, end - (begin == std::string::npos ? 0 : begin + 1) + 1);
 }
 
 std::string path_join(const std::string& dir, const std::string& name) {

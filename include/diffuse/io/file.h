@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 namespace diffuse {
 
@@ -48,9 +49,25 @@ bool is_directory(const std::string& path);
 void make_directories(const std::string& path);
 // Renames from to to (a file or a folder); run_error when it fails.
 void rename_path(const std::string& from, const std::string& to);
-// Removes a file or folder tree, ignoring errors (cleanup after a failure).
+// Removes a file or folder tree, ignoring errors (cleanup after a failure). Symbolic links are removed,
+// never followed.
 void remove_all_quietly(const std::string& path);
 // path joined with name, with one '/' between.
 std::string path_join(const std::string& dir, const std::string& name);
+// The last component of a path ("runs/fm/" -> "fm"); "" for "/" or "".
+std::string base_name(const std::string& path);
+
+// One entry of a folder: its name and what it is (symbolic links are followed, as `stat` does).
+struct DirEntry {
+  std::string name;
+  bool is_directory = false;
+  bool is_regular = false;
+  bool is_symlink = false;  // the entry itself is a symbolic link (lstat)
+};
+// The entries of a folder except "." and "..", sorted by name; input_error when it cannot be read.
+// POSIX calls rather than std::filesystem: pip builds of LibTorch 2.x export their own (older) copies of
+// libstdc++'s std::filesystem symbols, and a program linked against them crashes in remove_all and the
+// directory iterators (pytorch/pytorch#133437).
+std::vector<DirEntry> list_directory(const std::string& dir);
 
 }  // namespace diffuse
