@@ -47,6 +47,7 @@ int64_t env_int(const char* name, int64_t fallback, bool required) {
   return x;
 }
 
+#ifdef DIFFUSE_HAVE_C10D
 // The first line of an exception's message, for one-line errors.
 std::string first_line(const std::exception& e) {
   std::string s;
@@ -59,6 +60,7 @@ std::string first_line(const std::exception& e) {
   if (nl != std::string::npos) s = s.substr(0, nl);
   return s;
 }
+#endif
 
 }  // namespace
 
