@@ -1,7 +1,8 @@
 // The run report: a self-contained HTML page with inline SVG charts and embedded sample grids.
 #include "diffuse/eval/report.h"
 
-#include <unistd.h>
+#include <limits.h>
+#include <stdlib.h>
 
 #include <cctype>
 #include <cmath>
@@ -213,10 +214,9 @@ std::string report_html(const std::string& run_dir, const ReportOptions& options
   }
   std::string title = options.title.empty() ? base_name(run_dir) : options.title;
   if (title.empty() || title == "." || title == "..") {
-    // "." or "..": the name of the folder it stands for.
-    char buf[4096];
-    const std::string cwd = ::getcwd(buf, sizeof(buf)) ? buf : "";
-    title = base_name(title == ".." ? cwd.substr(0, cwd.find_last_of('/')) : cwd);
+    // "runs/fm/.." and the like: the name of the folder it stands for.
+    char buf[PATH_MAX];
+    if (::realpath(run_dir.c_str(), buf)) title = base_name(buf);
   }
 
   std::ostringstream o;
