@@ -191,19 +191,27 @@ void rename_path(const std::string& from, const std::string& to) {
   }
 }
 
+namespace {
+// The names in a folder except "." and ".."; false when it cannot be opened (errno set).
+bool read_names(const std::string& dir, std::vector<std::string>& names) {
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return false;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string n = e->d_name;
+    if (n != "." && n != "..") names.push_back(n);
+  }
+  ::closedir(d);
+  return true;
+}
+}  // namespace
+
 void remove_all_quietly(const std::string& path) {
   struct stat st;
   if (path.empty() || ::lstat(path.c_str(), &st) != 0) return;
   if (S_ISDIR(st.st_mode)) {
-    if (DIR* d = ::opendir(path.c_str())) {
-      std::vector<std::string> names;
-      while (const dirent* e = ::readdir(d)) {
-        const std::string n = e->d_name;
-        if (n != "." && n != "..") names.push_back(n);
-      }
-      ::closedir(d);
-      for (const std::string& n : names) remove_all_quietly(path_join(path, n));
-    }
+    std::vector<std::string> names;
+    read_names(path, names);
+    for (const std::string& n : names) remove_all_quietly(path_join(path, n));
     ::rmdir(path.c_str());
   } else {
     ::unlink(path.c_str());
@@ -211,32 +219,35 @@ void remove_all_quietly(const std::string& path) {
 }
 
 std::vector<DirEntry> list_directory(const std::string& dir) {
-  DIR* d = ::opendir(dir.c_str());
-  if (!d) throw input_error(dir + ": cannot list the folder (" + errno_text(errno) + ")");
+  std::vector<std::string> names;
+  if (!read_names(dir, names)) throw input_error(dir + ": cannot list the folder (" + errno_text(errno) + ")");
+  std::sort(names.begin(), names.end());
   std::vector<DirEntry> out;
-  while (const dirent* e = ::readdir(d)) {
+  out.reserve(names.size());
+  for (std::string& n : names) {
     DirEntry entry;
-    entry.name = e->d_name;
-    if (entry.name == "." || entry.name == "..") continue;
-    const std::string path = path_join(dir, entry.name);
+    const std::string path = path_join(dir, n);
+    entry.name = std::move(n);
+    // lstat first; a symbolic link is stat'ed again for what it points to.
     struct stat st;
-    if (::stat(path.c_str(), &st) == 0) {
-      entry.is_directory = S_ISDIR(st.st_mode);
-      entry.is_regular = S_ISREG(st.st_mode);
+    if (::lstat(path.c_str(), &st) == 0) {
+      entry.is_symlink = S_ISLNK(st.st_mode);
+      if (!entry.is_symlink || ::stat(path.c_str(), &st) == 0) {
+        entry.is_directory = S_ISDIR(st.st_mode);
+        entry.is_regular = S_ISREG(st.st_mode);
+      }
     }
-    if (::lstat(path.c_str(), &st) == 0) entry.is_symlink = S_ISLNK(st.st_mode);
     out.push_back(std::move(entry));
   }
-  ::closedir(d);
-  std::sort(out.begin(), out.end(), [](const DirEntry& a, const DirEntry& b) { return a.name < b.name; });
   return out;
 }
 
 std::string base_name(const std::string& path) {
   const std::string::size_type end = path.find_last_not_of('/');
   if (end == std::string::npos) return "";
-  const std::string::size_type begin = path.find_last_of('/', end);
-  return path.substr(begin == std::string::npos ? 0 : begin + 1, end - (begin == std::string::npos ? 0 : begin + 1) + 1);
+  const std::string::size_type slash = path.find_last_of('/', end);
+  const std::string::size_type begin = slash == std::string::npos ? 0 : slash + 1;
+  return path.substr(begin, end - begin + 1);
 }
 
 std::string path_join(const std::string& dir, const std::string& name) {
