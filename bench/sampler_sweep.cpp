@@ -3,7 +3,7 @@
 //
 //   bench_sampler_sweep RUN_DIR [--n 1000] [--steps 10,20,50,100,1000] [--samplers ddim,heun,...]
 //                       [--ref fashion-mnist:test] [--ref-limit N] [--classifier DIR] [--seed 0] [--batch 100]
-//                       [--device cpu] [--threads 0] [--out table.md]
+//                       [--device cpu] [--threads 0] [--precision fp32|bf16|fp16] [--grid NAME] [--out table.md]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -35,6 +35,8 @@ struct Args {
   uint64_t seed = 0;
   int64_t batch = 100;
   std::string device = "cpu";
+  std::string precision = "fp32";
+  std::string grid;  // empty: each sampler's default sigma grid
   int64_t threads = 0;
   std::string out;
 };
@@ -69,6 +71,8 @@ Args parse_args(int argc, char** argv) {
     else if (key == "--batch") a.batch = std::stoll(value());
     else if (key == "--device") a.device = value();
     else if (key == "--threads") a.threads = std::stoll(value());
+    else if (key == "--precision") a.precision = value();
+    else if (key == "--grid") a.grid = value();
     else if (key == "--out") a.out = value();
     else if (!key.empty() && key[0] == '-') throw diffuse::input_error(key + ": unknown option");
     else a.model = key;
@@ -89,7 +93,7 @@ int main(int argc, char** argv) {
     Args a = parse_args(argc, argv);
     diffuse::set_threads(a.threads);
     diffuse::Classifier clf = diffuse::classifier_load(a.classifier.empty() ? diffuse::default_classifier_dir() : a.classifier);
-    diffuse::Model model = diffuse::load_model(a.model, true, a.device);
+    diffuse::Model model = diffuse::load_model(a.model, true, a.device, a.precision);
     // The reference (and the floor) at the model's size and channels.
     diffuse::DataOptions ref_opt;
     ref_opt.size = model.image_size();
@@ -102,7 +106,8 @@ int main(int argc, char** argv) {
     kid.seed = a.seed;
 
     std::string table = "| sampler | steps | NFE | FD | KID | precision | recall | seconds |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n";
-    std::cout << "model " << a.model << ", " << a.n << " samples vs " << a.ref << "\n\n" << table << std::flush;
+    std::cout << "model " << a.model << ", " << a.n << " samples vs " << a.ref << ", " << a.precision
+              << (a.grid.empty() ? "" : ", grid " + a.grid) << "\n\n" << table << std::flush;
     auto add_row = [&](const std::string& name, const std::string& steps, const std::string& nfe, const at::Tensor& features, double secs) {
       char row[512];
       diffuse::KidResult k = diffuse::kernel_inception_distance(ref_features, features, kid);
@@ -132,6 +137,7 @@ int main(int argc, char** argv) {
         g.seed = a.seed;
         g.sampler = s.name;
         g.steps = st;
+        g.grid = a.grid;
         if (model.class_conditional()) {
           for (int64_t i = 0; i < g.n; ++i) g.labels.push_back(i % model.num_classes());
         }

@@ -363,6 +363,31 @@ TEST(UNet, AttentionMatchesTheFormula) {
   EXPECT_THROW(diffuse::attention(q, k.slice(3, 0, 4), v, scale, false), diffuse::Error);
 }
 
+// Sampling takes the chunked no-autograd path; training the whole-tensor one. They must agree, over several
+// chunks and a partial last one (196 tokens: 6 score blocks a chunk, 16 blocks here), in each precision.
+TEST(UNet, AttentionWithoutAutogradMatchesTheTrainingPath) {
+  at::manual_seed(4);
+  // Channel-major [B, heads, d, L] memory seen as [B, heads, L, d], as the attention block passes it.
+  auto qkv = [](at::ScalarType t) { return at::randn({4, 4, 32, 196}).to(t).transpose(2, 3); };
+  for (at::ScalarType t : {at::kDouble, at::kFloat, at::kBFloat16}) {
+    const at::Tensor q = qkv(t), k = qkv(t) * 2.0, v = qkv(t);
+    const double scale = 1.0 / std::sqrt(32.0);
+    const at::Tensor train = diffuse::attention(q, k, v, scale, false);  // grad mode on: the training path
+    at::Tensor infer;
+    {
+      at::NoGradGuard no_grad;
+      infer = diffuse::attention(q, k, v, scale, false);
+    }
+    ASSERT_EQ(infer.sizes(), train.sizes());
+    ASSERT_EQ(infer.scalar_type(), t);
+    // float64/32: the same products in another order; bfloat16: the softmax's float32 result rounded once
+    // either way, so the two differ by at most one bfloat16 step at the output's largest value.
+    const double top = train.abs().max().item<double>();
+    const double tol = t == at::kDouble ? 1e-12 : t == at::kFloat ? 1e-5 : std::ldexp(1.0, std::ilogb(top) - 7);
+    EXPECT_LE(max_abs(infer, train), tol) << t;
+  }
+}
+
 TEST(UNet, BatchedMatmulMatchesBmmForAnyLayout) {
   RecordProperty("fast_cpu_gemm", diffuse::nn_detail::has_fast_cpu_gemm() ? "oneDNN sgemm" : "at::bmm");
   at::manual_seed(1);

@@ -58,16 +58,17 @@ Operand as_operand(const at::Tensor& x) {
   return {c, 'N', std::max<int64_t>(1, cols)};
 }
 
-// alpha * a @ b without autograd; a [B, M, K], b [B, K, N] float32 on the CPU, any strides.
-at::Tensor sgemm_batched(const at::Tensor& a, const at::Tensor& b, double alpha) {
+// c = alpha * a @ b without autograd; a [B, M, K], b [B, K, N] float32 on the CPU, any strides; c a
+// contiguous float32 [B, M, N].
+void sgemm_batched_into(const at::Tensor& a, const at::Tensor& b, double alpha, at::Tensor& c) {
   const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
   const OneDnn& lib = onednn();
   if (!lib.sgemm || batch == 0 || m == 0 || n == 0 || k == 0) {
-    at::Tensor c = at::bmm(a, b);
-    return alpha == 1.0 ? c : c.mul_(alpha);
+    at::bmm_out(c, a, b);
+    if (alpha != 1.0) c.mul_(alpha);
+    return;
   }
   const Operand oa = as_operand(a), ob = as_operand(b);
-  at::Tensor c = at::empty({batch, m, n}, a.options().memory_format(at::MemoryFormat::Contiguous));
   const float* pa = oa.t.data_ptr<float>();
   const float* pb = ob.t.data_ptr<float>();
   float* pc = c.data_ptr<float>();
@@ -87,9 +88,14 @@ at::Tensor sgemm_batched(const at::Tensor& a, const at::Tensor& b, double alpha)
   };
   at::parallel_for(0, batch, 1, run);
   if (failed) {
-    at::Tensor ref = at::bmm(a, b);
-    return alpha == 1.0 ? ref : ref.mul_(alpha);
+    at::bmm_out(c, a, b);
+    if (alpha != 1.0) c.mul_(alpha);
   }
+}
+
+at::Tensor sgemm_batched(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  at::Tensor c = at::empty({a.size(0), a.size(1), b.size(2)}, a.options().memory_format(at::MemoryFormat::Contiguous));
+  sgemm_batched_into(a, b, alpha, c);
   return c;
 }
 
@@ -128,6 +134,21 @@ at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b, double alpha
     return at::baddbmm(at::empty({a.size(0), a.size(1), b.size(2)}, a.options()), a, b, 0.0, alpha);
   }
   return ScaledBmm::apply(a, b, alpha);
+}
+
+void batched_matmul_into(const at::Tensor& a, const at::Tensor& b, double alpha, at::Tensor& out) {
+  TORCH_CHECK(!at::GradMode::is_enabled() || (!a.requires_grad() && !b.requires_grad()),
+              "batched_matmul_into: no autograd");
+  TORCH_CHECK(out.is_contiguous() && out.size(0) == a.size(0) && out.size(1) == a.size(1) &&
+                  out.size(2) == b.size(2) && out.scalar_type() == a.scalar_type(),
+              "batched_matmul_into: out must be a contiguous [B, M, N] of the operands' type");
+  if (a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() && b.device().is_cpu()) {
+    sgemm_batched_into(a, b, alpha, out);
+  } else if (alpha == 1.0) {
+    at::bmm_out(out, a, b);
+  } else {
+    out.baddbmm_(a, b, 0.0, alpha);
+  }
 }
 
 }  // namespace nn_detail

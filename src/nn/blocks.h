@@ -168,6 +168,10 @@ TORCH_MODULE(MidBlock);
 // the sgemm of the oneDNN library LibTorch loads (when present); everything else through at::bmm/baddbmm.
 at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b, double alpha);
 bool has_fast_cpu_gemm();
+// Scaled dot-product attention on [B, L, d] without autograd on the CPU, in cache-sized chunks; [B, Lq, dv].
+at::Tensor attention_inference_cpu(const at::Tensor& q3, const at::Tensor& k3, const at::Tensor& v3, double scale);
+// out = alpha * a @ b into a contiguous [B, M, N] of the operands' type, without autograd.
+void batched_matmul_into(const at::Tensor& a, const at::Tensor& b, double alpha, at::Tensor& out);
 
 // diffusers get_timestep_embedding, built in float32 like diffusers: [N] -> [N, dim].
 at::Tensor timestep_embedding(const at::Tensor& timesteps, int64_t dim, bool flip_sin_to_cos,
