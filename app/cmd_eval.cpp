@@ -46,6 +46,7 @@ void register_eval(CLI::App& app, Common& common) {
   sub->add_option("--batch", a->sample.generate.batch, "images per network batch (models)")->check(CLI::PositiveNumber)->capture_default_str();
   sub->add_flag("--no-ema", a->no_ema, "models: use the raw weights instead of the EMA");
   sub->add_option("--device", a->device, "models: cpu or cuda")->capture_default_str();
+  sub->add_option("--precision", a->sample.precision, "models: network arithmetic: fp32, bf16 (mixed precision), fp16 (CUDA)")->capture_default_str();
   sub->add_option("--kid-subsets", a->eval.kid.subsets, "KID subsets")->check(CLI::PositiveNumber)->capture_default_str();
   sub->add_option("--kid-subset-size", a->eval.kid.subset_size, "KID subset size")->check(CLI::Range(int64_t(2), int64_t(1000000)))->capture_default_str();
   sub->add_option("--k", a->eval.prdc.k_pr, "neighbours for precision/recall")->check(CLI::PositiveNumber)->capture_default_str();

@@ -60,7 +60,7 @@ nlohmann::json set_metrics_json(const SetMetrics& m) {
 
 // Loads the model to sample from, checking its image shape against the one expected.
 Model load_sample_model(const std::string& path, const SampleOptions& options) {
-  Model m = load_model(path, options.prefer_ema, options.device);
+  Model m = load_model(path, options.prefer_ema, options.device, options.precision);
   if ((options.expect_channels > 0 && m.channels() != options.expect_channels) ||
       (options.expect_size > 0 && m.image_size() != options.expect_size)) {
     throw input_error(path + ": the model draws " + std::to_string(m.image_size()) + "x" + std::to_string(m.image_size()) + "x" +

@@ -43,6 +43,7 @@ struct SampleOptions {
   GenerateOptions generate;       // sampler, steps, seed... for models (generate.n is set from n)
   bool prefer_ema = true;         // models: EMA weights when present
   std::string device = "cpu";     // models: where to run
+  std::string precision = "fp32"; // models: network arithmetic (fp32, bf16, fp16), as `diffuse sample`
   std::function<void(int64_t, int64_t)> on_batch;  // models: progress (done, total)
   // Models: the image shape the samples must have (0: any), checked before sampling so that a
   // mismatched reference does not cost a sampling run.
