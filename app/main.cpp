@@ -4,6 +4,7 @@
 
 #include "cli.h"
 #include "diffuse/common.h"
+#include "diffuse/io/file.h"
 #include "diffuse/version.h"
 
 namespace diffuse::cli {
@@ -48,6 +49,8 @@ void run_guarded(const Common& common, const std::function<int()>& fn) {
 int main(int argc, char** argv) {
   // A write past `ulimit -f` fails with EFBIG and a one-line error instead of killing the process.
   std::signal(SIGXFSZ, SIG_IGN);
+  // Ctrl-C, kill or a closed terminal while an output is being written leaves no half-written file.
+  diffuse::remove_temporaries_on_signals();
   CLI::App app{"diffuse: train, sample, edit and measure image diffusion models (LibTorch)"};
   // Usage errors are one line too (CLI11 adds a "Run with --help" line by default).
   app.failure_message([](const CLI::App*, const CLI::Error& e) {

@@ -132,6 +132,50 @@ TEST(Cli, TrainSampleConvertRoundTrip) {
   diffuse_test::remove_tree(dir);
 }
 
+// SIGTERM or SIGINT while an output is being written: the process ends by that signal and leaves neither
+// the output nor its temporary file.
+TEST(Cli, TerminatedWriterLeavesNoTemporaryFile) {
+  const std::string dir = tmp("sigterm"), run = dir + "/run", out = dir + "/out";
+  CliRun t = run_cli("train --preset tiny --steps 5 --sample-every 0 --out " + run + " --json");
+  ASSERT_EQ(t.code, 0) << t.err;
+  fs::create_directories(out);
+  for (int sig : {SIGTERM, SIGINT}) {
+    pid_t pid = fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      freopen("/dev/null", "w", stderr);
+      freopen("/dev/null", "w", stdout);
+      // Far more work than the test waits for: the writer is killed mid-way.
+      execl(DIFFUSE_CLI, DIFFUSE_CLI, "sample", "--ckpt", run.c_str(), "--n", "20000", "--steps", "500", "--batch",
+            "16", "--threads", "1", "--out", (out + "/s.npy").c_str(), (char*)nullptr);
+      _exit(127);
+    }
+    auto temporaries = [&] {
+      int n = 0;
+      for (const auto& e : fs::directory_iterator(out)) n += e.path().filename().string().find(".tmp.") != std::string::npos;
+      return n;
+    };
+    const auto t0 = std::chrono::steady_clock::now();
+    int status = 0;
+    bool exited = false;
+    while (temporaries() == 0 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(60)) {
+      if (waitpid(pid, &status, WNOHANG) == pid) {
+        exited = true;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    ASSERT_FALSE(exited) << "sample ended before it was signalled (status " << status << ")";
+    ASSERT_EQ(temporaries(), 1) << "no temporary output appeared within 60 s";
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // well inside the sampling loop
+    kill(pid, sig);
+    ASSERT_EQ(waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == sig) << "signal " << sig << ", status " << status;
+    EXPECT_TRUE(fs::is_empty(out)) << "signal " << sig << ": files left in " << out;
+  }
+  diffuse_test::remove_tree(dir);
+}
+
 // Whether a step_* directory under run/checkpoints lacks its state.json (a checkpoint being written).
 bool has_incomplete_checkpoint(const std::string& run) {
   std::error_code ec;

@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -19,6 +20,46 @@ namespace diffuse {
 namespace {
 
 std::string errno_text(int err) { return std::strerror(err); }
+
+// Temporary files of writers in progress, readable from a signal handler: a fixed table of paths, each
+// slot published (state kReady) only after its path is in place. A writer takes a slot when it creates
+// its temporary file and frees it once the file is renamed or removed.
+constexpr int kPendingSlots = 64;
+constexpr size_t kPendingPathMax = 4096;
+enum : int { kFree = 0, kTaken = 1, kReady = 2 };
+std::atomic<int> g_pending_state[kPendingSlots];
+char g_pending_path[kPendingSlots][kPendingPathMax];
+static_assert(std::atomic<int>::is_always_lock_free, "the signal handler reads these");
+
+// The slot now holding tmp, or -1 (table full or path too long: that file is only removed by the writer).
+int pending_add(const std::string& tmp) {
+  if (tmp.size() >= kPendingPathMax) return -1;
+  for (int i = 0; i < kPendingSlots; ++i) {
+    int expected = kFree;
+    if (g_pending_state[i].compare_exchange_strong(expected, kTaken)) {
+      std::memcpy(g_pending_path[i], tmp.c_str(), tmp.size() + 1);
+      g_pending_state[i].store(kReady, std::memory_order_release);
+      return i;
+    }
+  }
+  return -1;
+}
+
+void pending_remove(int slot) {
+  if (slot >= 0) g_pending_state[slot].store(kFree, std::memory_order_release);
+}
+
+// Async-signal-safe: unlink, sigaction and raise only.
+void remove_pending_and_reraise(int sig) {
+  for (int i = 0; i < kPendingSlots; ++i) {
+    if (g_pending_state[i].load(std::memory_order_acquire) == kReady) ::unlink(g_pending_path[i]);
+  }
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  sigemptyset(&dfl.sa_mask);
+  ::sigaction(sig, &dfl, nullptr);
+  ::raise(sig);
+}
 
 // The folder that holds path ("." for a bare name, "/" for a file in the root).
 std::string parent_dir(const std::string& path) {
@@ -87,25 +128,31 @@ AtomicFileWriter::AtomicFileWriter(const std::string& path) : path_(path) {
     }
     throw run_error(path + ": cannot create temporary file " + tmp_ + ": " + errno_text(err));
   }
+  slot_ = pending_add(tmp_);
   f_ = ::fdopen(fd, "wb");
   if (f_ == nullptr) {
     const int err = errno;
     ::close(fd);
     ::unlink(tmp_.c_str());
+    pending_remove(slot_);
     throw run_error(path + ": fdopen failed: " + errno_text(err));
   }
 }
 
 AtomicFileWriter::~AtomicFileWriter() {
-  if (committed_) return;
-  if (f_) std::fclose(f_);
-  ::unlink(tmp_.c_str());
+  if (!committed_) {
+    if (f_) std::fclose(f_);
+    ::unlink(tmp_.c_str());
+  }
+  pending_remove(slot_);
 }
 
 void AtomicFileWriter::fail(const std::string& what, int err) {
   if (f_) std::fclose(f_);
   f_ = nullptr;
   ::unlink(tmp_.c_str());
+  pending_remove(slot_);
+  slot_ = -1;
   committed_ = true;  // nothing left to clean up
   throw run_error(path_ + ": " + what + ": " + errno_text(err));
 }
@@ -127,12 +174,16 @@ void AtomicFileWriter::commit() {
     const int err = errno;
     if (err == EISDIR || err == ENOTEMPTY || err == EEXIST) {
       ::unlink(tmp_.c_str());
+      pending_remove(slot_);
+      slot_ = -1;
       committed_ = true;
       throw input_error(path_ + ": cannot be written: it is a directory");
     }
     fail("rename from " + tmp_ + " failed", err);
   }
   committed_ = true;
+  pending_remove(slot_);
+  slot_ = -1;
   int err = fsync_dir(parent_dir(path_));
   if (err != 0) throw run_error(path_ + ": written, but fsync of its folder failed: " + errno_text(err));
 }
@@ -258,6 +309,19 @@ std::string path_join(const std::string& dir, const std::string& name) {
   size_t begin = name.find_first_not_of('/');
   std::string tail = begin == std::string::npos ? "" : name.substr(begin);
   return head + "/" + tail;
+}
+
+void remove_temporaries_on_signals() {
+  struct sigaction sa {};
+  sa.sa_handler = remove_pending_and_reraise;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESETHAND;
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
+    struct sigaction old {};
+    // A signal the caller ignores (nohup's SIGHUP) stays ignored.
+    if (::sigaction(sig, nullptr, &old) == 0 && old.sa_handler == SIG_IGN) continue;
+    ::sigaction(sig, &sa, nullptr);
+  }
 }
 
 }  // namespace diffuse

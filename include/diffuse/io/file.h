@@ -39,7 +39,12 @@ class AtomicFileWriter {
   std::string path_, tmp_;
   std::FILE* f_ = nullptr;
   bool committed_ = false;
+  int slot_ = -1;  // this writer's entry in the table remove_temporaries_on_signals() cleans
 };
+// Installs handlers for SIGINT, SIGTERM and SIGHUP (those not ignored) that remove the temporary files of
+// every AtomicFileWriter in progress, then end the process by the same signal as before. For programs:
+// without it, a terminated process leaves its half-written "name.tmp.PID.N" beside the output.
+void remove_temporaries_on_signals();
 // CRC-32 (zlib's polynomial) of bytes as "crc32:" + 8 lowercase hex digits, for checksums in manifests.
 std::string checksum_crc32(const std::string& bytes);
 // True when path exists (file or directory).
