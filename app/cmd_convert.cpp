@@ -1,5 +1,6 @@
 // `diffuse convert SRC DST`: diffusers UNet2DModel folder <-> diffuse checkpoint.
 #include <iostream>
+#include <memory>
 
 #include "cli.h"
 #include "diffuse/common.h"
@@ -34,6 +35,8 @@ void register_convert(CLI::App& app, Common& common) {
       }
       // A destination this command creates is removed again when writing it fails (a full disk).
       const bool fresh = !path_exists(*dst);
+      // ... and when the process is interrupted (Ctrl-C, SIGTERM) while writing it.
+      std::unique_ptr<RemoveOnSignal> on_signal = fresh ? std::make_unique<RemoveOnSignal>(*dst) : nullptr;
       try {
         if (target == "diffusers") {
           save_diffusers_unet(*m.net, *dst);

@@ -92,12 +92,13 @@ int write_outputs(const EditArgs& a, const Common& common, const at::Tensor& ima
   if (ends_with(a.out, ".png")) {
     image_save_png(a.out, u8.size(0) == 1 ? u8[0] : make_grid(u8, std::min<int64_t>(u8.size(0), 8)));
   } else {
-    make_directories(a.out);
-    for (int64_t i = 0; i < u8.size(0); ++i) {
-      char name[32];
-      std::snprintf(name, sizeof(name), "%06lld.png", static_cast<long long>(a.g.first_index + i));
-      image_save_png(path_join(a.out, name), u8[i]);
-    }
+    write_folder(a.out, [&](const std::string& dir) {
+      for (int64_t i = 0; i < u8.size(0); ++i) {
+        char name[32];
+        std::snprintf(name, sizeof(name), "%06lld.png", static_cast<long long>(a.g.first_index + i));
+        image_save_png(path_join(dir, name), u8[i]);
+      }
+    });
   }
   if (common.json) {
     std::cout << nlohmann::json{{"out", a.out}, {"n", a.g.n}, {"command", what}, {"sampler", a.g.sampler},

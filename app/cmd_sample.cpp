@@ -90,12 +90,8 @@ void register_sample(CLI::App& app, Common& common) {
         w.finish();
       } else {
         // One PNG per image, each written atomically as its batch is drawn; a new folder is filled under a
-        // temporary name and renamed into place at the end, so a failed run leaves no partial folder.
-        const bool fresh = !path_exists(a->out);
-        const std::string dir = fresh ? a->out + ".tmp." + std::to_string(::getpid()) : a->out;
-        if (!fresh && !is_directory(a->out)) throw input_error(a->out + ": exists and is not a directory");
-        make_directories(dir);
-        try {
+        // temporary name and renamed into place at the end, so a failed or killed run leaves no partial folder.
+        write_folder(a->out, [&](const std::string& dir) {
           generate_batches(m, a->g, [&](int64_t first, const at::Tensor& images) {
             at::Tensor u8 = to_uint8(images);
             for (int64_t i = 0; i < u8.size(0); ++i) {
@@ -104,11 +100,7 @@ void register_sample(CLI::App& app, Common& common) {
               image_save_png(path_join(dir, name), u8[i]);
             }
           }, &nfe);
-          if (fresh) rename_path(dir, a->out);
-        } catch (...) {
-          if (fresh) remove_all_quietly(dir);
-          throw;
-        }
+        });
       }
       if (common.json) {
         std::cout << nlohmann::json{{"out", a->out}, {"n", a->g.n}, {"sampler", a->g.sampler}, {"steps", a->g.steps},

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -158,6 +159,60 @@ TEST_F(FileTest, DirectoriesAndExistence) {
   // A file where a folder should go.
   EXPECT_THROW(diffuse::make_directories(diffuse::path_join(file, "sub")), diffuse::Error);
   EXPECT_THROW(diffuse::make_directories(file), diffuse::Error);
+}
+
+TEST_F(FileTest, WriteFolderAppearsWholeOrNotAtAll) {
+  const std::string out = dir_ + "/out";
+  diffuse::write_folder(out, [](const std::string& d) {
+    diffuse::write_file_atomic(d + "/a.txt", "a");
+    diffuse::write_file_atomic(d + "/b.txt", "b");
+  });
+  EXPECT_EQ(entries(), std::vector<std::string>{"out"});
+  EXPECT_EQ(diffuse::read_file(out + "/b.txt"), "b");
+  // A failure half-way: the new folder never appears, its temporary is gone.
+  EXPECT_THROW(diffuse::write_folder(dir_ + "/out2",
+                                     [](const std::string& d) {
+                                       diffuse::write_file_atomic(d + "/a.txt", "a");
+                                       throw diffuse::run_error("disk full");
+                                     }),
+               diffuse::Error);
+  EXPECT_EQ(entries(), std::vector<std::string>{"out"});
+  // An existing folder is written into; a file in the way is bad input.
+  diffuse::write_folder(out, [](const std::string& d) { diffuse::write_file_atomic(d + "/c.txt", "c"); });
+  EXPECT_EQ(diffuse::read_file(out + "/c.txt"), "c");
+  try {
+    diffuse::write_folder(out + "/a.txt", [](const std::string&) {});
+    ADD_FAILURE() << "no error for a file in the way";
+  } catch (const diffuse::Error& e) {
+    EXPECT_EQ(e.exit_code(), diffuse::kExitBadInput);
+  }
+}
+
+// A process ended by SIGTERM while it writes a file in pieces and fills a new folder (with a sub-folder)
+// leaves neither behind, and still ends by SIGTERM.
+TEST_F(FileTest, TerminatingSignalRemovesTemporaryOutputs) {
+  const std::string dir = dir_;
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    diffuse::remove_temporaries_on_signals();
+    diffuse::AtomicFileWriter f(dir + "/big.npy");
+    f.write(std::string(1 << 16, 'x'));
+    diffuse::write_folder(dir + "/pngs", [&](const std::string& d) {
+      diffuse::write_file_atomic(d + "/000000.png", "png");
+      diffuse::make_directories(d + "/class0/deeper");
+      diffuse::write_file_atomic(d + "/class0/deeper/000001.png", "png");
+      diffuse::AtomicFileWriter half(d + "/class0/000002.png");
+      half.write("half");
+      ::raise(SIGTERM);
+      ::_exit(3);  // not reached
+    });
+    ::_exit(4);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << "status " << status;
+  EXPECT_TRUE(entries().empty()) << "left: " << (entries().empty() ? "" : entries().front());
 }
 
 TEST(PathJoin, PutsExactlyOneSlashBetween) {

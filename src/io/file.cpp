@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -21,9 +22,9 @@ namespace {
 
 std::string errno_text(int err) { return std::strerror(err); }
 
-// Temporary files of writers in progress, readable from a signal handler: a fixed table of paths, each
-// slot published (state kReady) only after its path is in place. A writer takes a slot when it creates
-// its temporary file and frees it once the file is renamed or removed.
+// Temporary outputs in progress (files, and folders being filled), readable from a signal handler: a fixed
+// table of paths, each slot published (state kReady) only after its path is in place. A writer takes a slot
+// when it creates its temporary output and frees it once that is renamed into place or removed.
 constexpr int kPendingSlots = 64;
 constexpr size_t kPendingPathMax = 4096;
 enum : int { kFree = 0, kTaken = 1, kReady = 2 };
@@ -31,13 +32,13 @@ std::atomic<int> g_pending_state[kPendingSlots];
 char g_pending_path[kPendingSlots][kPendingPathMax];
 static_assert(std::atomic<int>::is_always_lock_free, "the signal handler reads these");
 
-// The slot now holding tmp, or -1 (table full or path too long: that file is only removed by the writer).
-int pending_add(const std::string& tmp) {
-  if (tmp.size() >= kPendingPathMax) return -1;
+// The slot now holding path, or -1 (table full or path too long: then only the writer removes it).
+int pending_add(const std::string& path) {
+  if (path.empty() || path.size() >= kPendingPathMax) return -1;
   for (int i = 0; i < kPendingSlots; ++i) {
     int expected = kFree;
     if (g_pending_state[i].compare_exchange_strong(expected, kTaken)) {
-      std::memcpy(g_pending_path[i], tmp.c_str(), tmp.size() + 1);
+      std::memcpy(g_pending_path[i], path.c_str(), path.size() + 1);
       g_pending_state[i].store(kReady, std::memory_order_release);
       return i;
     }
@@ -49,10 +50,48 @@ void pending_remove(int slot) {
   if (slot >= 0) g_pending_state[slot].store(kFree, std::memory_order_release);
 }
 
-// Async-signal-safe: unlink, sigaction and raise only.
+// Removes name (relative to the folder parent_fd) and, for a folder, everything in it, with system calls only
+// (openat, getdents64, unlinkat, close: async-signal-safe). Links are removed, never followed.
+void remove_tree_signal_safe(int parent_fd, const char* name, int depth) {
+  if (::unlinkat(parent_fd, name, 0) == 0 || errno == ENOENT) return;
+  if (depth > 32) return;
+  const int fd = ::openat(parent_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+  if (fd < 0) return;
+  struct Dirent64 {
+    uint64_t ino;
+    int64_t off;
+    unsigned short reclen;
+    unsigned char type;
+    char name[1];
+  };
+  alignas(8) char buf[4096];
+  // Entries removed while listing may shift the listing: list again until a pass finds nothing.
+  for (int pass = 0; pass < 8; ++pass) {
+    bool removed = false;
+    ::lseek(fd, 0, SEEK_SET);
+    for (;;) {
+      const long n = ::syscall(SYS_getdents64, fd, buf, sizeof(buf));
+      if (n <= 0) break;
+      for (long at = 0; at < n;) {
+        const Dirent64* d = reinterpret_cast<const Dirent64*>(buf + at);
+        at += d->reclen;
+        const char* e = d->name;
+        if (e[0] == '.' && (e[1] == '\0' || (e[1] == '.' && e[2] == '\0'))) continue;
+        remove_tree_signal_safe(fd, e, depth + 1);
+        removed = true;
+      }
+    }
+    if (!removed) break;
+  }
+  ::close(fd);
+  ::unlinkat(parent_fd, name, AT_REMOVEDIR);
+}
+
 void remove_pending_and_reraise(int sig) {
   for (int i = 0; i < kPendingSlots; ++i) {
-    if (g_pending_state[i].load(std::memory_order_acquire) == kReady) ::unlink(g_pending_path[i]);
+    if (g_pending_state[i].load(std::memory_order_acquire) == kReady) {
+      remove_tree_signal_safe(AT_FDCWD, g_pending_path[i], 0);
+    }
   }
   struct sigaction dfl {};
   dfl.sa_handler = SIG_DFL;
@@ -309,6 +348,32 @@ std::string path_join(const std::string& dir, const std::string& name) {
   size_t begin = name.find_first_not_of('/');
   std::string tail = begin == std::string::npos ? "" : name.substr(begin);
   return head + "/" + tail;
+}
+
+RemoveOnSignal::RemoveOnSignal(const std::string& path) : slot_(pending_add(path)) {}
+RemoveOnSignal::~RemoveOnSignal() { release(); }
+void RemoveOnSignal::release() {
+  pending_remove(slot_);
+  slot_ = -1;
+}
+
+void write_folder(const std::string& path, const std::function<void(const std::string&)>& fill) {
+  if (path_exists(path)) {
+    if (!is_directory(path)) throw input_error(path + ": exists and is not a directory");
+    fill(path);
+    return;
+  }
+  const std::string tmp = path + ".tmp." + std::to_string(static_cast<long long>(::getpid()));
+  remove_all_quietly(tmp);  // a leftover of an earlier process with this pid
+  make_directories(tmp);
+  RemoveOnSignal guard(tmp);
+  try {
+    fill(tmp);
+    rename_path(tmp, path);
+  } catch (...) {
+    remove_all_quietly(tmp);
+    throw;
+  }
 }
 
 void remove_temporaries_on_signals() {

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdio>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -45,6 +46,23 @@ class AtomicFileWriter {
 // every AtomicFileWriter in progress, then end the process by the same signal as before. For programs:
 // without it, a terminated process leaves its half-written "name.tmp.PID.N" beside the output.
 void remove_temporaries_on_signals();
+// Marks a path this process is creating (a file, or a folder with everything in it) to be removed by those
+// handlers; release() or the destructor unmarks it (once it is complete, renamed into place or removed).
+class RemoveOnSignal {
+ public:
+  explicit RemoveOnSignal(const std::string& path);
+  ~RemoveOnSignal();
+  RemoveOnSignal(const RemoveOnSignal&) = delete;
+  RemoveOnSignal& operator=(const RemoveOnSignal&) = delete;
+  void release();
+
+ private:
+  int slot_ = -1;
+};
+// Fills the folder path through fill(folder). A folder that does not exist yet is filled under a temporary
+// name beside it and renamed into place when fill returns: an exception (removed here) or a terminating
+// signal (with remove_temporaries_on_signals) leaves no partial folder. An existing folder is written into.
+void write_folder(const std::string& path, const std::function<void(const std::string& folder)>& fill);
 // CRC-32 (zlib's polynomial) of bytes as "crc32:" + 8 lowercase hex digits, for checksums in manifests.
 std::string checksum_crc32(const std::string& bytes);
 // True when path exists (file or directory).
