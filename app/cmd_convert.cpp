@@ -41,12 +41,14 @@ void register_convert(CLI::App& app, Common& common) {
         if (target == "diffusers") {
           save_diffusers_unet(*m.net, *dst);
           save_diffusers_scheduler(*dst, m.config.process, m.config.loss);
+          if (on_signal) on_signal->release();  // complete: a signal from here on must not remove it
           std::cout << *dst << " (diffusers UNet2DModel" << (m.uses_ema ? ", EMA weights" : "") << ")\n";
         } else {
           Checkpoint c;
           c.config = m.config;
           c.model = unet_state_dict(*m.net);
           std::string dir = checkpoint_save(*dst, c, 1);
+          if (on_signal) on_signal->release();
           std::cout << dir << " (diffuse checkpoint, " << *dtype << " weights" << (m.uses_ema ? ", EMA" : "") << ")\n";
         }
       } catch (...) {
