@@ -33,17 +33,6 @@ Dataset synthesize_dataset(const Model& m, int64_t per_class, GenerateOptions g,
 }
 
 namespace {
-void save_labelled_files(const Dataset& ds, const std::string& dir, const std::string& format);
-}  // namespace
-
-void save_labelled_dataset(const Dataset& ds, const std::string& dir, const std::string& format) {
-  if (ds.size() == 0) throw input_error("augment: nothing to write");
-  if (format != "png" && format != "idx") throw input_error("--format: unknown '" + format + "' (png, idx)");
-  // A new folder appears whole or not at all (write_folder); an existing one is added to.
-  write_folder(dir, [&](const std::string& dir) { save_labelled_files(ds, dir, format); });
-}
-
-namespace {
 void save_labelled_files(const Dataset& ds, const std::string& dir, const std::string& format) {
   if (format == "png") {
     std::vector<int64_t> counter(static_cast<size_t>(std::max<int64_t>(ds.num_classes, 1)), 0);
@@ -68,6 +57,12 @@ void save_labelled_files(const Dataset& ds, const std::string& dir, const std::s
   }
 }
 }  // namespace
+
+void save_labelled_dataset(const Dataset& ds, const std::string& dir, const std::string& format) {
+  if (ds.size() == 0) throw input_error("augment: nothing to write");
+  // A new folder appears whole or not at all (write_folder); an existing one is added to.
+  write_folder(dir, [&](const std::string& folder) { save_labelled_files(ds, folder, format); });
+}
 
 Dataset concat_datasets(const Dataset& a, const Dataset& b) {
   if (a.size() == 0) return b;

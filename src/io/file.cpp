@@ -167,31 +167,27 @@ AtomicFileWriter::AtomicFileWriter(const std::string& path) : path_(path) {
     }
     throw run_error(path + ": cannot create temporary file " + tmp_ + ": " + errno_text(err));
   }
-  slot_ = pending_add(tmp_);
+  on_signal_.emplace(tmp_);
   f_ = ::fdopen(fd, "wb");
   if (f_ == nullptr) {
     const int err = errno;
     ::close(fd);
     ::unlink(tmp_.c_str());
-    pending_remove(slot_);
     throw run_error(path + ": fdopen failed: " + errno_text(err));
   }
 }
 
 AtomicFileWriter::~AtomicFileWriter() {
-  if (!committed_) {
-    if (f_) std::fclose(f_);
-    ::unlink(tmp_.c_str());
-  }
-  pending_remove(slot_);
+  if (committed_) return;
+  if (f_) std::fclose(f_);
+  ::unlink(tmp_.c_str());
 }
 
 void AtomicFileWriter::fail(const std::string& what, int err) {
   if (f_) std::fclose(f_);
   f_ = nullptr;
   ::unlink(tmp_.c_str());
-  pending_remove(slot_);
-  slot_ = -1;
+  on_signal_.reset();
   committed_ = true;  // nothing left to clean up
   throw run_error(path_ + ": " + what + ": " + errno_text(err));
 }
@@ -213,16 +209,14 @@ void AtomicFileWriter::commit() {
     const int err = errno;
     if (err == EISDIR || err == ENOTEMPTY || err == EEXIST) {
       ::unlink(tmp_.c_str());
-      pending_remove(slot_);
-      slot_ = -1;
+      on_signal_.reset();
       committed_ = true;
       throw input_error(path_ + ": cannot be written: it is a directory");
     }
     fail("rename from " + tmp_ + " failed", err);
   }
   committed_ = true;
-  pending_remove(slot_);
-  slot_ = -1;
+  on_signal_.reset();
   int err = fsync_dir(parent_dir(path_));
   if (err != 0) throw run_error(path_ + ": written, but fsync of its folder failed: " + errno_text(err));
 }

@@ -58,16 +58,21 @@ Operand as_operand(const at::Tensor& x) {
   return {c, 'N', std::max<int64_t>(1, cols)};
 }
 
+// c = alpha * a @ b through LibTorch, as diffusers' baddbmm with beta 0 (one rounding); c [B, M, N] contiguous.
+void scaled_bmm_into(const at::Tensor& a, const at::Tensor& b, double alpha, at::Tensor& c) {
+  if (alpha == 1.0) {
+    at::bmm_out(c, a, b);
+  } else {
+    c.baddbmm_(a, b, 0.0, alpha);
+  }
+}
+
 // c = alpha * a @ b without autograd; a [B, M, K], b [B, K, N] float32 on the CPU, any strides; c a
 // contiguous float32 [B, M, N].
 void sgemm_batched_into(const at::Tensor& a, const at::Tensor& b, double alpha, at::Tensor& c) {
   const int64_t batch = a.size(0), m = a.size(1), k = a.size(2), n = b.size(2);
   const OneDnn& lib = onednn();
-  if (!lib.sgemm || batch == 0 || m == 0 || n == 0 || k == 0) {
-    at::bmm_out(c, a, b);
-    if (alpha != 1.0) c.mul_(alpha);
-    return;
-  }
+  if (!lib.sgemm || batch == 0 || m == 0 || n == 0 || k == 0) return scaled_bmm_into(a, b, alpha, c);
   const Operand oa = as_operand(a), ob = as_operand(b);
   const float* pa = oa.t.data_ptr<float>();
   const float* pb = ob.t.data_ptr<float>();
@@ -87,10 +92,7 @@ void sgemm_batched_into(const at::Tensor& a, const at::Tensor& b, double alpha, 
     lib.omp_set_num_threads(threads);
   };
   at::parallel_for(0, batch, 1, run);
-  if (failed) {
-    at::bmm_out(c, a, b);
-    if (alpha != 1.0) c.mul_(alpha);
-  }
+  if (failed) scaled_bmm_into(a, b, alpha, c);
 }
 
 at::Tensor sgemm_batched(const at::Tensor& a, const at::Tensor& b, double alpha) {
@@ -144,10 +146,8 @@ void batched_matmul_into(const at::Tensor& a, const at::Tensor& b, double alpha,
               "batched_matmul_into: out must be a contiguous [B, M, N] of the operands' type");
   if (a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() && b.device().is_cpu()) {
     sgemm_batched_into(a, b, alpha, out);
-  } else if (alpha == 1.0) {
-    at::bmm_out(out, a, b);
   } else {
-    out.baddbmm_(a, b, 0.0, alpha);
+    scaled_bmm_into(a, b, alpha, out);
   }
 }
 

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdio>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,24 @@ std::string read_file(const std::string& path);
 // input_error (exit code 2); a write that fails on the way (full disk, file size limit) is run_error
 // (exit code 1). Either way the old file is untouched and no temporary file is left.
 void write_file_atomic(const std::string& path, const std::string& bytes);
+
+// Installs handlers for SIGINT, SIGTERM and SIGHUP (those not ignored) that remove the temporary files of
+// every AtomicFileWriter in progress, then end the process by the same signal as before. For programs:
+// without it, a terminated process leaves its half-written "name.tmp.PID.N" beside the output.
+void remove_temporaries_on_signals();
+// Marks a path this process is creating (a file, or a folder with everything in it) to be removed by those
+// handlers; release() or the destructor unmarks it (once it is complete, renamed into place or removed).
+class RemoveOnSignal {
+ public:
+  explicit RemoveOnSignal(const std::string& path);
+  ~RemoveOnSignal();
+  RemoveOnSignal(const RemoveOnSignal&) = delete;
+  RemoveOnSignal& operator=(const RemoveOnSignal&) = delete;
+  void release();
+
+ private:
+  int slot_ = -1;
+};
 
 // A file written in pieces and published atomically, for outputs too large to hold in memory:
 //   diffuse::AtomicFileWriter f("samples.npy");  f.write(header);  f.write(batch...);  f.commit();
@@ -40,24 +59,7 @@ class AtomicFileWriter {
   std::string path_, tmp_;
   std::FILE* f_ = nullptr;
   bool committed_ = false;
-  int slot_ = -1;  // this writer's entry in the table remove_temporaries_on_signals() cleans
-};
-// Installs handlers for SIGINT, SIGTERM and SIGHUP (those not ignored) that remove the temporary files of
-// every AtomicFileWriter in progress, then end the process by the same signal as before. For programs:
-// without it, a terminated process leaves its half-written "name.tmp.PID.N" beside the output.
-void remove_temporaries_on_signals();
-// Marks a path this process is creating (a file, or a folder with everything in it) to be removed by those
-// handlers; release() or the destructor unmarks it (once it is complete, renamed into place or removed).
-class RemoveOnSignal {
- public:
-  explicit RemoveOnSignal(const std::string& path);
-  ~RemoveOnSignal();
-  RemoveOnSignal(const RemoveOnSignal&) = delete;
-  RemoveOnSignal& operator=(const RemoveOnSignal&) = delete;
-  void release();
-
- private:
-  int slot_ = -1;
+  std::optional<RemoveOnSignal> on_signal_;  // the temporary file, until it is renamed or removed
 };
 // Fills the folder path through fill(folder). A folder that does not exist yet is filled under a temporary
 // name beside it and renamed into place when fill returns: an exception (removed here) or a terminating
