@@ -1,6 +1,7 @@
 // `diffuse sample`: loads a model, draws images with a sampler, writes a grid, PNG folder, .npy or IDX.
 #include <unistd.h>
 
+#include <chrono>
 #include <cmath>
 #include <iostream>
 
@@ -72,7 +73,10 @@ void register_sample(CLI::App& app, Common& common) {
         else if (ends_with(a->out, ".idx") || ends_with(a->out, "-ubyte")) format = "idx";
         else format = "png";
       }
+      using clock = std::chrono::steady_clock;
+      const auto t_start = clock::now();
       Model m = load_model(a->ckpt, !a->no_ema, a->device, a->precision);
+      const auto t_loaded = clock::now();
       if (a->class_label >= 0) a->g.labels.assign(a->g.n, a->class_label);
       int64_t nfe = 0;
       const int64_t C = m.channels(), S = m.image_size();
@@ -103,8 +107,12 @@ void register_sample(CLI::App& app, Common& common) {
         });
       }
       if (common.json) {
+        // load_seconds: reading the model (and, on a GPU, starting CUDA); sample_seconds: drawing every image
+        // and writing it out (each batch is copied back to the host, so the device's work is inside it).
+        const auto seconds = [](clock::duration d) { return std::chrono::duration<double>(d).count(); };
         std::cout << nlohmann::json{{"out", a->out}, {"n", a->g.n}, {"sampler", a->g.sampler}, {"steps", a->g.steps},
-                                    {"nfe", nfe}, {"format", format}}.dump() << "\n";
+                                    {"nfe", nfe}, {"format", format}, {"load_seconds", seconds(t_loaded - t_start)},
+                                    {"sample_seconds", seconds(clock::now() - t_loaded)}}.dump() << "\n";
       } else {
         std::cout << a->out << "\n";
       }
