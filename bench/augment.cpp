@@ -29,6 +29,7 @@ struct Args {
   std::vector<double> fractions = {0.01, 0.1};
   int64_t step_budget = 800;          // classifier optimizer steps per run (same for every row)
   int64_t threads = 0;
+  std::string precision = "fp32";     // sampling arithmetic: fp32, bf16
   bool share_only = false;            // only the label agreement of the synthetic set (no classifier training)
   uint64_t seed = 0;
   GenerateOptions g;
@@ -63,6 +64,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--guidance") a.g.guidance = std::stod(next());
     else if (k == "--batch") a.g.batch = std::stoll(next());
     else if (k == "--share-only") a.share_only = true;
+    else if (k == "--precision") a.precision = next();
     else throw input_error("unknown option " + k + " (see the comment at the top of bench/augment.cpp)");
   }
   if (a.ckpt.empty() == a.synthetic.empty()) throw input_error("give --ckpt or --synthetic");
@@ -108,7 +110,7 @@ int main(int argc, char** argv) {
     if (!a.synthetic.empty()) {
       syn = load_dataset(a.synthetic);
     } else {
-      const Model m = load_model(a.ckpt);
+      const Model m = load_model(a.ckpt, /*ema=*/true, "auto", a.precision);
       GenerateOptions g = a.g;
       g.seed = a.seed;
       std::cerr << "sampling " << a.per_class << " images per class from " << a.ckpt << "\n";

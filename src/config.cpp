@@ -80,6 +80,7 @@ json train_options_to_json(const TrainOptions& t) {
               {"p_uncond", t.p_uncond},
               {"device", t.device},
               {"precision", t.precision},
+              {"deterministic", t.deterministic},
               {"eval_every", t.eval_every},
               {"eval_n", t.eval_n},
               {"classifier", t.classifier},
@@ -120,6 +121,7 @@ TrainOptions train_options_from_json(const json& j, const TrainOptions& defaults
   read_key(j, s, "p_uncond", t.p_uncond);
   read_key(j, s, "device", t.device);
   read_key(j, s, "precision", t.precision);
+  read_key(j, s, "deterministic", t.deterministic);
   read_key(j, s, "eval_every", t.eval_every);
   read_key(j, s, "eval_n", t.eval_n);
   read_key(j, s, "classifier", t.classifier);

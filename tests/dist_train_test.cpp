@@ -19,6 +19,8 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <torch/cuda.h>
+
 #include "diffuse/config.h"
 #include "diffuse/io/checkpoint.h"
 #include "diffuse/io/file.h"
@@ -98,10 +100,17 @@ CliRun run(const std::vector<std::string>& args, const std::vector<std::pair<std
 }
 
 // The tiny preset on 8x8 Fashion-MNIST test images, one thread, no samples, quiet cadence.
+// The ranks run on the CPU (Gloo), or with DIFFUSE_TEST_DEVICE=cuda on a machine of two or more GPUs on the
+// GPUs (NCCL, one per rank): two ranks cannot share one GPU.
+std::string dist_device() {
+  const char* want = std::getenv("DIFFUSE_TEST_DEVICE");
+  return want && std::string(want) == "cuda" && torch::cuda::device_count() >= 2 ? "cuda" : "cpu";
+}
+
 std::vector<std::string> tiny(const std::string& out, int64_t steps, int64_t batch) {
   return {"--preset", "tiny", "--data", "fashion-mnist:test", "--out", out, "--steps", std::to_string(steps),
           "--batch", std::to_string(batch), "--sample-every", "0", "--ckpt-every", "0", "--log-every", "1",
-          "--threads", "1", "--dist-bucket-mb", "0.05", "--dist-timeout", "30"};
+          "--threads", "1", "--dist-bucket-mb", "0.05", "--device", dist_device(), "--dist-timeout", "30"};
 }
 
 std::vector<std::string> plus(std::vector<std::string> a, const std::vector<std::string>& b) {

@@ -58,6 +58,7 @@ TEST(Train, ResumeIsBitIdentical) {
   cfg.train.steps = 30;
   cfg.train.ckpt_every = 15;
   cfg.model.dropout = 0.1;  // dropout draws must be reproduced too
+  cfg.train.deterministic = true;  // on a GPU (DIFFUSE_TEST_DEVICE=cuda) only deterministic kernels repeat bit for bit
   std::string a = temp_dir("straight"), b = temp_dir("resumed");
   train(cfg, a, false, TrainControl{0, true});
   train(cfg, b, false, TrainControl{12, true});  // interrupted at step 12

@@ -45,6 +45,8 @@ struct TrainOptions {
                                  // embedding is the "no class" label; model.num_class_embeds = classes + 1)
   std::string device = "auto";   // "cpu", "cuda", "auto"
   std::string precision = "fp32";  // network arithmetic: fp32, bf16 (autocast; CPU and CUDA), fp16 (CUDA)
+  bool deterministic = false;    // CUDA: deterministic kernels only (cuDNN, cuBLAS, attention), so that a run and
+                                 // its resumption repeat bit for bit on one GPU; slower. CPU runs always do.
   int64_t eval_every = 0;        // steps between FD measurements written to metrics.jsonl (0: off)
   int64_t eval_n = 2000;         // samples (and reference images from the training data) per FD
   std::string classifier;        // feature network for FD; empty: default_classifier_dir()

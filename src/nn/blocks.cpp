@@ -3,6 +3,7 @@
 #include "nn/blocks.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/version.h>
@@ -310,7 +311,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         "k and v the same L");
   }
 #if TORCH_VERSION_MAJOR >= 2
-  if (use_sdpa) {
+  // The fused kernels' backward accumulates with atomics: deterministic training takes the explicit path.
+  if (use_sdpa && !(at::GradMode::is_enabled() && at::globalContext().deterministicAlgorithms())) {
 #if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 1
     // The fused kernels want the last dimension contiguous.
     return at::scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), {}, 0.0, false,

@@ -1,9 +1,12 @@
 #include "diffuse/train/trainer.h"
 
+#include <ATen/Context.h>
+#include <torch/cuda.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 
@@ -30,6 +33,18 @@ uint64_t mix_seed(uint64_t seed, uint64_t stream, uint64_t counter) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
   return z ^ (z >> 31);
+}
+
+// A training step on a GPU repeats bit for bit only with deterministic kernels: cuDNN otherwise picks
+// convolution backward algorithms that accumulate with atomics, cuBLAS splits reductions by its workspace
+// unless CUBLAS_WORKSPACE_CONFIG fixes it (read when its first handle is made, so set before any product),
+// and fused attention's backward accumulates with atomics (nn/blocks.cpp then takes the explicit path). Every
+// random draw is already reseeded per step, so these are all a resumed run needs to equal a straight one.
+void use_deterministic_cuda_kernels() {
+  ::setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8", /*overwrite=*/0);
+  at::globalContext().setBenchmarkCuDNN(false);
+  at::globalContext().setDeterministicCuDNN(true);
+  at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/true);
 }
 
 at::Generator make_generator(uint64_t seed) {
@@ -97,7 +112,16 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   const int64_t world = control.dist.world_size, rank = control.dist.rank;
   const bool lead = rank == 0;  // the rank that reads and writes the run directory
   std::string device_name = resolve_device(t.device);
-  if (world > 1 && device_name == "cuda") device_name += ":" + std::to_string(control.dist.local_rank);
+  if (world > 1 && device_name == "cuda") {
+    // One GPU per process: NCCL does not run two ranks on one device.
+    const int64_t gpus = static_cast<int64_t>(torch::cuda::device_count());
+    if (control.dist.local_rank >= gpus) {
+      throw input_error("distributed: LOCAL_RANK " + std::to_string(control.dist.local_rank) + " needs a GPU of its own, but this machine has " +
+                        std::to_string(gpus) + "; start at most " + std::to_string(gpus) +
+                        " processes per machine, or train on the CPU (--device cpu, Gloo)");
+    }
+    device_name += ":" + std::to_string(control.dist.local_rank);
+  }
   const at::Device device(device_name);
   std::unique_ptr<Communicator> comm;
   if (world > 1) comm = Communicator::connect(control.dist, device);
@@ -135,6 +159,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   }
   const Precision precision = parse_precision(t.precision);
   check_precision(precision, device);
+  if (t.deterministic && device.is_cuda()) use_deterministic_cuda_kernels();
 
   DataOptions dopt;
   dopt.size = t.image_size > 0 ? t.image_size : cfg.model.sample_size;
