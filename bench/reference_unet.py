@@ -514,7 +514,8 @@ def report(args, bench, params, device, seconds, total, extra):
            "preset": args.preset, "device": str(device), "batch": args.batch, "threads": torch.get_num_threads(),
            "params": params, "iters": len(seconds), "seconds": total,
            "img_per_s": img_s, "img_per_s_median": args.batch / med if med > 0 else img_s,
-           "torch": torch.__version__, "precision": PRECISION, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+           "torch": torch.__version__, "precision": PRECISION, "cudnn_benchmark": bool(args.cudnn_benchmark),
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
     rec.update(extra)
     print(json.dumps(rec))
     peak = f", peak {int(extra['peak_mem_mib'])} MiB" if "peak_mem_mib" in extra else ""
@@ -532,6 +533,27 @@ def trace_one(args, name, iteration):
         iteration()
     prof.export_chrome_trace(path)
     print(f"# {'pytorch' if KERNELS == 'plain' else 'pytorch-' + KERNELS}: one {name} iteration traced to {path}")
+
+
+def kernel_table(args, name, iteration, device):
+    """--kernel-table N on CUDA: three more iterations under torch.profiler, then the N operators and kernels
+    with the most GPU self time (where a step spends the device's time: convolutions, normalization, copies)."""
+    if args.kernel_table <= 0 or device.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            iteration()
+        sync(device)
+    averages = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            table = averages.table(sort_by=key, row_limit=args.kernel_table, max_name_column_width=70)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    print(f"# kernel table: {name}, 3 iterations, {args.preset} batch {args.batch} {PRECISION}")
+    print(table, flush=True)
 
 
 def peak_memory(device):
@@ -627,6 +649,7 @@ def bench_train(args, preset, device, steps, warmup):
     extra["gflop_fwd_per_img"] = forward_gflops_per_image(model, model.cfg, device)
     report(args, "train", sum(p.numel() for p in params), device, seconds, total, extra)
     trace_one(args, "train", lambda: step_once(warmup + steps))
+    kernel_table(args, "train", lambda: step_once(warmup + steps), device)
 
 
 def bench_sample(args, preset, device, evals, warmup):
@@ -667,6 +690,7 @@ def bench_sample(args, preset, device, evals, warmup):
         with torch.no_grad():
             model(x, t, y)
     trace_one(args, "sample", evaluate)
+    kernel_table(args, "sample", evaluate, device)
 
 
 def main():
@@ -685,6 +709,10 @@ def main():
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="network under torch.autocast to this dtype (loss in float32)")
     p.add_argument("--profile", metavar="PREFIX", help="trace one more iteration to PREFIX-{train,sample}.trace")
+    p.add_argument("--cudnn-benchmark", type=int, default=0, choices=[0, 1],
+                   help="1: torch.backends.cudnn.benchmark (cuDNN times its algorithms per shape, keeps the fastest)")
+    p.add_argument("--kernel-table", type=int, default=0, metavar="N",
+                   help="CUDA: after the timing, profile 3 more iterations and print the N kernels with the most GPU time")
     p.add_argument("--check-fixtures", metavar="DIR", help="compare with diffusers' outputs in DIR and exit")
     args = p.parse_args()
 
@@ -697,6 +725,7 @@ def main():
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"error: --device {args.device}: CUDA is not available", file=sys.stderr)
         return 2

@@ -6,9 +6,11 @@
 //
 //   bench_train_speed [--preset fmnist] [--batch 64] [--threads 0] [--device cpu|cuda|auto]
 //                     [--mode train|sample|both] [--steps N] [--evals N] [--warmup N] [--data synthetic|SPEC]
-//                     [--profile PREFIX]
+//                     [--profile PREFIX] [--cudnn-benchmark 0|1]
 // One JSON line per measurement on stdout, each followed by a human line starting with "# ".
 // --profile traces one more iteration per measurement (bench/trace_ops.py compares traces op by op).
+// --cudnn-benchmark 1 lets cuDNN time its convolution algorithms on the first call of each shape and keep the
+// fastest (torch.backends.cudnn.benchmark); the warm-up iterations absorb the search.
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
@@ -60,6 +62,7 @@ struct Options {
   uint64_t seed = 0;
   std::string precision = "fp32";  // fp32 | bf16 | fp16 (nn/precision.h)
   std::string profile;  // when set: one more iteration traced to <profile>-train.trace / -sample.trace
+  bool cudnn_benchmark = false;
 };
 
 [[noreturn]] void usage(const std::string& why) {
@@ -68,7 +71,7 @@ struct Options {
       << "usage: bench_train_speed [--preset NAME|PATH] [--batch N] [--threads N] [--device cpu|cuda|auto]\n"
       << "                         [--mode train|sample|both] [--steps N] [--evals N] [--warmup N]\n"
       << "                         [--data synthetic|SPEC] [--seed N] [--precision fp32|bf16|fp16]\n"
-      << "                         [--profile PREFIX]\n";
+      << "                         [--profile PREFIX] [--cudnn-benchmark 0|1]\n";
   std::exit(diffuse::kExitBadInput);
 }
 
@@ -108,7 +111,10 @@ Options parse(int argc, char** argv) {
       o.profile = value;
     else if (flag == "--precision")
       o.precision = value;
-    else if (flag == "--seed")
+    else if (flag == "--cudnn-benchmark") {
+      if (value != "0" && value != "1") usage("--cudnn-benchmark: 0 or 1");
+      o.cudnn_benchmark = value == "1";
+    } else if (flag == "--seed")
       o.seed = static_cast<uint64_t>(parse_int(flag, value));
     else
       usage("unknown flag " + flag);
@@ -192,6 +198,7 @@ void report(const std::string& bench, const Options& o, const diffuse::RunConfig
                    {"img_per_s_median", img_s_median},
                    {"torch", TORCH_VERSION},
                    {"precision", o.precision},
+                   {"cudnn_benchmark", o.cudnn_benchmark},
                    {"omp_wait_policy", env_or("OMP_WAIT_POLICY", "")}};
   if (peak_mib >= 0) j["peak_mem_mib"] = peak_mib;
   if (bench == "train") j["last_loss"] = last_loss;
@@ -343,6 +350,7 @@ int main(int argc, char** argv) {
     cfg.train.batch_size = o.batch;
     const at::Device device(diffuse::resolve_device(o.device));
     const bool cuda = device.is_cuda();
+    at::globalContext().setBenchmarkCuDNN(o.cudnn_benchmark);
     const int64_t steps = o.steps >= 0 ? o.steps : (cuda ? 50 : 10);
     const int64_t evals = o.evals >= 0 ? o.evals : (cuda ? 100 : 20);
     const int64_t warmup = o.warmup >= 0 ? o.warmup : (cuda ? 10 : 2);
