@@ -138,6 +138,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     t.steps = keep.steps;
     t.max_minutes = keep.max_minutes;
     t.device = keep.device;
+    t.deterministic = t.deterministic || keep.deterministic;  // asked for now, or by the run itself
   } else if (lead && resume && path_exists(path_join(run_dir, "config.json"))) {
     throw input_error(run_dir + ": has no complete checkpoint to resume from");
   }
