@@ -536,24 +536,29 @@ def trace_one(args, name, iteration):
 
 
 def kernel_table(args, name, iteration, device):
-    """--kernel-table N on CUDA: three more iterations under torch.profiler, then the N operators and kernels
-    with the most GPU self time (where a step spends the device's time: convolutions, normalization, copies)."""
-    if args.kernel_table <= 0 or device.type != "cuda":
+    """--kernel-table N: three more iterations under torch.profiler, then the N operators and kernels with the
+    most self time on the device (where a CUDA step spends the GPU's time: convolutions, normalization, copies;
+    on the CPU, the operators' own time)."""
+    if args.kernel_table <= 0:
         return
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         for _ in range(3):
             iteration()
         sync(device)
     averages = prof.key_averages()
-    for key in ("self_device_time_total", "self_cuda_time_total"):
+    table = None
+    keys = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+    for key in keys:
         try:
             table = averages.table(sort_by=key, row_limit=args.kernel_table, max_name_column_width=70)
             break
         except (AttributeError, KeyError, ValueError):
             continue
     print(f"# kernel table: {name}, 3 iterations, {args.preset} batch {args.batch} {PRECISION}")
-    print(table, flush=True)
+    print(table if table is not None else f"(this torch {torch.__version__} sorts by none of {keys})", flush=True)
 
 
 def peak_memory(device):
