@@ -80,7 +80,10 @@ void generate_batches(const Model& m, const GenerateOptions& g,
     int64_t nfe = 0;
     opt.nfe = &nfe;
     DenoiseFn denoise = denoiser.bind(labels);
-    if (conditional && g.guidance != 1.0) {
+    if (conditional && g.guidance == 0.0) {
+      // w = 0 leaves the unconditional branch alone: D = D_u, one evaluation of the null label per image.
+      denoise = denoiser.bind(at::full_like(labels, num_classes));
+    } else if (conditional && g.guidance != 1.0) {
       // Classifier-free guidance (Ho & Salimans 2022): one batched evaluation of the conditional and
       // unconditional halves, D = D_u + w (D_c - D_u).
       at::Tensor both = at::cat({labels, at::full_like(labels, num_classes)});

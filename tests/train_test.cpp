@@ -11,6 +11,7 @@
 #include "diffuse/io/checkpoint.h"
 #include "diffuse/io/file.h"
 #include "diffuse/train/trainer.h"
+#include "model_util.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -116,6 +117,30 @@ TEST(Train, RejectsDataThatDoesNotFitTheModel) {
   cfg.train.image_size = 16;
   EXPECT_THROW(train(cfg, dir, false, TrainControl{1, true}), Error);
   diffuse_test::remove_tree(dir);
+}
+
+// Classifier-free guidance D = D_u + w (D_c - D_u): at w = 0 only the null-label branch counts (it is evaluated
+// alone), so the requested class cannot matter, and w -> 0 approaches it.
+TEST(Generate, GuidanceZeroIsTheUnconditionalBranch) {
+  set_threads(1);
+  Model m = diffuse_test::untrained_model(1, true);
+  GenerateOptions g;
+  g.n = 4;
+  g.batch = 4;
+  g.sampler = "dpmpp_2m";
+  g.steps = 4;
+  g.guidance = 0.0;
+  g.labels.assign(4, 3);
+  const at::Tensor w0_class3 = generate(m, g);
+  g.labels.assign(4, 7);
+  const at::Tensor w0_class7 = generate(m, g);
+  EXPECT_TRUE(at::equal(w0_class3, w0_class7));
+  g.guidance = 1e-9;
+  const double to_tiny_w = (generate(m, g) - w0_class7).abs().max().item<double>();
+  g.guidance = 1.0;
+  const double to_conditional = (generate(m, g) - w0_class7).abs().max().item<double>();
+  EXPECT_LT(to_tiny_w, 1e-4);  // the two-branch batch may order oneDNN's sums differently
+  EXPECT_GT(to_conditional, 1e-2) << "the class embedding must change the images of an untrained model";
 }
 
 TEST(Generate, SameSeedSameImagesWhateverTheBatch) {
