@@ -165,12 +165,16 @@ void register_train(CLI::App& app, Common& common) {
         throw;
       }
       if (dist.rank != 0) return 0;  // rank 0 reports
-      nlohmann::json j{{"step", r.step}, {"first_loss", r.first_loss}, {"last_loss", r.last_loss},
+      nlohmann::json j{{"step", r.step}, {"steps_run", r.steps_run}, {"first_loss", r.first_loss}, {"last_loss", r.last_loss},
                        {"checkpoint", r.checkpoint}, {"stopped_by_budget", r.stopped_by_budget}};
       if (common.json) {
         std::cout << j.dump() << "\n";
       } else {
-        std::cout << "trained to step " << r.step << ", loss " << r.last_loss << "; checkpoint " << r.checkpoint << "\n";
+        if (r.steps_run == 0) {
+          std::cout << "already at step " << r.step << " of " << t.steps << ", nothing to train; checkpoint " << r.checkpoint << "\n";
+        } else {
+          std::cout << "trained to step " << r.step << ", loss " << r.last_loss << "; checkpoint " << r.checkpoint << "\n";
+        }
       }
       return 0;
     });

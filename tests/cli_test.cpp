@@ -279,6 +279,10 @@ TEST(Cli, CheckpointChecksumsAreVerifiedOnLoad) {
   const std::string dir = tmp("checksum"), run = dir + "/run";
   CliRun t = run_cli("train --preset tiny --steps 2 --sample-every 0 --out " + run);
   ASSERT_EQ(t.code, 0) << t.err;
+  // Resuming a finished run trains nothing and says so.
+  CliRun again = run_cli("train --preset tiny --steps 2 --sample-every 0 --resume --out " + run);
+  ASSERT_EQ(again.code, 0) << again.err;
+  EXPECT_EQ(again.out.rfind("already at step 2 of 2, nothing to train", 0), 0u) << again.out;
   const std::string ckpt = diffuse::checkpoint_resolve(run);
   ASSERT_FALSE(ckpt.empty());
   auto slurp = [](const std::string& p) {

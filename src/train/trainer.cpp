@@ -451,6 +451,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   }
   if (tty) std::cerr << "\n";
   result.step = step;
+  result.steps_run = step - start_step;
   if (result.checkpoint.empty() && lead) result.checkpoint = checkpoint_resolve(run_dir);
   return result;
 }

@@ -18,6 +18,7 @@ namespace diffuse {
 
 struct TrainResult {
   int64_t step = 0;             // steps done when the run ended
+  int64_t steps_run = 0;        // steps this invocation ran (0: a resumed run that was already complete)
   double last_loss = 0.0;       // mean loss of the last logging window
   double first_loss = 0.0;      // mean loss of the first logging window of this invocation
   std::string checkpoint;       // the last checkpoint written
