@@ -38,19 +38,19 @@ void register_convert(CLI::App& app, Common& common) {
       // ... and when the process is interrupted (Ctrl-C, SIGTERM) while writing it.
       std::unique_ptr<RemoveOnSignal> on_signal = fresh ? std::make_unique<RemoveOnSignal>(*dst) : nullptr;
       try {
+        std::string written;
         if (target == "diffusers") {
           save_diffusers_unet(*m.net, *dst);
           save_diffusers_scheduler(*dst, m.config.process, m.config.loss);
-          if (on_signal) on_signal->release();  // complete: a signal from here on must not remove it
-          std::cout << *dst << " (diffusers UNet2DModel" << (m.uses_ema ? ", EMA weights" : "") << ")\n";
+          written = *dst + " (diffusers UNet2DModel" + (m.uses_ema ? ", EMA weights" : "") + ")";
         } else {
           Checkpoint c;
           c.config = m.config;
           c.model = unet_state_dict(*m.net);
-          std::string dir = checkpoint_save(*dst, c, 1);
-          if (on_signal) on_signal->release();
-          std::cout << dir << " (diffuse checkpoint, " << *dtype << " weights" << (m.uses_ema ? ", EMA" : "") << ")\n";
+          written = checkpoint_save(*dst, c, 1) + " (diffuse checkpoint, " + *dtype + " weights" + (m.uses_ema ? ", EMA" : "") + ")";
         }
+        if (on_signal) on_signal->release();  // complete: a signal from here on must not remove it
+        std::cout << written << "\n";
       } catch (...) {
         if (fresh) remove_all_quietly(*dst);
         throw;

@@ -2,8 +2,6 @@
 #include <cstdlib>
 #include <iostream>
 
-#include <torch/cuda.h>
-
 #include "cli.h"
 #include "diffuse/common.h"
 #include "diffuse/config.h"
@@ -88,13 +86,7 @@ void register_train(CLI::App& app, Common& common) {
       auto given = [&](const char* k) { return o.at(k)->count() > 0; };
       if (given("nproc") && a.nproc > 1) {
         // One GPU per rank (NCCL cannot put two on one device): checked before any rank starts, one line.
-        const std::string device = resolve_device(given("device") ? a.device : load_preset(a.preset).train.device);
-        const int64_t gpus = static_cast<int64_t>(torch::cuda::device_count());
-        if (device.rfind("cuda", 0) == 0 && a.nproc > gpus) {
-          throw input_error("--nproc " + std::to_string(a.nproc) + " on CUDA needs a GPU per process, but this machine has " +
-                            std::to_string(gpus) + "; use --nproc " + std::to_string(std::max<int64_t>(gpus, 1)) +
-                            " or --device cpu (Gloo)");
-        }
+        require_gpu_per_process(resolve_device(given("device") ? a.device : load_preset(a.preset).train.device), a.nproc);
         return launch_ranks(a.nproc);
       }
       // torchrun's environment (RANK, WORLD_SIZE, ...), or a single process.

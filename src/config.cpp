@@ -1,5 +1,7 @@
 #include "diffuse/config.h"
 
+#include <torch/cuda.h>
+
 #include <type_traits>
 
 #include <cmath>
@@ -221,6 +223,15 @@ RunConfig load_preset(const std::string& name_or_path) {
   } catch (const Error& e) {
     throw input_error(path + ": " + e.what());
   }
+}
+
+void require_gpu_per_process(const std::string& device, int64_t processes) {
+  if (device.rfind("cuda", 0) != 0) return;
+  const int64_t gpus = static_cast<int64_t>(torch::cuda::device_count());
+  if (processes <= gpus) return;
+  throw input_error(std::to_string(processes) + " processes on CUDA need a GPU each, but this machine has " +
+                    std::to_string(gpus) + "; start at most " + std::to_string(gpus) +
+                    " per machine, or train on the CPU (--device cpu, Gloo)");
 }
 
 }  // namespace diffuse

@@ -85,4 +85,7 @@ RunConfig load_preset(const std::string& name_or_path);
 namespace diffuse {
 // "auto" -> "cuda" when a GPU is usable, else "cpu"; "cpu"/"cuda"/"cuda:N" checked (input_error).
 std::string resolve_device(const std::string& name);
+// Data-parallel processes on one machine with CUDA get a GPU each (NCCL cannot put two ranks on one device):
+// throws an input error naming the GPUs there are when `processes` exceeds them. Nothing on the CPU.
+void require_gpu_per_process(const std::string& device, int64_t processes);
 }  // namespace diffuse

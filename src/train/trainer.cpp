@@ -1,7 +1,6 @@
 #include "diffuse/train/trainer.h"
 
 #include <ATen/Context.h>
-#include <torch/cuda.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -113,13 +112,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   const bool lead = rank == 0;  // the rank that reads and writes the run directory
   std::string device_name = resolve_device(t.device);
   if (world > 1 && device_name == "cuda") {
-    // One GPU per process: NCCL does not run two ranks on one device.
-    const int64_t gpus = static_cast<int64_t>(torch::cuda::device_count());
-    if (control.dist.local_rank >= gpus) {
-      throw input_error("distributed: LOCAL_RANK " + std::to_string(control.dist.local_rank) + " needs a GPU of its own, but this machine has " +
-                        std::to_string(gpus) + "; start at most " + std::to_string(gpus) +
-                        " processes per machine, or train on the CPU (--device cpu, Gloo)");
-    }
+    require_gpu_per_process(device_name, control.dist.local_rank + 1);  // ranks 0..LOCAL_RANK on this machine
     device_name += ":" + std::to_string(control.dist.local_rank);
   }
   const at::Device device(device_name);
