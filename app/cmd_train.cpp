@@ -23,7 +23,7 @@ struct TrainArgs {
   std::string classifier, precision, task;
   int64_t sr_factor = 0;
   double lr = 0, grad_clip = 0, ema_decay = 0, max_minutes = 0, min_snr_gamma = 0, weight_decay = 0, p_uncond = 0;
-  bool hflip = false, class_cond = false, deterministic = false;
+  bool hflip = false, class_cond = false, deterministic = false, cuda_graph = false;
   // Data-parallel training.
   int64_t nproc = 0;
   double dist_timeout = 120.0, dist_bucket_mb = 4.0;
@@ -71,6 +71,8 @@ void register_train(CLI::App& app, Common& common) {
   o["hflip"] = sub->add_flag("--hflip", args->hflip, "random horizontal flips");
   o["deterministic"] = sub->add_flag("--deterministic", args->deterministic,
                                      "CUDA: deterministic kernels only, so a resumed run repeats bit for bit (slower)");
+  o["cuda_graph"] = sub->add_flag("--cuda-graph", args->cuda_graph,
+                                  "CUDA: capture the training step as a CUDA graph and replay it (one launch per step)");
   o["class_cond"] = sub->add_flag("--class-cond", args->class_cond, "class-conditional training (labels from the data)");
   o["p_uncond"] = sub->add_option("--p-uncond", args->p_uncond, "label dropout for classifier-free guidance")->check(CLI::Range(0.0, 0.99));
   o["num_classes"] = sub->add_option("--num-classes", args->num_classes, "classes of the data (class-conditional; default 10)")->check(CLI::PositiveNumber);
@@ -131,6 +133,7 @@ void register_train(CLI::App& app, Common& common) {
       if (given("sample_steps")) t.sample_steps = a.sample_steps;
       if (given("hflip")) t.hflip = a.hflip;
       if (given("deterministic")) t.deterministic = a.deterministic;
+      if (given("cuda_graph")) t.cuda_graph = a.cuda_graph;
       if (given("p_uncond")) t.p_uncond = a.p_uncond;
       if (given("eval_every")) t.eval_every = a.eval_every;
       if (given("eval_n")) t.eval_n = a.eval_n;

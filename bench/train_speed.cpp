@@ -1,16 +1,19 @@
 // Training and sampling throughput of a preset's U-Net, in the format of bench/reference_unet.py so that
 // scripts/bench can put both side by side.
-//   train:  one full trainer step (batch from the resident uint8 set, diffusion_loss, backward, global
-//           gradient clipping, AdamW over the flat buffer, EMA update, loss to the host), images/s.
+//   train:  one full trainer step (batch from the resident uint8 set, the loss's host draws, then the trainer's
+//           TrainStep: loss, backward, global gradient clipping, AdamW over the flat buffer, EMA update; the loss
+//           to the host on a CPU), images/s.
 //   sample: one network evaluation at the batch (eval mode, NoGradGuard), images/s per evaluation.
 //
 //   bench_train_speed [--preset fmnist] [--batch 64] [--threads 0] [--device cpu|cuda|auto]
 //                     [--mode train|sample|both] [--steps N] [--evals N] [--warmup N] [--data synthetic|SPEC]
-//                     [--profile PREFIX] [--cudnn-benchmark 0|1]
+//                     [--profile PREFIX] [--cudnn-benchmark 0|1] [--cuda-graph 0|1]
 // One JSON line per measurement on stdout, each followed by a human line starting with "# ".
 // --profile traces one more iteration per measurement (bench/trace_ops.py compares traces op by op).
 // --cudnn-benchmark 1 lets cuDNN time its convolution algorithms on the first call of each shape and keep the
 // fastest (torch.backends.cudnn.benchmark); the warm-up iterations absorb the search.
+// --cuda-graph 1 (train, CUDA) runs the trainer's step as it does under `diffuse train --cuda-graph`: captured
+// once after its eager warm-up steps, then replayed (the warm-up iterations include the capture).
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
@@ -43,6 +46,7 @@
 #include "diffuse/nn/unet.h"
 #include "diffuse/process.h"
 #include "diffuse/train/optim.h"
+#include "diffuse/train/step.h"
 #include "diffuse/train/trainer.h"
 
 namespace {
@@ -63,6 +67,7 @@ struct Options {
   std::string precision = "fp32";  // fp32 | bf16 | fp16 (nn/precision.h)
   std::string profile;  // when set: one more iteration traced to <profile>-train.trace / -sample.trace
   bool cudnn_benchmark = false;
+  bool cuda_graph = false;  // train: capture the step as a CUDA graph after the warm-up (the trainer's --cuda-graph)
 };
 
 [[noreturn]] void usage(const std::string& why) {
@@ -71,7 +76,8 @@ struct Options {
       << "usage: bench_train_speed [--preset NAME|PATH] [--batch N] [--threads N] [--device cpu|cuda|auto]\n"
       << "                         [--mode train|sample|both] [--steps N] [--evals N] [--warmup N]\n"
       << "                         [--data synthetic|SPEC] [--seed N] [--precision fp32|bf16|fp16]\n"
-      << "                         [--profile PREFIX] [--cudnn-benchmark 0|1]\n";
+      << "                         [--profile PREFIX] [--cudnn-benchmark 0|1]\n"
+      << "                         [--cuda-graph 0|1]\n";
   std::exit(diffuse::kExitBadInput);
 }
 
@@ -114,6 +120,9 @@ Options parse(int argc, char** argv) {
     else if (flag == "--cudnn-benchmark") {
       if (value != "0" && value != "1") usage("--cudnn-benchmark: 0 or 1");
       o.cudnn_benchmark = value == "1";
+    } else if (flag == "--cuda-graph") {
+      if (value != "0" && value != "1") usage("--cuda-graph: 0 or 1");
+      o.cuda_graph = value == "1";
     } else if (flag == "--seed")
       o.seed = static_cast<uint64_t>(parse_int(flag, value));
     else
@@ -199,6 +208,7 @@ void report(const std::string& bench, const Options& o, const diffuse::RunConfig
                    {"torch", TORCH_VERSION},
                    {"precision", o.precision},
                    {"cudnn_benchmark", o.cudnn_benchmark},
+                   {"cuda_graph", o.cuda_graph},
                    {"omp_wait_policy", env_or("OMP_WAIT_POLICY", "")}};
   if (peak_mib >= 0) j["peak_mem_mib"] = peak_mib;
   if (bench == "train") j["last_loss"] = last_loss;
@@ -248,9 +258,15 @@ void bench_train(const Options& o, const diffuse::RunConfig& cfg, const at::Devi
       conditional
           ? at::randint(0, *cfg.model.num_class_embeds, {n}, cpu_generator(o.seed + 8), at::kLong).to(device)
           : at::Tensor();
-  diffuse::UNet2DModel model_net = net;
-  diffuse::ModelFn model = [model_net](const at::Tensor& x, const at::Tensor& c,
-                                       const at::Tensor& l) mutable { return model_net->forward(x, c, l); };
+  diffuse::TrainStepParts parts;
+  parts.net = net;
+  parts.flat = &flat;
+  parts.opt = &opt;
+  parts.ema = &ema;
+  parts.process = process.get();
+  parts.loss = cfg.loss;
+  parts.grad_clip = t.grad_clip;
+  diffuse::TrainStep train_step(parts, device, o.cuda_graph);  // the trainer's step (eager or graphed)
 
   at::Tensor perm;
   int64_t perm_epoch = -1;
@@ -269,17 +285,13 @@ void bench_train(const Options& o, const diffuse::RunConfig& cfg, const at::Devi
     const at::Tensor y = conditional ? labels.index_select(0, idx) : at::Tensor();
     at::Generator gen = cpu_generator(o.seed + 1000 + static_cast<uint64_t>(step));
     torch::manual_seed(o.seed + 2000 + static_cast<uint64_t>(step));  // dropout
-    diffuse::LossOutput out = diffuse::diffusion_loss(model, *process, cfg.loss, x0, y, gen);
-    out.loss.backward();
-    flat.clip_grad_norm(t.grad_clip);
-    opt.step(diffuse::learning_rate(t, step));
-    flat.zero_grad();
-    ema.update(flat.data(), step + 1);
+    const at::Tensor loss = train_step.run(x0, y, diffuse::draw_loss_inputs(*process, cfg.loss, x0, gen),
+                                           diffuse::learning_rate(t, step), ema.decay_at(step + 1));
     // As the trainer: the loss is read every step on the CPU, kept on the device on a GPU (no host sync).
     if (device.is_cuda()) {
-      last_loss_t = out.loss.detach();
+      last_loss_t = loss;
     } else {
-      last_loss = out.loss.item<double>();
+      last_loss = loss.item<double>();
     }
   };
 
@@ -353,7 +365,9 @@ int main(int argc, char** argv) {
     at::globalContext().setBenchmarkCuDNN(o.cudnn_benchmark);
     const int64_t steps = o.steps >= 0 ? o.steps : (cuda ? 50 : 10);
     const int64_t evals = o.evals >= 0 ? o.evals : (cuda ? 100 : 20);
-    const int64_t warmup = o.warmup >= 0 ? o.warmup : (cuda ? 10 : 2);
+    int64_t warmup = o.warmup >= 0 ? o.warmup : (cuda ? 10 : 2);
+    // The capture happens after the step's own eager warm-up: keep it out of the timed steps.
+    if (o.cuda_graph) warmup = std::max<int64_t>(warmup, diffuse::TrainStep::kGraphWarmupSteps + 2);
     if (o.mode != "sample") bench_train(o, cfg, device, steps, warmup);
     if (o.mode != "train") bench_sample(o, cfg, device, evals, warmup);
   } catch (const diffuse::Error& e) {

@@ -83,6 +83,7 @@ json train_options_to_json(const TrainOptions& t) {
               {"device", t.device},
               {"precision", t.precision},
               {"deterministic", t.deterministic},
+              {"cuda_graph", t.cuda_graph},
               {"eval_every", t.eval_every},
               {"eval_n", t.eval_n},
               {"classifier", t.classifier},
@@ -124,6 +125,7 @@ TrainOptions train_options_from_json(const json& j, const TrainOptions& defaults
   read_key(j, s, "device", t.device);
   read_key(j, s, "precision", t.precision);
   read_key(j, s, "deterministic", t.deterministic);
+  read_key(j, s, "cuda_graph", t.cuda_graph);
   read_key(j, s, "eval_every", t.eval_every);
   read_key(j, s, "eval_n", t.eval_n);
   read_key(j, s, "classifier", t.classifier);

@@ -1,7 +1,8 @@
 // The training loop on the tiny preset (8x8 Fashion-MNIST): it learns, it resumes bit-identically,
-// and it stops cleanly on a diverging loss.
+// and it stops cleanly on a diverging loss; the optimizer against the textbook update.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -10,6 +11,7 @@
 #include "diffuse/generate.h"
 #include "diffuse/io/checkpoint.h"
 #include "diffuse/io/file.h"
+#include "diffuse/train/optim.h"
 #include "diffuse/train/trainer.h"
 #include "model_util.h"
 #include "test_util.h"
@@ -197,4 +199,71 @@ TEST(Train, EvalEveryWritesFdIntoMetrics) {
   ASSERT_EQ(fds.size(), 2u);
   for (double fd : fds) EXPECT_TRUE(std::isfinite(fd) && fd > 0) << fd;
   diffuse_test::remove_tree(dir);
+}
+
+// The optimizer over the flat parameter buffer: AdamW against the textbook update in double precision, and its
+// two halves (host numbers, device update: what a CUDA graph captures) against the one-call step.
+namespace {
+
+torch::OrderedDict<std::string, at::Tensor> some_parameters() {
+  torch::OrderedDict<std::string, at::Tensor> params;
+  params.insert("a", at::randn({7, 5}).set_requires_grad(true));
+  params.insert("b", at::randn({11}).set_requires_grad(true));
+  return params;
+}
+
+}  // namespace
+
+TEST(Optim, AdamWFollowsTheTextbookUpdate) {
+  torch::manual_seed(3);
+  auto params = some_parameters();
+  FlatParameters flat(params);
+  const AdamWOptions o{0.9, 0.999, 1e-8, 0.01};
+  AdamW opt(flat, o);
+  const at::Tensor start = flat.data().to(at::kDouble);
+  // Loshchilov & Hutter (2019), Algorithm 2 with Adam's bias correction, in double precision.
+  at::Tensor p = flat.data().to(at::kDouble), m = at::zeros_like(p), v = at::zeros_like(p);
+  for (int t = 1; t <= 20; ++t) {
+    const at::Tensor g = at::randn_like(p);
+    flat.grad().copy_(g);
+    const double lr = 1e-2 / t;
+    opt.step(lr);
+    p = p * (1 - lr * o.weight_decay);
+    m = o.beta1 * m + (1 - o.beta1) * g;
+    v = o.beta2 * v + (1 - o.beta2) * g * g;
+    const at::Tensor m_hat = m / (1 - std::pow(o.beta1, t)), v_hat = v / (1 - std::pow(o.beta2, t));
+    p = p - lr * m_hat / (v_hat.sqrt() + o.eps);
+  }
+  EXPECT_EQ(opt.step_count(), 20);
+  EXPECT_LT((flat.data().to(at::kDouble) - p).abs().max().item<double>(), 1e-5);
+  // The parameters moved: the comparison is not between two unchanged buffers.
+  EXPECT_GT((p - start).abs().max().item<double>(), 1e-3);
+}
+
+TEST(Optim, TheTwoHalvesAreTheOneCallStep) {
+  torch::manual_seed(4);
+  auto pa = some_parameters();
+  torch::manual_seed(4);
+  auto pb = some_parameters();
+  FlatParameters a(pa), b(pb);
+  const AdamWOptions o{0.9, 0.99, 1e-8, 0.05};
+  AdamW opt_a(a, o), opt_b(b, o);
+  Ema ema_a(a.data(), 0.99), ema_b(b.data(), 0.99);
+  const at::Tensor start = a.data().clone();
+  for (int t = 1; t <= 6; ++t) {
+    const at::Tensor g = at::randn_like(a.data());
+    a.grad().copy_(g);
+    b.grad().copy_(g);
+    const double lr = 1e-3 * t;
+    opt_a.step(lr);
+    const at::Tensor s = opt_b.next_scalars(lr);
+    ASSERT_EQ(s.numel(), 3);
+    opt_b.apply(s);
+    ema_a.update(a.data(), t);
+    ema_b.update(b.data(), at::scalar_tensor(1.0 - ema_b.decay_at(t), at::kFloat));
+    ASSERT_TRUE(at::equal(a.data(), b.data())) << "step " << t;
+    ASSERT_TRUE(at::equal(ema_a.data(), ema_b.data())) << "step " << t;
+  }
+  EXPECT_EQ(opt_b.step_count(), 6);
+  EXPECT_FALSE(at::equal(start, a.data()));
 }

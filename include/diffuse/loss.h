@@ -61,6 +61,32 @@ struct BatchSlice {
   int64_t total = 0;
 };
 
+// The two halves of diffusion_loss, for callers that move the draws themselves (the trainer's CUDA graph
+// keeps them in fixed device buffers). draw_loss_inputs makes every random draw and every per-sample
+// coefficient on the host: `table` is [kLossRows, N] float64 on the CPU (kLossRowsDiscrete for DDPM, with
+// the VLB rows), `eps` the noise on gen's device. evaluate_loss then works on the device alone: no host
+// data, no synchronization, given the table in x0's dtype and device and eps beside x0.
+enum LossRow : int64_t {
+  kRowSigma, kRowCIn, kRowCNoise, kRowCoefX0, kRowCoefEps, kRowWeight, kRowCSkip, kRowCOut,
+  kLossRows,
+  kRowSqrtAlphaBar = kLossRows, kRowPostX0, kRowPostXt, kRowLogBeta, kRowLogBetaTilde, kRowDecoder,
+  kLossRowsDiscrete,
+};
+struct LossDraw {
+  at::Tensor table;
+  at::Tensor eps;
+};
+LossDraw draw_loss_inputs(const Process& process, const LossConfig& cfg, const at::Tensor& x0, at::Generator& gen,
+                          const BatchSlice& slice = {});
+LossOutput evaluate_loss(const ModelFn& model, const Process& process, const LossConfig& cfg, const at::Tensor& x0,
+                         const at::Tensor& labels, const at::Tensor& table, const at::Tensor& eps);
+
+// A CPU tensor onto `device` (in `dtype`, else its own). To a GPU through pinned memory without waiting: a
+// plain copy from pageable memory synchronizes the stream, which would stall the host at every training step.
+at::Tensor upload(const at::Tensor& host, const at::Device& device, c10::optional<at::ScalarType> dtype = c10::nullopt);
+// The same into an existing buffer of its dtype and device (a CUDA graph's fixed input).
+void upload_into(at::Tensor& dst, const at::Tensor& host);
+
 LossOutput diffusion_loss(const ModelFn& model, const Process& process, const LossConfig& cfg,
                           const at::Tensor& x0, const at::Tensor& labels, at::Generator& gen,
                           const BatchSlice& slice = {});

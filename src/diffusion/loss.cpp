@@ -16,11 +16,11 @@ const std::vector<std::pair<LossWeighting, std::string>> kWeightingNames = {
     {LossWeighting::kEdm, "edm"},
     {LossWeighting::kLikelihood, "likelihood"}};
 
-// [n] doubles -> [n, 1, ..., 1] shaped like x (its rank, dtype and device).
-at::Tensor per_sample(const std::vector<double>& v, const at::Tensor& x) {
+// Row r of the per-sample table [R, n] as [n, 1, ..., 1] shaped like x (its rank).
+at::Tensor row(const at::Tensor& table, int64_t r, const at::Tensor& x) {
   std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
-  shape[0] = static_cast<int64_t>(v.size());
-  return at::tensor(v, at::kDouble).to(x.device(), x.scalar_type()).view(shape);
+  shape[0] = table.size(1);
+  return table[r].view(shape);
 }
 
 // Song et al. (2021) likelihood weighting lambda(t) = g(t)^2, relative to their default lambda(t) = sigma_t^2
@@ -80,30 +80,33 @@ at::Tensor log_normal_cdf(const at::Tensor& z) { return normal_cdf(z).clamp_min(
 // in their hybrid loss: KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) for t > 0 and the discretized Gaussian
 // decoder NLL of x0 in [-1, 1] (256 levels) for t = 0. The model's log variance interpolates
 // v log beta_t + (1 - v) log beta_tilde_t with v = (var_v + 1) / 2 (eq. 15).
-at::Tensor vlb_term(const Process& process, const std::vector<double>& t_index, const at::Tensor& x0,
-                    const at::Tensor& x_hat, const at::Tensor& x0_pred, const at::Tensor& var_v) {
+// Host half: the per-timestep coefficients into the table's VLB rows.
+void vlb_rows(const Process& process, int64_t t, double* column, int64_t stride) {
   const std::vector<double>& ab = process.alphas_cumprod();
+  auto beta_tilde = [&](size_t k) { return (1.0 - ab[k - 1]) / (1.0 - ab[k]) * (1.0 - ab[k] / ab[k - 1]); };
+  const size_t ti = static_cast<size_t>(t);
+  const double ab_prev = ti == 0 ? 1.0 : ab[ti - 1];
+  const double beta = 1.0 - ab[ti] / ab_prev;
+  column[kRowSqrtAlphaBar * stride] = std::sqrt(ab[ti]);
+  // Posterior mean (Ho et al. eq. 7) and variance; beta_tilde_0 = 0 is replaced by beta_tilde_1.
+  column[kRowPostX0 * stride] = std::sqrt(ab_prev) * beta / (1.0 - ab[ti]);
+  column[kRowPostXt * stride] = std::sqrt(1.0 - beta) * (1.0 - ab_prev) / (1.0 - ab[ti]);
+  column[kRowLogBeta * stride] = std::log(beta);
+  column[kRowLogBetaTilde * stride] = std::log(beta_tilde(ti == 0 ? 1 : ti));
+  column[kRowDecoder * stride] = ti == 0 ? 1.0 : 0.0;
+}
+
+// Device half: the term from the table, x0, x_hat, the frozen-mean x0 prediction and v.
+at::Tensor vlb_term(const Process& process, const at::Tensor& table, const at::Tensor& x0, const at::Tensor& x_hat,
+                    const at::Tensor& x0_pred, const at::Tensor& var_v) {
   const int64_t n = x0.size(0);
-  std::vector<double> s_t(n), coef_x0(n), coef_xt(n), log_beta(n), log_beta_tilde(n), decoder(n);
-  auto beta_tilde = [&](size_t t) { return (1.0 - ab[t - 1]) / (1.0 - ab[t]) * (1.0 - ab[t] / ab[t - 1]); };
-  for (int64_t i = 0; i < n; ++i) {
-    const size_t t = static_cast<size_t>(t_index[i]);
-    const double ab_prev = t == 0 ? 1.0 : ab[t - 1];
-    const double beta = 1.0 - ab[t] / ab_prev;
-    s_t[i] = std::sqrt(ab[t]);
-    // Posterior mean (Ho et al. eq. 7) and variance; beta_tilde_0 = 0 is replaced by beta_tilde_1.
-    coef_x0[i] = std::sqrt(ab_prev) * beta / (1.0 - ab[t]);
-    coef_xt[i] = std::sqrt(1.0 - beta) * (1.0 - ab_prev) / (1.0 - ab[t]);
-    log_beta[i] = std::log(beta);
-    log_beta_tilde[i] = std::log(beta_tilde(t == 0 ? 1 : t));
-    decoder[i] = t == 0 ? 1.0 : 0.0;
-  }
-  const at::Tensor x_t = per_sample(s_t, x0) * x_hat;
-  const at::Tensor true_mean = per_sample(coef_x0, x0) * x0 + per_sample(coef_xt, x0) * x_t;
-  const at::Tensor model_mean = per_sample(coef_x0, x0) * x0_pred + per_sample(coef_xt, x0) * x_t;
-  const at::Tensor true_log_var = per_sample(log_beta_tilde, x0);
+  const at::Tensor x_t = row(table, kRowSqrtAlphaBar, x0) * x_hat;
+  const at::Tensor post_x0 = row(table, kRowPostX0, x0), post_xt = row(table, kRowPostXt, x0);
+  const at::Tensor true_mean = post_x0 * x0 + post_xt * x_t;
+  const at::Tensor model_mean = post_x0 * x0_pred + post_xt * x_t;
+  const at::Tensor true_log_var = row(table, kRowLogBetaTilde, x0);
   const at::Tensor frac = (var_v.to(x0.scalar_type()) + 1.0) / 2.0;
-  const at::Tensor model_log_var = frac * per_sample(log_beta, x0) + (1.0 - frac) * true_log_var;
+  const at::Tensor model_log_var = frac * row(table, kRowLogBeta, x0) + (1.0 - frac) * true_log_var;
   const at::Tensor kl = 0.5 * (-1.0 + model_log_var - true_log_var + (true_log_var - model_log_var).exp() +
                                (true_mean - model_mean).pow(2) * (-model_log_var).exp());
   // Discretized Gaussian decoder (Ho et al. section 3.3): bins of width 2/255, open-ended at the edges.
@@ -114,10 +117,10 @@ at::Tensor vlb_term(const Process& process, const std::vector<double>& t_index, 
   const at::Tensor delta = normal_cdf(inv_std * (centered + 1.0 / 255)) - normal_cdf(inv_std * (centered - 1.0 / 255));
   const at::Tensor log_probs =
       at::where(x0 < -0.999, log_cdf_plus, at::where(x0 > 0.999, log_sf_min, delta.clamp_min(1e-12).log()));
-  const at::Tensor is_decoder = per_sample(decoder, x0);
+  const at::Tensor is_decoder = row(table, kRowDecoder, x0);
   const at::Tensor terms = is_decoder * -log_probs + (1.0 - is_decoder) * kl;
   const double bits = 1.0 / std::log(2.0);
-  const double scale = static_cast<double>(ab.size()) / 1000.0;
+  const double scale = static_cast<double>(process.alphas_cumprod().size()) / 1000.0;
   return terms.reshape({n, -1}).mean(1) * (bits * scale);
 }
 
@@ -135,8 +138,8 @@ std::string loss_weighting_name(LossWeighting w) {
   return "?";
 }
 
-LossOutput diffusion_loss(const ModelFn& model, const Process& process, const LossConfig& cfg, const at::Tensor& x0,
-                          const at::Tensor& labels, at::Generator& gen, const BatchSlice& slice) {
+LossDraw draw_loss_inputs(const Process& process, const LossConfig& cfg, const at::Tensor& x0, at::Generator& gen,
+                          const BatchSlice& slice) {
   if (!x0.defined() || x0.dim() < 1 || x0.size(0) < 1) throw input_error("loss: x0 must be a non-empty [N, ...] tensor");
   if (cfg.weighting == LossWeighting::kMinSnr && !(cfg.min_snr_gamma > 0.0))
     throw input_error("loss: min_snr_gamma must be positive");
@@ -147,47 +150,76 @@ LossOutput diffusion_loss(const ModelFn& model, const Process& process, const Lo
   if (offset < 0 || offset + n > total) throw input_error("loss: batch slice outside the whole batch");
   const ProcessConfig& pc = process.config();
   const auto on_gen = at::TensorOptions().device(gen.device());
+  const bool discrete = pc.kind == ProcessKind::kDdpm;
 
+  LossDraw d;
+  d.table = at::zeros({discrete ? kLossRowsDiscrete : kLossRows, n}, at::kDouble);
+  double* tab = d.table.data_ptr<double>();
+  auto at_row = [&](int64_t r, int64_t i) -> double& { return tab[r * n + i]; };
   // Sigma per sample from the process's training distribution, drawn with `gen` on its own device.
-  std::vector<double> sigma(n), c_noise(n), c_in(n), coef_x0(n), coef_eps(n), weight(n);
-  std::vector<double> t_index;  // DDPM: the integer timesteps
-  if (pc.kind == ProcessKind::kDdpm) {
+  std::vector<int64_t> t_index;  // DDPM: the integer timesteps
+  if (discrete) {
     const at::Tensor t = at::randint(0, pc.num_timesteps, {total}, gen, on_gen.dtype(at::kLong)).narrow(0, offset, n).cpu().contiguous();
     const auto& alphas_cumprod = process.alphas_cumprod();
     for (int64_t i = 0; i < n; ++i) {
       const int64_t ti = t.data_ptr<int64_t>()[i];
-      t_index.push_back(static_cast<double>(ti));
-      sigma[i] = std::sqrt((1.0 - alphas_cumprod[ti]) / alphas_cumprod[ti]);
+      t_index.push_back(ti);
+      at_row(kRowSigma, i) = std::sqrt((1.0 - alphas_cumprod[ti]) / alphas_cumprod[ti]);
     }
   } else if (pc.kind == ProcessKind::kEdm) {
     // Karras et al. (2022): ln sigma ~ N(P_mean, P_std^2).
     const at::Tensor z = at::randn({total}, gen, on_gen.dtype(at::kDouble)).narrow(0, offset, n).cpu().contiguous();
-    for (int64_t i = 0; i < n; ++i) sigma[i] = std::exp(cfg.p_mean + cfg.p_std * z.data_ptr<double>()[i]);
+    for (int64_t i = 0; i < n; ++i) at_row(kRowSigma, i) = std::exp(cfg.p_mean + cfg.p_std * z.data_ptr<double>()[i]);
   } else {
     // Song et al. (2021): t ~ U[t_eps, 1].
     const at::Tensor u = at::rand({total}, gen, on_gen.dtype(at::kDouble)).narrow(0, offset, n).cpu().contiguous();
-    for (int64_t i = 0; i < n; ++i) sigma[i] = process.sigma(pc.t_eps + (1.0 - pc.t_eps) * u.data_ptr<double>()[i]);
+    for (int64_t i = 0; i < n; ++i) at_row(kRowSigma, i) = process.sigma(pc.t_eps + (1.0 - pc.t_eps) * u.data_ptr<double>()[i]);
   }
 
   for (int64_t i = 0; i < n; ++i) {
-    const Preconditioning p = precondition(process, cfg.prediction, sigma[i]);
-    c_in[i] = p.c_in;
+    const double sigma = at_row(kRowSigma, i);
+    const Preconditioning p = precondition(process, cfg.prediction, sigma);
+    at_row(kRowCIn, i) = p.c_in;
     // DDPM networks are conditioned on the exact integer timestep.
-    c_noise[i] = (!t_index.empty() && cfg.prediction != Prediction::kEdm) ? t_index[i] : p.c_noise;
+    at_row(kRowCNoise, i) = (discrete && cfg.prediction != Prediction::kEdm) ? static_cast<double>(t_index[i]) : p.c_noise;
     // target = (x0 - c_skip x_hat) / c_out with x_hat = x0 + sigma eps, expanded so that no
     // cancellation happens: ((1 - c_skip) / c_out) x0 - (c_skip sigma / c_out) eps.
-    coef_x0[i] = (1.0 - p.c_skip) / p.c_out;
-    coef_eps[i] = -p.c_skip * sigma[i] / p.c_out;
-    weight[i] = f_weight(process, cfg, sigma[i], p.c_out);
+    at_row(kRowCoefX0, i) = (1.0 - p.c_skip) / p.c_out;
+    at_row(kRowCoefEps, i) = -p.c_skip * sigma / p.c_out;
+    at_row(kRowWeight, i) = f_weight(process, cfg, sigma, p.c_out);
+    at_row(kRowCSkip, i) = p.c_skip;
+    at_row(kRowCOut, i) = p.c_out;
+    if (discrete) vlb_rows(process, t_index[i], &at_row(0, i), n);
   }
 
   std::vector<int64_t> eps_sizes = x0.sizes().vec();
   eps_sizes[0] = total;
-  at::Tensor eps = at::randn(eps_sizes, gen, x0.options().device(gen.device())).narrow(0, offset, n).to(x0.device());
+  d.eps = at::randn(eps_sizes, gen, x0.options().device(gen.device())).narrow(0, offset, n);
+  return d;
+}
+
+at::Tensor upload(const at::Tensor& host, const at::Device& device, c10::optional<at::ScalarType> dtype) {
+  at::Tensor t = host.to(dtype.value_or(host.scalar_type())).contiguous();
+  if (!device.is_cuda() || !t.device().is_cpu()) return t.to(device);
+  return t.pin_memory().to(device, /*non_blocking=*/true);
+}
+
+void upload_into(at::Tensor& dst, const at::Tensor& host) {
+  at::Tensor t = host.to(dst.scalar_type()).contiguous();
+  if (dst.is_cuda() && t.device().is_cpu()) t = t.pin_memory();
+  dst.copy_(t, /*non_blocking=*/dst.is_cuda());
+}
+
+LossOutput evaluate_loss(const ModelFn& model, const Process& process, const LossConfig& cfg, const at::Tensor& x0,
+                         const at::Tensor& labels, const at::Tensor& table, const at::Tensor& eps) {
+  const int64_t n = x0.size(0);
+  if (table.dim() != 2 || table.size(1) != n || (table.size(0) != kLossRows && table.size(0) != kLossRowsDiscrete) ||
+      eps.sizes() != x0.sizes()) {
+    throw input_error("loss: the drawn inputs do not match the batch");
+  }
   const at::Tensor x0_d = x0.detach();
-  const at::Tensor x_hat = x0_d + per_sample(sigma, x0_d) * eps;
-  const at::Tensor noise_cond = at::tensor(c_noise, at::kDouble).to(x0.device(), at::kFloat);
-  at::Tensor f = model(x_hat * per_sample(c_in, x0_d), noise_cond, labels);
+  const at::Tensor x_hat = x0_d + row(table, kRowSigma, x0_d) * eps;
+  at::Tensor f = model(x_hat * row(table, kRowCIn, x0_d), table[kRowCNoise].to(at::kFloat), labels);
   // Learned variances: 2C output channels, the second half is iDDPM's v.
   at::Tensor var_v;
   if (f.defined() && x0.dim() >= 2 && f.dim() == x0.dim() && f.size(1) == 2 * x0.size(1)) {
@@ -195,27 +227,29 @@ LossOutput diffusion_loss(const ModelFn& model, const Process& process, const Lo
     f = f.narrow(1, 0, x0.size(1));
   }
   if (!f.defined() || f.sizes() != x0.sizes()) throw input_error("loss: the model output does not have x0's shape");
-  const at::Tensor target = per_sample(coef_x0, x0_d) * x0_d + per_sample(coef_eps, x0_d) * eps;
-  const at::Tensor w = at::tensor(weight, at::kDouble).to(f.device(), f.scalar_type());
+  const at::Tensor target = row(table, kRowCoefX0, x0_d) * x0_d + row(table, kRowCoefEps, x0_d) * eps;
+  const at::Tensor w = table[kRowWeight].to(f.scalar_type());
   at::Tensor per = (f - target.to(f.scalar_type())).pow(2).reshape({n, -1}).mean(1) * w;
   if (var_v.defined()) {
-    if (t_index.empty())
+    if (table.size(0) != kLossRowsDiscrete)
       throw input_error("loss: learned variances (2C outputs) need the discrete DDPM process");
     // The predicted x0 with the mean frozen (the VLB term trains only the variance).
-    std::vector<double> c_skip(n), c_out(n);
-    for (int64_t i = 0; i < n; ++i) {
-      const Preconditioning p = precondition(process, cfg.prediction, sigma[i]);
-      c_skip[i] = p.c_skip;
-      c_out[i] = p.c_out;
-    }
-    const at::Tensor x0_pred = per_sample(c_skip, x0_d) * x_hat + per_sample(c_out, x0_d) * f.detach().to(x0.scalar_type());
-    per = per + vlb_term(process, t_index, x0_d, x_hat, x0_pred, var_v).to(per.scalar_type());
+    const at::Tensor x0_pred = row(table, kRowCSkip, x0_d) * x_hat + row(table, kRowCOut, x0_d) * f.detach().to(x0.scalar_type());
+    per = per + vlb_term(process, table, x0_d, x_hat, x0_pred, var_v).to(per.scalar_type());
   }
-
   LossOutput out;
   out.loss = per.mean();
   out.per_sample = per.detach();
-  out.sigma = at::tensor(sigma, at::kDouble);
+  return out;
+}
+
+LossOutput diffusion_loss(const ModelFn& model, const Process& process, const LossConfig& cfg, const at::Tensor& x0,
+                          const at::Tensor& labels, at::Generator& gen, const BatchSlice& slice) {
+  const LossDraw d = draw_loss_inputs(process, cfg, x0, gen, slice);
+  const at::Tensor table = upload(d.table, x0.device(), x0.scalar_type());
+  const at::Tensor eps = upload(d.eps, x0.device(), x0.scalar_type());
+  LossOutput out = evaluate_loss(model, process, cfg, x0, labels, table, eps);
+  out.sigma = d.table[kRowSigma].clone();
   return out;
 }
 

@@ -72,22 +72,30 @@ AdamW::AdamW(FlatParameters& params, const AdamWOptions& options) : params_(para
   exp_avg_sq_ = at::zeros_like(params_.data());
 }
 
-void AdamW::step(double lr) {
-  at::NoGradGuard no_grad;
+void AdamW::step(double lr) { apply(next_scalars(lr).to(params_.data().device())); }
+
+at::Tensor AdamW::next_scalars(double lr) {
   ++step_;
+  const double bc1 = 1.0 - std::pow(options_.beta1, static_cast<double>(step_));
+  const double bc2 = 1.0 - std::pow(options_.beta2, static_cast<double>(step_));
+  return at::tensor({static_cast<float>(1.0 - lr * options_.weight_decay), static_cast<float>(std::sqrt(bc2)),
+                     static_cast<float>(-lr / bc1)},
+                    at::kFloat);
+}
+
+void AdamW::apply(const at::Tensor& scalars) {
+  at::NoGradGuard no_grad;
   const double b1 = options_.beta1, b2 = options_.beta2;
   at::Tensor& p = params_.data();
   const at::Tensor& g = params_.grad();
   // Decoupled weight decay (AdamW, Algorithm 2 line 12).
-  if (options_.weight_decay != 0) p.mul_(1.0 - lr * options_.weight_decay);
+  if (options_.weight_decay != 0) p.mul_(scalars[0]);
   // Moment updates.
   exp_avg_.lerp_(g, 1.0 - b1);
   exp_avg_sq_.mul_(b2).addcmul_(g, g, 1.0 - b2);
   // Bias-corrected step: p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps).
-  const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step_));
-  const double bc2 = 1.0 - std::pow(b2, static_cast<double>(step_));
-  at::Tensor denom = (exp_avg_sq_.sqrt() / std::sqrt(bc2)).add_(options_.eps);
-  p.addcdiv_(exp_avg_, denom, -lr / bc1);
+  at::Tensor denom = (exp_avg_sq_.sqrt() / scalars[1]).add_(options_.eps);
+  p.addcdiv_(exp_avg_ * scalars[2], denom);
 }
 
 Ema::Ema(const at::Tensor& params, double decay) : ema_(params.detach().clone()), decay_(decay) {}
@@ -99,6 +107,11 @@ double Ema::decay_at(int64_t step) const {
 void Ema::update(const at::Tensor& params, int64_t step) {
   at::NoGradGuard no_grad;
   ema_.lerp_(params.detach(), 1.0 - decay_at(step));
+}
+
+void Ema::update(const at::Tensor& params, const at::Tensor& one_minus_decay) {
+  at::NoGradGuard no_grad;
+  ema_.lerp_(params.detach(), one_minus_decay);
 }
 
 }  // namespace diffuse

@@ -20,6 +20,7 @@
 #include "diffuse/loss.h"
 #include "diffuse/train/distributed.h"
 #include "diffuse/train/optim.h"
+#include "diffuse/train/step.h"
 
 namespace diffuse {
 namespace {
@@ -116,6 +117,14 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     device_name += ":" + std::to_string(control.dist.local_rank);
   }
   const at::Device device(device_name);
+  if (cfg.train.cuda_graph && !device.is_cuda()) {
+    throw input_error("--cuda-graph captures the step on a GPU; the device here is " + device.str() +
+                      " (use --device cuda, or leave --cuda-graph out)");
+  }
+  if (cfg.train.cuda_graph && world > 1) {
+    throw input_error("--cuda-graph is for one process; data-parallel training (" + std::to_string(world) +
+                      " processes) runs its steps eagerly");
+  }
   std::unique_ptr<Communicator> comm;
   if (world > 1) comm = Communicator::connect(control.dist, device);
   // Rank 0 waits this long for a peer's collective; the others wait longer for rank 0's own work.
@@ -132,6 +141,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     t.max_minutes = keep.max_minutes;
     t.device = keep.device;
     t.deterministic = t.deterministic || keep.deterministic;  // asked for now, or by the run itself
+    t.cuda_graph = keep.cuda_graph;  // how this invocation runs, not a property of the run
   } else if (lead && resume && path_exists(path_join(run_dir, "config.json"))) {
     throw input_error(run_dir + ": has no complete checkpoint to resume from");
   }
@@ -310,16 +320,25 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   auto window_start = t0;
   double window_loss = 0.0;
   int64_t window_steps = 0, first_window = -1;
-  at::Tensor nonfinite = at::zeros({}, at::TensorOptions().device(device).dtype(at::kBool));
   // On a GPU the loss stays on the device until a log or checkpoint step: reading it every step would make the
   // host wait for each step to finish before launching the next one's kernels. A non-finite loss then stops
   // the run at the next log step instead of at once (no checkpoint is written in between: `nonfinite`).
   const bool defer_loss = device.is_cuda() && !comm;
   at::Tensor window_loss_dev = at::zeros({}, at::TensorOptions().device(device).dtype(at::kDouble));
-  at::Tensor last_norm;
   const int64_t start_step = step;
   int64_t perm_epoch = -1;
   at::Tensor perm;
+  TrainStepParts parts;
+  parts.net = net;
+  parts.flat = &flat;
+  parts.opt = &opt;
+  parts.ema = lead ? &ema : nullptr;
+  parts.reducer = reducer.get();
+  parts.process = process.get();
+  parts.loss = cfg.loss;
+  parts.grad_clip = t.grad_clip;
+  parts.sr_factor = t.task == "sr" ? t.sr_factor : 0;
+  TrainStep train_step(parts, device, t.cuda_graph);  // --cuda-graph: from here on, on a side stream
   if (comm) comm->sync_after_rank0("setup", rank0_wait_s);
   net->train();
   while (step < t.steps) {
@@ -337,33 +356,21 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     const uint64_t dropout_seed = mix_seed(t.seed, 3, static_cast<uint64_t>(step));
     torch::manual_seed(world > 1 ? mix_seed(dropout_seed, 4, static_cast<uint64_t>(rank)) : dropout_seed);
     if (t.hflip) {
-      at::Tensor flip = (at::rand({G}, gen).narrow(0, first, B) < 0.5).to(device).view({B, 1, 1, 1});
+      at::Tensor flip = upload((at::rand({G}, gen).narrow(0, first, B) < 0.5), device).view({B, 1, 1, 1});
       x0 = at::where(flip, x0.flip({3}), x0);
     }
     at::Tensor y;
     if (t.class_conditional) {
       y = labels.index_select(0, idx);
       if (t.p_uncond > 0) {
-        at::Tensor drop = (at::rand({G}, gen).narrow(0, first, B) < t.p_uncond).to(device);
+        at::Tensor drop = upload(at::rand({G}, gen).narrow(0, first, B) < t.p_uncond, device);
         y = at::where(drop, at::full_like(y, data.num_classes), y);
       }
     }
-    UNet2DModel n = net;
-    ModelFn model = [n](const at::Tensor& x, const at::Tensor& c, const at::Tensor& l) mutable { return n->forward(x, c, l); };
-    if (t.task == "sr") {
-      // SR3: the network sees the low-resolution version of its target beside the noisy image.
-      model = conditioned_model_fn(net, sr_condition(downsample(x0, t.sr_factor), t.sr_factor));
-    }
-    LossOutput out = diffusion_loss(model, *process, cfg.loss, x0, y, gen, BatchSlice{first, G});
-    if (reducer) reducer->prepare();
-    out.loss.backward();
-    if (reducer) reducer->finish();  // the gradient is the mean over all G images
-    last_norm = flat.clip_grad_norm(t.grad_clip);
-    nonfinite.logical_or_(out.loss.detach().isinf().logical_or(out.loss.detach().isnan()));
-    opt.step(learning_rate(t, step));
-    flat.zero_grad();
+    const LossDraw draw = draw_loss_inputs(*process, cfg.loss, x0, gen, BatchSlice{first, G});
+    const at::Tensor step_loss = train_step.run(x0, y, draw, learning_rate(t, step), ema.decay_at(step + 1));
+    if (defer_loss) window_loss_dev.add_(step_loss);
     ++step;
-    if (lead) ema.update(flat.data(), step);
     double loss_value = 0.0;
     const double elapsed = std::chrono::duration<double>(Clock::now() - t0).count();
     bool budget_spent = t.max_minutes > 0 && elapsed >= t.max_minutes * 60.0;
@@ -372,7 +379,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
       // One small all-reduce: the mean loss (the same on every rank, NaN on all if on one) and whether any
       // rank must stop, so that all stop at the same step.
       const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
-      at::Tensor s = at::stack(std::vector<at::Tensor>{out.loss.detach().to(f64), at::scalar_tensor(budget_spent ? 1.0 : 0.0, f64),
+      at::Tensor s = at::stack(std::vector<at::Tensor>{step_loss.to(f64), at::scalar_tensor(budget_spent ? 1.0 : 0.0, f64),
                                                        at::scalar_tensor(stop_asked ? 1.0 : 0.0, f64)});
       comm->all_reduce_sum(s);
       at::Tensor h = s.cpu();
@@ -380,9 +387,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
       budget_spent = h[1].item<double>() > 0;
       stop_asked = h[2].item<double>() > 0;
     } else if (!defer_loss) {
-      loss_value = out.loss.item<double>();
-    } else {
-      window_loss_dev.add_(out.loss.detach());
+      loss_value = step_loss.item<double>();
     }
     window_loss += loss_value;
     ++window_steps;
@@ -394,7 +399,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
       window_loss_dev.zero_();
       loss_value = window_loss;  // non-finite when any loss of the window was
     }
-    if (!std::isfinite(loss_value) || (ckpt_now && nonfinite.item<bool>())) {
+    if (!std::isfinite(loss_value) || (ckpt_now && train_step.nonfinite().item<bool>())) {
       throw run_error("loss became " + std::to_string(loss_value) + " at step " + std::to_string(step) +
                       "; stopped, the last good checkpoint in " + run_dir + " is kept (try a lower --lr)");
     }
@@ -408,7 +413,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
       }
       result.last_loss = mean_loss;
       nlohmann::json rec{{"step", step}, {"loss", mean_loss}, {"lr", learning_rate(t, step - 1)},
-                         {"grad_norm", last_norm.item<double>()}, {"img_per_s", img_s},
+                         {"grad_norm", train_step.grad_norm().item<double>()}, {"img_per_s", img_s},
                          {"time", elapsed_before + elapsed}, {"epoch", static_cast<double>(step) * G / N}};
       if (lead) metrics << rec.dump() << "\n" << std::flush;
       if (!quiet) {

@@ -55,6 +55,12 @@ class AdamW {
  public:
   AdamW(FlatParameters& params, const AdamWOptions& options);
   void step(double lr);
+  // The same step in two halves, so that the device half can be captured in a CUDA graph: next_scalars
+  // counts the step and returns its numbers {1 - lr wd, sqrt(1 - beta2^t), -lr / (1 - beta1^t)} as a [3]
+  // float32 CPU tensor; apply takes them as a tensor on the parameters' device (bit-identical to step()
+  // on the CPU).
+  at::Tensor next_scalars(double lr);
+  void apply(const at::Tensor& scalars);
   int64_t step_count() const { return step_; }
   // State for checkpoints: exp_avg, exp_avg_sq (flat) and the step count.
   at::Tensor& exp_avg() { return exp_avg_; }
@@ -75,6 +81,8 @@ class Ema {
  public:
   Ema(const at::Tensor& params, double decay);
   void update(const at::Tensor& params, int64_t step);
+  // The update with 1 - decay given as a scalar tensor on the device (see AdamW::apply).
+  void update(const at::Tensor& params, const at::Tensor& one_minus_decay);
   at::Tensor& data() { return ema_; }
   double decay_at(int64_t step) const;
 
