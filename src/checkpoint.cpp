@@ -66,11 +66,16 @@ TensorDict parse_safetensors_bytes(const std::string& bytes, const std::string& 
   return safetensors_parse(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), path);
 }
 
-// Removes temporary files a killed writer left in a checkpoint directory (name.tmp.PID.N).
-void remove_stale_temporaries(const std::string& dir) {
-  for (const DirEntry& e : list_directory(dir)) {
-    if (e.name.find(".tmp.") != std::string::npos) ::unlink(path_join(dir, e.name).c_str());
+// Removes a checkpoint folder without ever leaving part of it under its own name: renamed away first (one
+// atomic step), then emptied, by the signal handlers too when the process is stopped on the way.
+void remove_checkpoint_folder(const std::string& dir) {
+  const std::string doomed = dir + ".tmp.removing." + std::to_string(static_cast<long long>(::getpid()));
+  if (::rename(dir.c_str(), doomed.c_str()) != 0) {
+    remove_all_quietly(dir);
+    return;
   }
+  RemoveOnSignal guard(doomed);
+  remove_all_quietly(doomed);
 }
 
 }  // namespace
@@ -79,54 +84,52 @@ std::string checkpoint_save(const std::string& run_dir, const Checkpoint& ckpt, 
   const std::string ckpts = path_join(run_dir, "checkpoints");
   const std::string name = step_dir_name(ckpt.state.step);
   const std::string dir = path_join(ckpts, name);
-  make_directories(dir);
-  remove_stale_temporaries(dir);
-  // A directory left half written by a killed run is rewritten from scratch: no state.json until the end.
-  ::unlink(path_join(dir, "state.json").c_str());
+  make_directories(ckpts);
+  // A folder of this step that a killed run or an earlier run in this directory left is replaced whole.
+  if (path_exists(dir)) remove_checkpoint_folder(dir);
   json config = run_config_to_json(ckpt.config);
   config["format"] = "diffuse-checkpoint-1";
   config["data_fingerprint"] = ckpt.state.data_fingerprint;
-  try {
+  // Written under a temporary name beside it and renamed into place complete: a failed write (full disk) or a
+  // SIGINT/SIGTERM/SIGHUP removes the temporary folder, a kill -9 leaves it to the next save's clean-up.
+  write_folder(dir, [&](const std::string& folder) {
     json checksums = json::object();
-    write_recorded(dir, "config.json", config.dump(2) + "\n", checksums);
+    write_recorded(folder, "config.json", config.dump(2) + "\n", checksums);
     Metadata meta{{"format", "pt"}, {"step", std::to_string(ckpt.state.step)}};
-    write_recorded(dir, "model.safetensors", safetensors_serialize(ckpt.model, meta), checksums);
-    if (!ckpt.ema.empty()) write_recorded(dir, "ema.safetensors", safetensors_serialize(ckpt.ema, meta), checksums);
+    write_recorded(folder, "model.safetensors", safetensors_serialize(ckpt.model, meta), checksums);
+    if (!ckpt.ema.empty()) write_recorded(folder, "ema.safetensors", safetensors_serialize(ckpt.ema, meta), checksums);
     if (!ckpt.optimizer.empty()) {
-      write_recorded(dir, "optimizer.safetensors", safetensors_serialize(ckpt.optimizer, meta), checksums);
+      write_recorded(folder, "optimizer.safetensors", safetensors_serialize(ckpt.optimizer, meta), checksums);
     }
     json state{{"step", ckpt.state.step},
                {"adam_step", ckpt.state.adam_step},
                {"elapsed_seconds", ckpt.state.elapsed_seconds},
                {"data_fingerprint", ckpt.state.data_fingerprint},
                {"checksums", checksums}};
-    // state.json last: its presence marks the checkpoint directory complete.
-    write_file_atomic(path_join(dir, "state.json"), state.dump(2) + "\n");
-  } catch (...) {
-    remove_all_quietly(dir);  // a write failed (full disk): leave no incomplete checkpoint behind
-    throw;
-  }
+    // state.json last: its presence marks the checkpoint folder complete.
+    write_file_atomic(path_join(folder, "state.json"), state.dump(2) + "\n");
+  });
   // `latest` before the run's config.json: a run dir with a config.json but no `latest` is one that
   // never completed a checkpoint, and `train --resume` refuses it.
   write_file_atomic(path_join(run_dir, "latest"), name + "\n");
   write_file_atomic(path_join(run_dir, "config.json"), config.dump(2) + "\n");
 
-  // Keep the newest `keep` complete checkpoints (and never the one just written); remove directories a
-  // killed run left incomplete, which would otherwise count against `keep`.
+  // Keep the newest `keep` complete checkpoints (and never the one just written); remove the folders a
+  // killed run left incomplete (older versions wrote in place) or under their temporary name.
   std::vector<std::string> names;
   for (const DirEntry& e : list_directory(ckpts)) {
     const std::string& n = e.name;
     if (!e.is_directory || n.rfind("step_", 0) != 0 || n == name) continue;
-    if (path_exists(path_join(path_join(ckpts, n), "state.json"))) {
+    if (n.find(".tmp.") == std::string::npos && path_exists(path_join(path_join(ckpts, n), "state.json"))) {
       names.push_back(n);
     } else {
-      remove_all_quietly(path_join(ckpts, n));
+      remove_checkpoint_folder(path_join(ckpts, n));
     }
   }
   std::sort(names.begin(), names.end());
   int64_t excess = static_cast<int64_t>(names.size()) + 1 - std::max<int64_t>(keep, 1);
   for (int64_t i = 0; i < excess && i < static_cast<int64_t>(names.size()); ++i) {
-    remove_all_quietly(path_join(ckpts, names[i]));
+    remove_checkpoint_folder(path_join(ckpts, names[i]));
   }
   return dir;
 }

@@ -273,6 +273,41 @@ TEST(Cli, RandomKillNineResumesFromAnIntactCheckpoint) {
   diffuse_test::remove_tree(dir);
 }
 
+// SIGTERM (or Ctrl-C) while a checkpoint is half written: the folder being written, and one being pruned, go
+// with the process; every step_* folder left is complete and the newest loads.
+TEST(Cli, SigtermInsideACheckpointWriteLeavesNoPartialFolder) {
+  const std::string dir = tmp("sigterm"), run = dir + "/run";
+  int caught_inside = 0;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    pid_t pid = fork();
+    if (pid == 0) {
+      freopen("/dev/null", "w", stderr);
+      freopen("/dev/null", "w", stdout);
+      setenv("DIFFUSE_DEBUG_CHECKPOINT_PAUSE_MS", "40", 1);
+      execl(DIFFUSE_CLI, DIFFUSE_CLI, "train", "--preset", "tiny", "--steps", "400", "--ckpt-every", "1",
+            "--sample-every", "0", "--threads", "1", "--resume", "--out", run.c_str(), (char*)nullptr);
+      _exit(127);
+    }
+    ASSERT_GT(pid, 0);
+    // Wait until a checkpoint is seen half written (the pause makes each write last > 100 ms).
+    const auto t0 = std::chrono::steady_clock::now();
+    bool inside = false;
+    while (!(inside = has_incomplete_checkpoint(run)) && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(30)) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    kill(pid, SIGTERM);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << "status " << status;
+    if (inside) ++caught_inside;
+    EXPECT_FALSE(has_incomplete_checkpoint(run)) << "attempt " << attempt << ": a partial step_* folder was left";
+    if (diffuse::checkpoint_resolve(run).empty()) continue;  // stopped inside the first write
+    EXPECT_NO_THROW(diffuse::checkpoint_load(run)) << "attempt " << attempt;
+  }
+  EXPECT_GE(caught_inside, 2) << "SIGTERM did not land inside a checkpoint write";
+  diffuse_test::remove_tree(dir);
+}
+
 // state.json records a CRC-32 per file; a flipped byte in any of them is refused with a line naming the file,
 // and a checkpoint without checksums (written before they existed) still loads.
 TEST(Cli, CheckpointChecksumsAreVerifiedOnLoad) {
