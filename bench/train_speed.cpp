@@ -7,13 +7,15 @@
 //
 //   bench_train_speed [--preset fmnist] [--batch 64] [--threads 0] [--device cpu|cuda|auto]
 //                     [--mode train|sample|both] [--steps N] [--evals N] [--warmup N] [--data synthetic|SPEC]
-//                     [--profile PREFIX] [--cudnn-benchmark 0|1] [--cuda-graph 0|1]
+//                     [--profile PREFIX] [--cudnn-benchmark 0|1] [--cuda-graph 0|1] [--channels-last 0|1]
 // One JSON line per measurement on stdout, each followed by a human line starting with "# ".
 // --profile traces one more iteration per measurement (bench/trace_ops.py compares traces op by op).
 // --cudnn-benchmark 1 lets cuDNN time its convolution algorithms on the first call of each shape and keep the
 // fastest (torch.backends.cudnn.benchmark); the warm-up iterations absorb the search.
 // --cuda-graph 1 (train, CUDA) runs the trainer's step as it does under `diffuse train --cuda-graph`: captured
 // once after its eager warm-up steps, then replayed (the warm-up iterations include the capture).
+// --channels-last 1 stores the 4-d weights and the input batch in NHWC order, which convolutions then keep
+// (an experiment for the GPU: cuDNN's tensor-core kernels are NHWC; on this CPU GroupNorm was 30x slower so).
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
@@ -67,6 +69,7 @@ struct Options {
   std::string precision = "fp32";  // fp32 | bf16 | fp16 (nn/precision.h)
   std::string profile;  // when set: one more iteration traced to <profile>-train.trace / -sample.trace
   bool cudnn_benchmark = false;
+  bool channels_last = false;  // NHWC weights and input (cuDNN's tensor-core convolutions work in NHWC)
   bool cuda_graph = false;  // train: capture the step as a CUDA graph after the warm-up (the trainer's --cuda-graph)
 };
 
@@ -77,7 +80,7 @@ struct Options {
       << "                         [--mode train|sample|both] [--steps N] [--evals N] [--warmup N]\n"
       << "                         [--data synthetic|SPEC] [--seed N] [--precision fp32|bf16|fp16]\n"
       << "                         [--profile PREFIX] [--cudnn-benchmark 0|1]\n"
-      << "                         [--cuda-graph 0|1]\n";
+      << "                         [--cuda-graph 0|1] [--channels-last 0|1]\n";
   std::exit(diffuse::kExitBadInput);
 }
 
@@ -120,6 +123,9 @@ Options parse(int argc, char** argv) {
     else if (flag == "--cudnn-benchmark") {
       if (value != "0" && value != "1") usage("--cudnn-benchmark: 0 or 1");
       o.cudnn_benchmark = value == "1";
+    } else if (flag == "--channels-last") {
+      if (value != "0" && value != "1") usage("--channels-last: 0 or 1");
+      o.channels_last = value == "1";
     } else if (flag == "--cuda-graph") {
       if (value != "0" && value != "1") usage("--cuda-graph: 0 or 1");
       o.cuda_graph = value == "1";
@@ -130,6 +136,8 @@ Options parse(int argc, char** argv) {
   }
   if (o.mode != "train" && o.mode != "sample" && o.mode != "both") usage("--mode: train, sample or both");
   if (o.batch < 1) usage("--batch must be at least 1");
+  // Training would need the flat parameter buffer laid out NHWC as well.
+  if (o.channels_last && o.mode != "sample") usage("--channels-last: --mode sample only");
   return o;
 }
 
@@ -209,6 +217,7 @@ void report(const std::string& bench, const Options& o, const diffuse::RunConfig
                    {"precision", o.precision},
                    {"cudnn_benchmark", o.cudnn_benchmark},
                    {"cuda_graph", o.cuda_graph},
+                   {"channels_last", o.channels_last},
                    {"omp_wait_policy", env_or("OMP_WAIT_POLICY", "")}};
   if (peak_mib >= 0) j["peak_mem_mib"] = peak_mib;
   if (bench == "train") j["last_loss"] = last_loss;
@@ -236,6 +245,17 @@ at::Tensor training_images(const Options& o, const diffuse::RunConfig& cfg, cons
   diffuse::Dataset ds = diffuse::load_dataset(o.data, dopt);
   if (ds.size() < o.batch) throw diffuse::input_error(o.data + ": fewer images than one batch");
   return ds.images.to(device);
+}
+
+// --channels-last: 4-d parameters in NHWC memory order (the optimizer's flat buffer then holds them so too).
+void to_channels_last(diffuse::UNet2DModel& net) {
+  at::NoGradGuard no_grad;
+  for (auto& p : net->parameters()) {
+    if (p.dim() == 4) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
+  }
+}
+at::Tensor memory_format(const at::Tensor& x, bool channels_last) {
+  return channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
 }
 
 // The trainer's step (src/train/trainer.cpp), timed: the same library calls in the same order.
@@ -326,7 +346,8 @@ void bench_sample(const Options& o, const diffuse::RunConfig& cfg, const at::Dev
   at::NoGradGuard no_grad;
   const int64_t s = cfg.model.sample_size;
   at::Generator g = cpu_generator(o.seed + 9);
-  const at::Tensor x = at::randn({o.batch, cfg.model.in_channels, s, s}, g).to(device);
+  if (o.channels_last) to_channels_last(net);
+  const at::Tensor x = memory_format(at::randn({o.batch, cfg.model.in_channels, s, s}, g).to(device), o.channels_last);
   const at::Tensor t = (at::rand({o.batch}, g) * cfg.process.num_timesteps).floor().to(device);
   const at::Tensor y = cfg.model.num_class_embeds
                            ? at::randint(0, *cfg.model.num_class_embeds, {o.batch}, g, at::kLong).to(device)

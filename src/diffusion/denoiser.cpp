@@ -3,6 +3,7 @@
 #include "diffuse/denoiser.h"
 
 #include "diffuse/common.h"
+#include "diffuse/loss.h"
 
 #include <cmath>
 
@@ -12,13 +13,6 @@ namespace {
 
 const std::vector<std::pair<Prediction, std::string>> kPredictionNames = {
     {Prediction::kEps, "eps"}, {Prediction::kX0, "x0"}, {Prediction::kV, "v"}, {Prediction::kEdm, "edm"}};
-
-// [n] doubles -> [n, 1, ..., 1] (x's rank) in x's dtype and device.
-at::Tensor per_sample(const std::vector<double>& v, const at::Tensor& x) {
-  std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
-  shape[0] = static_cast<int64_t>(v.size());
-  return at::tensor(v, at::kDouble).to(x.device(), x.scalar_type()).view(shape);
-}
 
 std::string shape_string(const at::Tensor& t) {
   std::string s = "[";
@@ -88,17 +82,25 @@ Denoised Denoiser::full(const at::Tensor& x_hat, const at::Tensor& sigma, const 
   if (s.numel() != n && s.numel() != 1)
     throw input_error("denoiser: sigma has " + std::to_string(s.numel()) + " values for a batch of " + std::to_string(n));
   const double* sp = s.data_ptr<double>();
-  // Preconditioning per sample, in float64.
-  std::vector<double> c_skip(n), c_out(n), c_in(n), c_noise(n);
+  // Preconditioning per sample, in float64: one table {c_skip, c_out, c_in, c_noise} x n, moved at once (to a
+  // GPU without waiting for it, diffuse::upload).
+  at::Tensor table = at::empty({4, n}, at::kDouble);
+  double* tp = table.data_ptr<double>();
   for (int64_t i = 0; i < n; ++i) {
     const Preconditioning p = precondition(*process_, prediction_, sp[s.numel() == 1 ? 0 : i]);
-    c_skip[i] = p.c_skip;
-    c_out[i] = p.c_out;
-    c_in[i] = p.c_in;
-    c_noise[i] = p.c_noise;
+    tp[i] = p.c_skip;
+    tp[n + i] = p.c_out;
+    tp[2 * n + i] = p.c_in;
+    tp[3 * n + i] = p.c_noise;
   }
-  const at::Tensor noise_cond = at::tensor(c_noise, at::kDouble).to(x_hat.device(), at::kFloat);
-  at::Tensor f = model_(x_hat * per_sample(c_in, x_hat), noise_cond, labels);
+  table = upload(table, x_hat.device(), x_hat.scalar_type());
+  auto row = [&](int64_t r) {
+    std::vector<int64_t> shape(static_cast<size_t>(x_hat.dim()), 1);
+    shape[0] = n;
+    return table[r].view(shape);
+  };
+  const at::Tensor noise_cond = table[3].to(at::kFloat);
+  at::Tensor f = model_(x_hat * row(2), noise_cond, labels);
   Denoised out;
   // Learned variances (Nichol & Dhariwal 2021): 2C output channels, the second half is v.
   if (x_hat.dim() >= 2 && f.defined() && f.dim() == x_hat.dim() && f.size(1) == 2 * x_hat.size(1)) {
@@ -108,7 +110,7 @@ Denoised Denoiser::full(const at::Tensor& x_hat, const at::Tensor& sigma, const 
   if (!f.defined() || f.sizes() != x_hat.sizes())
     throw input_error("denoiser: the model returned " + (f.defined() ? shape_string(f) : std::string("nothing")) +
                       " for an input of " + shape_string(x_hat));
-  out.x0 = per_sample(c_skip, x_hat) * x_hat + per_sample(c_out, x_hat) * f.to(x_hat.scalar_type());
+  out.x0 = row(0) * x_hat + row(1) * f.to(x_hat.scalar_type());
   return out;
 }
 
