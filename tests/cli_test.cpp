@@ -208,7 +208,9 @@ TEST(Cli, RandomKillNineResumesFromAnIntactCheckpoint) {
   const unsigned seed = seed_env ? static_cast<unsigned>(std::strtoul(seed_env, nullptr, 10)) : std::random_device{}();
   std::mt19937 rng(seed);
   SCOPED_TRACE("DIFFUSE_CRASH_SEED=" + std::to_string(seed));
-  const int64_t kSteps = 24;
+  // Long enough that the six attempts cannot finish it: each delayed kill comes within 2.5 s (~10 steps with
+  // the 40 ms pauses), each polled kill inside the attempt's first checkpoint write.
+  const int64_t kSteps = 48;
   auto start_training = [&]() {
     pid_t pid = fork();
     if (pid == 0) {
@@ -228,7 +230,7 @@ TEST(Cli, RandomKillNineResumesFromAnIntactCheckpoint) {
     ASSERT_GT(pid, 0);
     const auto t0 = std::chrono::steady_clock::now();
     const bool wait_for_write = attempt % 2 == 1;  // kill as soon as a checkpoint is seen half written
-    const int delay_ms = std::uniform_int_distribution<int>(200, 3500)(rng);
+    const int delay_ms = std::uniform_int_distribution<int>(200, 2500)(rng);
     int status = 0;
     bool exited = false;
     while (true) {
