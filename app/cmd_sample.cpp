@@ -22,6 +22,7 @@ struct SampleArgs {
   std::string device = "auto";
   std::string precision = "fp32";
   bool no_ema = false;
+  bool cudnn_benchmark = false;
   int64_t ncol = 0;
   int64_t class_label = -1;
   GenerateOptions g;
@@ -64,6 +65,9 @@ void register_sample(CLI::App& app, Common& common) {
   sub->add_flag("--no-ema", a->no_ema, "use the raw weights instead of the EMA");
   sub->add_option("--device", a->device, "cpu, cuda, auto")->capture_default_str();
   sub->add_option("--precision", a->precision, "network arithmetic: fp32, bf16 (mixed precision), fp16 (CUDA)")->capture_default_str();
+  sub->add_flag("--cudnn-benchmark", a->cudnn_benchmark,
+                "CUDA: let cuDNN time its convolution algorithms on the first batch and keep the fastest (images may "
+                "then differ from run to run in the last bits; no effect on the CPU)");
   sub->callback([a, &common]() {
     run_guarded(common, [&]() {
       std::string format = a->format;
@@ -76,6 +80,7 @@ void register_sample(CLI::App& app, Common& common) {
       using clock = std::chrono::steady_clock;
       const auto t_start = clock::now();
       Model m = load_model(a->ckpt, !a->no_ema, a->device, a->precision);
+      if (a->cudnn_benchmark) at::globalContext().setBenchmarkCuDNN(true);
       const auto t_loaded = clock::now();
       if (a->class_label >= 0) a->g.labels.assign(a->g.n, a->class_label);
       int64_t nfe = 0;

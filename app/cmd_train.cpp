@@ -23,7 +23,7 @@ struct TrainArgs {
   std::string classifier, precision, task;
   int64_t sr_factor = 0;
   double lr = 0, grad_clip = 0, ema_decay = 0, max_minutes = 0, min_snr_gamma = 0, weight_decay = 0, p_uncond = 0;
-  bool hflip = false, class_cond = false, deterministic = false, cuda_graph = false;
+  bool hflip = false, class_cond = false, deterministic = false, cuda_graph = false, cudnn_benchmark = false;
   // Data-parallel training.
   int64_t nproc = 0;
   double dist_timeout = 120.0, dist_bucket_mb = 4.0;
@@ -73,6 +73,8 @@ void register_train(CLI::App& app, Common& common) {
                                      "CUDA: deterministic kernels only, so a resumed run repeats bit for bit (slower)");
   o["cuda_graph"] = sub->add_flag("--cuda-graph", args->cuda_graph,
                                   "CUDA: capture the training step as a CUDA graph and replay it (one launch per step)");
+  o["cudnn_benchmark"] = sub->add_flag("--cudnn-benchmark", args->cudnn_benchmark,
+                                       "CUDA: cuDNN times its convolution algorithms once per shape and keeps the fastest");
   o["class_cond"] = sub->add_flag("--class-cond", args->class_cond, "class-conditional training (labels from the data)");
   o["p_uncond"] = sub->add_option("--p-uncond", args->p_uncond, "label dropout for classifier-free guidance")->check(CLI::Range(0.0, 0.99));
   o["num_classes"] = sub->add_option("--num-classes", args->num_classes, "classes of the data (class-conditional; default 10)")->check(CLI::PositiveNumber);
@@ -134,6 +136,7 @@ void register_train(CLI::App& app, Common& common) {
       if (given("hflip")) t.hflip = a.hflip;
       if (given("deterministic")) t.deterministic = a.deterministic;
       if (given("cuda_graph")) t.cuda_graph = a.cuda_graph;
+      if (given("cudnn_benchmark")) t.cudnn_benchmark = a.cudnn_benchmark;
       if (given("p_uncond")) t.p_uncond = a.p_uncond;
       if (given("eval_every")) t.eval_every = a.eval_every;
       if (given("eval_n")) t.eval_n = a.eval_n;

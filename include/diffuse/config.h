@@ -47,6 +47,8 @@ struct TrainOptions {
   std::string precision = "fp32";  // network arithmetic: fp32, bf16 (autocast; CPU and CUDA), fp16 (CUDA)
   bool deterministic = false;    // CUDA: deterministic kernels only (cuDNN, cuBLAS, attention), so that a run and
                                  // its resumption repeat bit for bit on one GPU; slower. CPU runs always do.
+  bool cudnn_benchmark = false;  // CUDA: cuDNN times its algorithms for each shape and keeps the fastest (not with
+                                 // deterministic). Chosen per invocation.
   bool cuda_graph = false;       // CUDA: capture the training step once as a CUDA graph and replay it (one launch
                                  // per step); the same arithmetic as the eager step. Chosen per invocation.
   int64_t eval_every = 0;        // steps between FD measurements written to metrics.jsonl (0: off)

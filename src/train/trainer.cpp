@@ -142,6 +142,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     t.device = keep.device;
     t.deterministic = t.deterministic || keep.deterministic;  // asked for now, or by the run itself
     t.cuda_graph = keep.cuda_graph;  // how this invocation runs, not a property of the run
+    t.cudnn_benchmark = keep.cudnn_benchmark;
   } else if (lead && resume && path_exists(path_join(run_dir, "config.json"))) {
     throw input_error(run_dir + ": has no complete checkpoint to resume from");
   }
@@ -163,7 +164,12 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   }
   const Precision precision = parse_precision(t.precision);
   check_precision(precision, device);
+  if (t.deterministic && t.cudnn_benchmark) {
+    throw input_error("--cudnn-benchmark picks algorithms by timing them, which --deterministic rules out" +
+                      std::string(have_ckpt ? " (this run was trained with --deterministic)" : "") + "; use one of the two");
+  }
   if (t.deterministic && device.is_cuda()) use_deterministic_cuda_kernels();
+  if (t.cudnn_benchmark && device.is_cuda()) at::globalContext().setBenchmarkCuDNN(true);
 
   DataOptions dopt;
   dopt.size = t.image_size > 0 ? t.image_size : cfg.model.sample_size;
