@@ -516,6 +516,8 @@ def report(args, bench, params, device, seconds, total, extra):
            "img_per_s": img_s, "img_per_s_median": args.batch / med if med > 0 else img_s,
            "torch": torch.__version__, "precision": PRECISION, "cudnn_benchmark": bool(args.cudnn_benchmark),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
+    if device.type == "cuda":
+        rec["device_name"] = torch.cuda.get_device_name(device)
     rec.update(extra)
     print(json.dumps(rec))
     peak = f", peak {int(extra['peak_mem_mib'])} MiB" if "peak_mem_mib" in extra else ""
