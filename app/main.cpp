@@ -1,6 +1,9 @@
 // The `diffuse` program: a thin layer that fills config structs and calls the library.
 #include <csignal>
 #include <iostream>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include "cli.h"
 #include "diffuse/common.h"
@@ -47,6 +50,14 @@ void run_guarded(const Common& common, const std::function<int()>& fn) {
 }  // namespace diffuse::cli
 
 int main(int argc, char** argv) {
+#if defined(__GLIBC__)
+  // A network evaluation allocates and frees activations of tens of MB, layer after layer. glibc serves those
+  // with fresh mmap()s (or trims its heap after them), so every one is page-faulted in anew: keep them in the
+  // heap and keep freed heap memory up to 1 GiB. 64 images at 20 network evaluations on 2 CPU cores then take
+  // ~10% less time in float32 and ~15% less in bf16, for ~80 MB more peak memory.
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+#endif
   // A write past `ulimit -f` fails with EFBIG and a one-line error instead of killing the process.
   std::signal(SIGXFSZ, SIG_IGN);
   // Ctrl-C, kill or a closed terminal while an output is being written leaves no half-written file.
