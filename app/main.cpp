@@ -1,5 +1,6 @@
 // The `diffuse` program: a thin layer that fills config structs and calls the library.
 #include <csignal>
+#include <cstdlib>
 #include <iostream>
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -8,6 +9,7 @@
 #include "cli.h"
 #include "diffuse/common.h"
 #include "diffuse/io/file.h"
+#include "diffuse/nn/unet.h"
 #include "diffuse/version.h"
 
 namespace diffuse::cli {
@@ -60,6 +62,11 @@ int main(int argc, char** argv) {
 #endif
   // A write past `ulimit -f` fails with EFBIG and a one-line error instead of killing the process.
   std::signal(SIGXFSZ, SIG_IGN);
+  // CPU inference convolutions through oneDNN's Winograd kernels where this build and CPU have them (see
+  // diffuse::set_cpu_winograd): sampling, evaluation and editing on a CPU in float32. DIFFUSE_CPU_WINOGRAD=0
+  // keeps LibTorch's direct convolution (the arithmetic of diffusers to ~1e-6, for comparisons).
+  const char* winograd = std::getenv("DIFFUSE_CPU_WINOGRAD");
+  diffuse::set_cpu_winograd(!(winograd && std::string(winograd) == "0"));
   // Ctrl-C, kill or a closed terminal while an output is being written leaves no half-written file.
   diffuse::remove_temporaries_on_signals();
   CLI::App app{"diffuse: train, sample, edit and measure image diffusion models (LibTorch)"};

@@ -8,12 +8,15 @@
 //   bench_train_speed [--preset fmnist] [--batch 64] [--threads 0] [--device cpu|cuda|auto]
 //                     [--mode train|sample|both] [--steps N] [--evals N] [--warmup N] [--data synthetic|SPEC]
 //                     [--profile PREFIX] [--cudnn-benchmark 0|1] [--cuda-graph 0|1] [--channels-last 0|1]
+//                     [--cpu-winograd 0|1]
 // One JSON line per measurement on stdout, each followed by a human line starting with "# ".
 // --profile traces one more iteration per measurement (bench/trace_ops.py compares traces op by op).
 // --cudnn-benchmark 1 lets cuDNN time its convolution algorithms on the first call of each shape and keep the
 // fastest (torch.backends.cudnn.benchmark); the warm-up iterations absorb the search.
 // --cuda-graph 1 (train, CUDA) runs the trainer's step as it does under `diffuse train --cuda-graph`: captured
 // once after its eager warm-up steps, then replayed (the warm-up iterations include the capture).
+// --cpu-winograd 1 computes the 3x3 convolutions of CPU inference with oneDNN's Winograd kernels, as the
+// `diffuse` program does (diffuse::set_cpu_winograd); 0, the default, keeps LibTorch's convolution on both sides.
 // --channels-last 1 stores the 4-d weights and the input batch in NHWC order, which convolutions then keep
 // (an experiment for the GPU: cuDNN's tensor-core kernels are NHWC; on this CPU GroupNorm was 30x slower so).
 #include <ATen/CPUGeneratorImpl.h>
@@ -69,6 +72,7 @@ struct Options {
   std::string precision = "fp32";  // fp32 | bf16 | fp16 (nn/precision.h)
   std::string profile;  // when set: one more iteration traced to <profile>-train.trace / -sample.trace
   bool cudnn_benchmark = false;
+  bool cpu_winograd = false;  // sample on a CPU: 3x3 convolutions through oneDNN's Winograd (as the program does)
   bool channels_last = false;  // NHWC weights and input (cuDNN's tensor-core convolutions work in NHWC)
   bool cuda_graph = false;  // train: capture the step as a CUDA graph after the warm-up (the trainer's --cuda-graph)
 };
@@ -80,7 +84,7 @@ struct Options {
       << "                         [--mode train|sample|both] [--steps N] [--evals N] [--warmup N]\n"
       << "                         [--data synthetic|SPEC] [--seed N] [--precision fp32|bf16|fp16]\n"
       << "                         [--profile PREFIX] [--cudnn-benchmark 0|1]\n"
-      << "                         [--cuda-graph 0|1] [--channels-last 0|1]\n";
+      << "                         [--cuda-graph 0|1] [--channels-last 0|1] [--cpu-winograd 0|1]\n";
   std::exit(diffuse::kExitBadInput);
 }
 
@@ -123,6 +127,9 @@ Options parse(int argc, char** argv) {
     else if (flag == "--cudnn-benchmark") {
       if (value != "0" && value != "1") usage("--cudnn-benchmark: 0 or 1");
       o.cudnn_benchmark = value == "1";
+    } else if (flag == "--cpu-winograd") {
+      if (value != "0" && value != "1") usage("--cpu-winograd: 0 or 1");
+      o.cpu_winograd = value == "1";
     } else if (flag == "--channels-last") {
       if (value != "0" && value != "1") usage("--channels-last: 0 or 1");
       o.channels_last = value == "1";
@@ -218,6 +225,7 @@ void report(const std::string& bench, const Options& o, const diffuse::RunConfig
                    {"cudnn_benchmark", o.cudnn_benchmark},
                    {"cuda_graph", o.cuda_graph},
                    {"channels_last", o.channels_last},
+                   {"cpu_winograd", o.cpu_winograd},
                    {"omp_wait_policy", env_or("OMP_WAIT_POLICY", "")}};
   if (peak_mib >= 0) j["peak_mem_mib"] = peak_mib;
   if (bench == "train") j["last_loss"] = last_loss;
@@ -347,6 +355,7 @@ void bench_sample(const Options& o, const diffuse::RunConfig& cfg, const at::Dev
   const int64_t s = cfg.model.sample_size;
   at::Generator g = cpu_generator(o.seed + 9);
   if (o.channels_last) to_channels_last(net);
+  diffuse::set_cpu_winograd(o.cpu_winograd);
   const at::Tensor x = memory_format(at::randn({o.batch, cfg.model.in_channels, s, s}, g).to(device), o.channels_last);
   const at::Tensor t = (at::rand({o.batch}, g) * cfg.process.num_timesteps).floor().to(device);
   const at::Tensor y = cfg.model.num_class_embeds

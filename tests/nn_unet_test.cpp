@@ -466,3 +466,44 @@ TEST(UNet, DropoutActsOnlyInTraining) {
 }
 
 }  // namespace
+
+// CPU inference through oneDNN's Winograd convolutions (set_cpu_winograd) computes the direct convolution's
+// function: the fmnist preset's U-Net (channels 64/128, attention at 14x14) with random weights, batch 4.
+TEST(UNet, WinogradInferenceMatchesTheDirectConvolution) {
+  if (!diffuse::cpu_winograd_built()) GTEST_SKIP() << "built without oneDNN's headers (libdnnl-dev)";
+  torch::manual_seed(11);
+  std::ifstream preset(std::string(DIFFUSE_SOURCE_DIR) + "/configs/fmnist.json");
+  ASSERT_TRUE(preset.good());
+  UNet2DModel net(diffuse::unet_config_from_json(nlohmann::json::parse(preset).at("model")));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : net->parameters()) p.copy_(at::randn_like(p) * 0.05);  // untrained outputs are zero
+  }
+  net->eval();
+  const at::Tensor x = at::randn({4, 1, 28, 28}), t = at::tensor({3.0f, 250.0f, 600.0f, 999.0f});
+  struct Off {
+    ~Off() { diffuse::set_cpu_winograd(false); }
+  } off;
+  at::Tensor direct, winograd;
+  {
+    torch::NoGradGuard no_grad;
+    direct = net->forward(x, t);
+    diffuse::set_cpu_winograd(true);
+    const int64_t before = diffuse::cpu_winograd_calls();
+    winograd = net->forward(x, t);
+    if (diffuse::cpu_winograd_calls() == before) GTEST_SKIP() << "this CPU has no Winograd kernels for these shapes";
+    // conv_in (1 channel in) and conv_out (1 out) stay direct; the 3x3 convolutions of the blocks do not.
+    EXPECT_GE(diffuse::cpu_winograd_calls() - before, 10);
+  }
+  const double rel = ((winograd - direct).norm() / direct.norm()).item<double>();
+  std::printf("Winograd vs direct: rel L2 %.3g, max abs %.3g (output scale %.3g)\n", rel,
+              (winograd - direct).abs().max().item<double>(), direct.abs().max().item<double>());
+  EXPECT_GT(direct.abs().max().item<double>(), 1e-2);
+  EXPECT_LT(rel, 1e-5);
+  // With autograd on, the module's own convolution runs (oneDNN's Winograd here is inference only).
+  const int64_t before = diffuse::cpu_winograd_calls();
+  net->train();
+  at::Tensor y = net->forward(x.clone().requires_grad_(true), t);
+  EXPECT_EQ(diffuse::cpu_winograd_calls(), before);
+  y.sum().backward();
+}

@@ -120,13 +120,13 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, 
 
 at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb_act) {
   at::Tensor h = silu_temp(group_norm(norm1, x));
-  h = conv1->forward(h);
+  h = conv3x3(conv1, h);
   // time_embedding_norm "default": additive, broadcast over H, W. conv1's backward does not need
   // its output, so adding in place is safe under autograd.
   h.add_(time_emb_proj->forward(temb_act).unsqueeze(-1).unsqueeze(-1));
   h = silu_temp(group_norm(norm2, h));
   if (dropout_p_ > 0.0 && is_training()) h = nn_detail::dropout(h, dropout_p_);
-  h = conv2->forward(h);
+  h = conv3x3(conv2, h);
   h.add_(conv_shortcut ? conv_shortcut->forward(x) : x);
   if (output_scale_factor_ != 1.0) h.div_(output_scale_factor_);
   return h;
@@ -188,7 +188,7 @@ Upsample2DImpl::Upsample2DImpl(int64_t channels) {
 at::Tensor Upsample2DImpl::forward(const at::Tensor& x) {
   // F.interpolate(scale_factor=2.0, mode="nearest")
   at::Tensor up = at::upsample_nearest2d(x, {2 * x.size(2), 2 * x.size(3)}, 2.0, 2.0);
-  return conv->forward(up);
+  return conv3x3(conv, up);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -217,7 +217,7 @@ at::Tensor UNet2DModelImpl::forward_impl(const at::Tensor& x_in, const at::Tenso
   // Every resnet applies SiLU to the embedding first: do it once.
   const at::Tensor temb_act = nn_detail::silu_temp(emb);
 
-  at::Tensor h = m.conv_in->forward(x);
+  at::Tensor h = nn_detail::conv3x3(m.conv_in, x);
   std::vector<at::Tensor> skips;
   skips.reserve(1 + cfg_.block_out_channels.size() * (cfg_.layers_per_block + 1));
   skips.push_back(h);
@@ -225,7 +225,7 @@ at::Tensor UNet2DModelImpl::forward_impl(const at::Tensor& x_in, const at::Tenso
   h = m.mid_block->forward(h, temb_act);
   for (nn_detail::UpBlock& block : m.up_blocks) h = block->forward(h, temb_act, skips);
   h = nn_detail::silu_temp(nn_detail::group_norm(m.conv_norm_out, h));
-  return m.conv_out->forward(h);
+  return nn_detail::conv3x3(m.conv_out, h);
 }
 
 }  // namespace diffuse
