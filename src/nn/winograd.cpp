@@ -80,6 +80,9 @@ struct State {
   dnnl::stream stream{engine};
   std::unordered_map<Shape, std::shared_ptr<Plan>, ShapeHash> plans;
   std::unordered_map<const c10::TensorImpl*, Weights> weights;
+  // The blocked input and output of the call in progress (calls hold the mutex): kept and grown to the largest
+  // shape seen, so that the tens of MB of each call are not allocated and page-faulted in anew.
+  at::Tensor src_scratch, dst_scratch;
 };
 
 State& state() {
@@ -118,6 +121,11 @@ std::shared_ptr<Plan> plan_for(State& st, const Shape& s) {
 }
 
 at::Tensor bytes(size_t n) { return at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kByte)); }
+
+void* scratch(at::Tensor& buffer, size_t n) {
+  if (!buffer.defined() || static_cast<size_t>(buffer.numel()) < n) buffer = bytes(n);
+  return buffer.data_ptr();
+}
 
 const memory::desc& weights_for(State& st, const Plan& p, const at::Tensor& w, at::Tensor& buffer) {
   c10::TensorImpl* impl = w.unsafeGetTensorImpl();
@@ -166,10 +174,10 @@ at::Tensor conv3x3_winograd(const at::Tensor& x_in, const at::Tensor& w, const a
   at::Tensor wbuf;
   const memory::desc& wmd = weights_for(st, *p, w, wbuf);
   at::Tensor out = at::empty({s.n, s.oc, s.h, s.w}, x.options());
-  at::Tensor src_buf = bytes(p->pd.src_desc().get_size()), dst_buf = bytes(p->pd.dst_desc().get_size());
   memory user_src(p->user_src, st.engine, const_cast<float*>(x.data_ptr<float>()));
   memory user_dst(p->user_dst, st.engine, out.data_ptr<float>());
-  memory src(p->pd.src_desc(), st.engine, src_buf.data_ptr()), dst(p->pd.dst_desc(), st.engine, dst_buf.data_ptr());
+  memory src(p->pd.src_desc(), st.engine, scratch(st.src_scratch, p->pd.src_desc().get_size()));
+  memory dst(p->pd.dst_desc(), st.engine, scratch(st.dst_scratch, p->pd.dst_desc().get_size()));
   memory wei(wmd, st.engine, wbuf.data_ptr());
   p->src_in.execute(st.stream, user_src, src);
   std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}};
