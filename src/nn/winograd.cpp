@@ -4,13 +4,13 @@
 // 1.3-2.3x faster, with a relative error of ~2e-6 against it.
 #include "nn/blocks.h"
 
-#include <ATen/autocast_mode.h>
 
 #include <atomic>
 #include <mutex>
 #include <unordered_map>
 
 #include "diffuse/common.h"
+#include "diffuse/nn/precision.h"
 #include "diffuse/nn/unet.h"
 
 #if defined(DIFFUSE_HAVE_DNNL) && __has_include(<oneapi/dnnl/dnnl.hpp>)
@@ -160,7 +160,7 @@ const memory::desc& weights_for(State& st, const Plan& p, const at::Tensor& w, a
 
 bool winograd_applies(const at::Tensor& x, const at::Tensor& w) {
   return g_winograd && !at::GradMode::is_enabled() && x.device().is_cpu() && x.scalar_type() == at::kFloat &&
-         w.scalar_type() == at::kFloat && !at::autocast::is_cpu_enabled() && x.dim() == 4 && w.dim() == 4 &&
+         w.scalar_type() == at::kFloat && !autocast_active(c10::Device(c10::kCPU)) && x.dim() == 4 && w.dim() == 4 &&
          w.size(2) == 3 && w.size(3) == 3 && w.size(1) == x.size(1) && !x.requires_grad();
 }
 
