@@ -86,6 +86,8 @@ LossOutput evaluate_loss(const ModelFn& model, const Process& process, const Los
 at::Tensor upload(const at::Tensor& host, const at::Device& device, c10::optional<at::ScalarType> dtype = c10::nullopt);
 // The same into an existing buffer of its dtype and device (a CUDA graph's fixed input).
 void upload_into(at::Tensor& dst, const at::Tensor& host);
+// Row r of a per-sample table [R, N] as [N, 1, ..., 1], shaped to broadcast against x (x's rank).
+at::Tensor table_row(const at::Tensor& table, int64_t r, const at::Tensor& x);
 
 LossOutput diffusion_loss(const ModelFn& model, const Process& process, const LossConfig& cfg,
                           const at::Tensor& x0, const at::Tensor& labels, at::Generator& gen,

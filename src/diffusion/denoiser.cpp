@@ -94,13 +94,8 @@ Denoised Denoiser::full(const at::Tensor& x_hat, const at::Tensor& sigma, const 
     tp[3 * n + i] = p.c_noise;
   }
   table = upload(table, x_hat.device(), x_hat.scalar_type());
-  auto row = [&](int64_t r) {
-    std::vector<int64_t> shape(static_cast<size_t>(x_hat.dim()), 1);
-    shape[0] = n;
-    return table[r].view(shape);
-  };
   const at::Tensor noise_cond = table[3].to(at::kFloat);
-  at::Tensor f = model_(x_hat * row(2), noise_cond, labels);
+  at::Tensor f = model_(x_hat * table_row(table, 2, x_hat), noise_cond, labels);
   Denoised out;
   // Learned variances (Nichol & Dhariwal 2021): 2C output channels, the second half is v.
   if (x_hat.dim() >= 2 && f.defined() && f.dim() == x_hat.dim() && f.size(1) == 2 * x_hat.size(1)) {
@@ -110,7 +105,7 @@ Denoised Denoiser::full(const at::Tensor& x_hat, const at::Tensor& sigma, const 
   if (!f.defined() || f.sizes() != x_hat.sizes())
     throw input_error("denoiser: the model returned " + (f.defined() ? shape_string(f) : std::string("nothing")) +
                       " for an input of " + shape_string(x_hat));
-  out.x0 = row(0) * x_hat + row(1) * f.to(x_hat.scalar_type());
+  out.x0 = table_row(table, 0, x_hat) * x_hat + table_row(table, 1, x_hat) * f.to(x_hat.scalar_type());
   return out;
 }
 

@@ -16,13 +16,6 @@ const std::vector<std::pair<LossWeighting, std::string>> kWeightingNames = {
     {LossWeighting::kEdm, "edm"},
     {LossWeighting::kLikelihood, "likelihood"}};
 
-// Row r of the per-sample table [R, n] as [n, 1, ..., 1] shaped like x (its rank).
-at::Tensor row(const at::Tensor& table, int64_t r, const at::Tensor& x) {
-  std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
-  shape[0] = table.size(1);
-  return table[r].view(shape);
-}
-
 // Song et al. (2021) likelihood weighting lambda(t) = g(t)^2, relative to their default lambda(t) = sigma_t^2
 // (sigma_t^2 = s(t)^2 sigma^2, the noise variance of x_t), under which the loss is the plain eps-MSE:
 // the factor returned multiplies the eps-MSE.
@@ -100,13 +93,13 @@ void vlb_rows(const Process& process, int64_t t, double* column, int64_t stride)
 at::Tensor vlb_term(const Process& process, const at::Tensor& table, const at::Tensor& x0, const at::Tensor& x_hat,
                     const at::Tensor& x0_pred, const at::Tensor& var_v) {
   const int64_t n = x0.size(0);
-  const at::Tensor x_t = row(table, kRowSqrtAlphaBar, x0) * x_hat;
-  const at::Tensor post_x0 = row(table, kRowPostX0, x0), post_xt = row(table, kRowPostXt, x0);
+  const at::Tensor x_t = table_row(table, kRowSqrtAlphaBar, x0) * x_hat;
+  const at::Tensor post_x0 = table_row(table, kRowPostX0, x0), post_xt = table_row(table, kRowPostXt, x0);
   const at::Tensor true_mean = post_x0 * x0 + post_xt * x_t;
   const at::Tensor model_mean = post_x0 * x0_pred + post_xt * x_t;
-  const at::Tensor true_log_var = row(table, kRowLogBetaTilde, x0);
+  const at::Tensor true_log_var = table_row(table, kRowLogBetaTilde, x0);
   const at::Tensor frac = (var_v.to(x0.scalar_type()) + 1.0) / 2.0;
-  const at::Tensor model_log_var = frac * row(table, kRowLogBeta, x0) + (1.0 - frac) * true_log_var;
+  const at::Tensor model_log_var = frac * table_row(table, kRowLogBeta, x0) + (1.0 - frac) * true_log_var;
   const at::Tensor kl = 0.5 * (-1.0 + model_log_var - true_log_var + (true_log_var - model_log_var).exp() +
                                (true_mean - model_mean).pow(2) * (-model_log_var).exp());
   // Discretized Gaussian decoder (Ho et al. section 3.3): bins of width 2/255, open-ended at the edges.
@@ -117,7 +110,7 @@ at::Tensor vlb_term(const Process& process, const at::Tensor& table, const at::T
   const at::Tensor delta = normal_cdf(inv_std * (centered + 1.0 / 255)) - normal_cdf(inv_std * (centered - 1.0 / 255));
   const at::Tensor log_probs =
       at::where(x0 < -0.999, log_cdf_plus, at::where(x0 > 0.999, log_sf_min, delta.clamp_min(1e-12).log()));
-  const at::Tensor is_decoder = row(table, kRowDecoder, x0);
+  const at::Tensor is_decoder = table_row(table, kRowDecoder, x0);
   const at::Tensor terms = is_decoder * -log_probs + (1.0 - is_decoder) * kl;
   const double bits = 1.0 / std::log(2.0);
   const double scale = static_cast<double>(process.alphas_cumprod().size()) / 1000.0;
@@ -204,6 +197,12 @@ at::Tensor upload(const at::Tensor& host, const at::Device& device, c10::optiona
   return t.pin_memory().to(device, /*non_blocking=*/true);
 }
 
+at::Tensor table_row(const at::Tensor& table, int64_t r, const at::Tensor& x) {
+  std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
+  shape[0] = table.size(1);
+  return table[r].view(shape);
+}
+
 void upload_into(at::Tensor& dst, const at::Tensor& host) {
   at::Tensor t = host.to(dst.scalar_type()).contiguous();
   if (dst.is_cuda() && t.device().is_cpu()) t = t.pin_memory();
@@ -218,8 +217,8 @@ LossOutput evaluate_loss(const ModelFn& model, const Process& process, const Los
     throw input_error("loss: the drawn inputs do not match the batch");
   }
   const at::Tensor x0_d = x0.detach();
-  const at::Tensor x_hat = x0_d + row(table, kRowSigma, x0_d) * eps;
-  at::Tensor f = model(x_hat * row(table, kRowCIn, x0_d), table[kRowCNoise].to(at::kFloat), labels);
+  const at::Tensor x_hat = x0_d + table_row(table, kRowSigma, x0_d) * eps;
+  at::Tensor f = model(x_hat * table_row(table, kRowCIn, x0_d), table[kRowCNoise].to(at::kFloat), labels);
   // Learned variances: 2C output channels, the second half is iDDPM's v.
   at::Tensor var_v;
   if (f.defined() && x0.dim() >= 2 && f.dim() == x0.dim() && f.size(1) == 2 * x0.size(1)) {
@@ -227,14 +226,14 @@ LossOutput evaluate_loss(const ModelFn& model, const Process& process, const Los
     f = f.narrow(1, 0, x0.size(1));
   }
   if (!f.defined() || f.sizes() != x0.sizes()) throw input_error("loss: the model output does not have x0's shape");
-  const at::Tensor target = row(table, kRowCoefX0, x0_d) * x0_d + row(table, kRowCoefEps, x0_d) * eps;
+  const at::Tensor target = table_row(table, kRowCoefX0, x0_d) * x0_d + table_row(table, kRowCoefEps, x0_d) * eps;
   const at::Tensor w = table[kRowWeight].to(f.scalar_type());
   at::Tensor per = (f - target.to(f.scalar_type())).pow(2).reshape({n, -1}).mean(1) * w;
   if (var_v.defined()) {
     if (table.size(0) != kLossRowsDiscrete)
       throw input_error("loss: learned variances (2C outputs) need the discrete DDPM process");
     // The predicted x0 with the mean frozen (the VLB term trains only the variance).
-    const at::Tensor x0_pred = row(table, kRowCSkip, x0_d) * x_hat + row(table, kRowCOut, x0_d) * f.detach().to(x0.scalar_type());
+    const at::Tensor x0_pred = table_row(table, kRowCSkip, x0_d) * x_hat + table_row(table, kRowCOut, x0_d) * f.detach().to(x0.scalar_type());
     per = per + vlb_term(process, table, x0_d, x_hat, x0_pred, var_v).to(per.scalar_type());
   }
   LossOutput out;

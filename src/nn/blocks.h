@@ -22,11 +22,8 @@ namespace nn_detail {
 
 // A 3x3 convolution with stride 1 and padding 1 (the module's): for CPU float32 inference without autograd
 // through oneDNN's Winograd kernels when set_cpu_winograd(true) and this build and CPU have them, else the
-// module's own forward. winograd_applies says whether x would take that path; conv3x3_winograd returns an
-// undefined tensor where oneDNN has no Winograd kernel for the shape.
+// module's own forward (src/nn/winograd.cpp).
 at::Tensor conv3x3(torch::nn::Conv2d conv, const at::Tensor& x);
-bool winograd_applies(const at::Tensor& x, const at::Tensor& weight);
-at::Tensor conv3x3_winograd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
 
 // SiLU; in place when no graph is recorded (the input is a temporary of the caller).
 at::Tensor silu_temp(at::Tensor x);

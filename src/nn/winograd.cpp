@@ -156,8 +156,8 @@ const memory::desc& weights_for(State& st, const Plan& p, const at::Tensor& w, a
   return st.weights.emplace(impl, std::move(e)).first->second.md;
 }
 
-}  // namespace
-
+// Whether x would take the Winograd path; conv3x3_winograd returns an undefined tensor where oneDNN has no
+// Winograd kernel for the shape.
 bool winograd_applies(const at::Tensor& x, const at::Tensor& w) {
   return g_winograd && !at::GradMode::is_enabled() && x.device().is_cpu() && x.scalar_type() == at::kFloat &&
          w.scalar_type() == at::kFloat && !autocast_active(c10::Device(c10::kCPU)) && x.dim() == 4 && w.dim() == 4 &&
@@ -193,6 +193,7 @@ at::Tensor conv3x3_winograd(const at::Tensor& x_in, const at::Tensor& w, const a
   return out;
 }
 
+}  // namespace
 }  // namespace nn_detail
 
 #else  // built without oneDNN's headers (or a oneDNN other than 2.x)
@@ -200,8 +201,10 @@ at::Tensor conv3x3_winograd(const at::Tensor& x_in, const at::Tensor& w, const a
 bool cpu_winograd_built() { return false; }
 
 namespace nn_detail {
+namespace {
 bool winograd_applies(const at::Tensor&, const at::Tensor&) { return false; }
 at::Tensor conv3x3_winograd(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return at::Tensor(); }
+}  // namespace
 }  // namespace nn_detail
 
 #endif

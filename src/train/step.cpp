@@ -45,11 +45,6 @@ at::Tensor TrainStep::run(const at::Tensor& x0, const at::Tensor& labels, const 
                           double ema_decay) {
   // This step's host numbers travel like the draws: one small tensor, no waiting.
   const at::Tensor scalars = at::cat({p_.opt->next_scalars(lr), at::full({1}, 1.0 - ema_decay, at::kFloat)});
-  if (graph_ && !graph_->captured() && eager_steps_ >= kGraphWarmupSteps) {
-    statics_ = Inputs{x0.clone(), labels.defined() ? labels.clone() : labels, upload(draw.table, device_, x0.scalar_type()),
-                      upload(draw.eps, device_, x0.scalar_type()), upload(scalars, device_)};
-    graph_->capture([&] { graph_loss_ = device_step(statics_); });
-  }
   if (graph_ && graph_->captured()) {
     statics_.x0.copy_(x0);
     if (labels.defined()) statics_.labels.copy_(labels);
@@ -59,9 +54,19 @@ at::Tensor TrainStep::run(const at::Tensor& x0, const at::Tensor& labels, const 
     graph_->replay();
     return graph_loss_;
   }
+  Inputs in{x0, labels, upload(draw.table, device_, x0.scalar_type()), upload(draw.eps, device_, x0.scalar_type()),
+            upload(scalars, device_)};
+  if (graph_ && eager_steps_ >= kGraphWarmupSteps) {
+    // The buffers the graph reads, filled anew before every replay; this step's inputs are already in them.
+    statics_ = in;
+    statics_.x0 = x0.clone();
+    if (labels.defined()) statics_.labels = labels.clone();
+    graph_->capture([&] { graph_loss_ = device_step(statics_); });
+    graph_->replay();
+    return graph_loss_;
+  }
   ++eager_steps_;
-  return device_step(Inputs{x0, labels, upload(draw.table, device_, x0.scalar_type()),
-                            upload(draw.eps, device_, x0.scalar_type()), upload(scalars, device_)});
+  return device_step(in);
 }
 
 }  // namespace diffuse
