@@ -8,7 +8,7 @@
 //   bench_train_speed [--preset fmnist] [--batch 64] [--threads 0] [--device cpu|cuda|auto]
 //                     [--mode train|sample|both] [--steps N] [--evals N] [--warmup N] [--data synthetic|SPEC]
 //                     [--profile PREFIX] [--cudnn-benchmark 0|1] [--cuda-graph 0|1] [--channels-last 0|1]
-//                     [--cpu-winograd 0|1]
+//                     [--cpu-winograd 0|1] [--grad-buffer transient|persistent]
 // One JSON line per measurement on stdout, each followed by a human line starting with "# ".
 // --profile traces one more iteration per measurement (bench/trace_ops.py compares traces op by op).
 // --cudnn-benchmark 1 lets cuDNN time its convolution algorithms on the first call of each shape and keep the
@@ -17,6 +17,11 @@
 // once after its eager warm-up steps, then replayed (the warm-up iterations include the capture).
 // --cpu-winograd 1 computes the 3x3 convolutions of CPU inference with oneDNN's Winograd kernels, as the
 // `diffuse` program does (diffuse::set_cpu_winograd); 0, the default, keeps LibTorch's convolution on both sides.
+// --grad-buffer: transient (the default, as `diffuse train` in one process) frees the gradient between steps;
+// persistent keeps it allocated as the data-parallel all-reduce needs (diffuse::GradStorage).
+// Peak memory (peak_mem_mib) counts the bytes held by tensors during the timed iterations: the CUDA caching
+// allocator's statistics, or on a CPU with LibTorch 1.x a count kept by a wrapper around c10's CPU allocator.
+// With --cuda-graph it also covers the warm-up and the capture (a replay allocates nothing).
 // --channels-last 1 stores the 4-d weights and the input batch in NHWC order, which convolutions then keep
 // (an experiment for the GPU: cuDNN's tensor-core kernels are NHWC; on this CPU GroupNorm was 30x slower so).
 #include <ATen/CPUGeneratorImpl.h>
@@ -35,12 +40,21 @@
 #define DIFFUSE_BENCH_PROFILE 1
 #endif
 
+// Peak CPU memory: LibTorch 1.x's allocator interface, wrapped to count the bytes of CPU tensors.
+#if TORCH_VERSION_MAJOR < 2
+#include <c10/core/CPUAllocator.h>
+#define DIFFUSE_BENCH_CPU_MEMORY 1
+#endif
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <mutex>
+#include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "diffuse/common.h"
@@ -75,6 +89,7 @@ struct Options {
   bool cpu_winograd = false;  // sample on a CPU: 3x3 convolutions through oneDNN's Winograd (as the program does)
   bool channels_last = false;  // NHWC weights and input (cuDNN's tensor-core convolutions work in NHWC)
   bool cuda_graph = false;  // train: capture the step as a CUDA graph after the warm-up (the trainer's --cuda-graph)
+  std::string grad_buffer = "transient";  // train: diffuse::GradStorage
 };
 
 [[noreturn]] void usage(const std::string& why) {
@@ -84,7 +99,8 @@ struct Options {
       << "                         [--mode train|sample|both] [--steps N] [--evals N] [--warmup N]\n"
       << "                         [--data synthetic|SPEC] [--seed N] [--precision fp32|bf16|fp16]\n"
       << "                         [--profile PREFIX] [--cudnn-benchmark 0|1]\n"
-      << "                         [--cuda-graph 0|1] [--channels-last 0|1] [--cpu-winograd 0|1]\n";
+      << "                         [--cuda-graph 0|1] [--channels-last 0|1] [--cpu-winograd 0|1]\n"
+      << "                         [--grad-buffer transient|persistent]\n";
   std::exit(diffuse::kExitBadInput);
 }
 
@@ -136,6 +152,9 @@ Options parse(int argc, char** argv) {
     } else if (flag == "--cuda-graph") {
       if (value != "0" && value != "1") usage("--cuda-graph: 0 or 1");
       o.cuda_graph = value == "1";
+    } else if (flag == "--grad-buffer") {
+      if (value != "transient" && value != "persistent") usage("--grad-buffer: transient or persistent");
+      o.grad_buffer = value;
     } else if (flag == "--seed")
       o.seed = static_cast<uint64_t>(parse_int(flag, value));
     else
@@ -161,15 +180,90 @@ void sync(const at::Device& device) {
   if (device.is_cuda()) torch::cuda::synchronize();
 }
 
+#ifdef DIFFUSE_BENCH_CPU_MEMORY
+// c10's CPU allocator with a count of the bytes held by CPU tensors (and oneDNN's scratch buffers, which it
+// takes from c10 too) and its peak: the CPU's counterpart of the CUDA caching allocator's statistics. Blocks keep
+// the wrapped allocator's layout (context == data, as raw_allocate requires); their sizes are in a table.
+class CountingCpuAllocator final : public c10::Allocator {
+ public:
+  explicit CountingCpuAllocator(c10::Allocator* inner) : inner_(inner) {
+    if (!inner_->raw_deleter()) throw std::runtime_error("the CPU allocator has no raw deleter to wrap");
+  }
+  c10::DataPtr allocate(size_t n) const override {
+    c10::DataPtr inner = inner_->allocate(n);
+    void* data = inner.get();
+    if (!data || inner.get_context() != data) return inner;  // nothing to count, or not the expected layout
+    const c10::Device device = inner.device();
+    inner.release_context();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      sizes_[data] = n;
+      current_ += static_cast<int64_t>(n);
+      peak_ = std::max(peak_, current_);
+    }
+    return {data, data, &release, device};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+  void reset_peak() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    peak_ = current_;
+  }
+  int64_t peak() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return peak_;
+  }
+  static CountingCpuAllocator& instance() {
+    static CountingCpuAllocator counter(c10::GetDefaultCPUAllocator());
+    return counter;
+  }
+
+ private:
+  static void release(void* data) {
+    CountingCpuAllocator& self = instance();
+    {
+      std::lock_guard<std::mutex> lock(self.mutex_);
+      auto it = self.sizes_.find(data);
+      if (it != self.sizes_.end()) {
+        self.current_ -= static_cast<int64_t>(it->second);
+        self.sizes_.erase(it);
+      }
+    }
+    self.inner_->raw_deleter()(data);
+  }
+  c10::Allocator* inner_;
+  mutable std::mutex mutex_;
+  mutable std::unordered_map<void*, size_t> sizes_;
+  mutable int64_t current_ = 0;
+  mutable int64_t peak_ = 0;
+};
+
+CountingCpuAllocator* cpu_counter = nullptr;
+
+// Installed before the first tensor, so that the count covers every CPU tensor of the process.
+void count_cpu_memory() {
+  cpu_counter = &CountingCpuAllocator::instance();
+  c10::SetCPUAllocator(cpu_counter, /*priority=*/100);
+}
+#else
+void count_cpu_memory() {}
+#endif
+
 void reset_peak_memory(const at::Device& device) {
+#ifdef DIFFUSE_BENCH_CPU_MEMORY
+  if (device.is_cpu() && cpu_counter) cpu_counter->reset_peak();
+#endif
 #ifdef DIFFUSE_BENCH_CUDA_MEMORY
   if (device.is_cuda())
     c10::cuda::CUDACachingAllocator::resetPeakStats(device.index() < 0 ? 0 : device.index());
 #endif
 }
 
-// Peak bytes held by tensors since the last reset (CUDA caching allocator), -1 where unknown.
+// Peak bytes held by tensors since the last reset (CUDA caching allocator; on a CPU the counting allocator
+// above), -1 where unknown.
 double peak_memory_mib(const at::Device& device) {
+#ifdef DIFFUSE_BENCH_CPU_MEMORY
+  if (device.is_cpu() && cpu_counter) return static_cast<double>(cpu_counter->peak()) / (1024.0 * 1024.0);
+#endif
 #ifdef DIFFUSE_BENCH_CUDA_MEMORY
   if (device.is_cuda()) {
     const auto stats =
@@ -226,6 +320,7 @@ void report(const std::string& bench, const Options& o, const diffuse::RunConfig
                    {"cuda_graph", o.cuda_graph},
                    {"channels_last", o.channels_last},
                    {"cpu_winograd", o.cpu_winograd},
+                   {"grad_buffer", bench == "train" ? o.grad_buffer : ""},
                    {"omp_wait_policy", env_or("OMP_WAIT_POLICY", "")}};
   if (peak_mib >= 0) j["peak_mem_mib"] = peak_mib;
   if (bench == "train") j["last_loss"] = last_loss;
@@ -275,7 +370,9 @@ void bench_train(const Options& o, const diffuse::RunConfig& cfg, const at::Devi
   net->to(device);
   net->train();
   net->set_precision(diffuse::parse_precision(o.precision));
-  diffuse::FlatParameters flat(net->named_parameters());
+  diffuse::FlatParameters flat(net->named_parameters(), o.grad_buffer == "persistent"
+                                                            ? diffuse::GradStorage::kPersistent
+                                                            : diffuse::GradStorage::kTransient);
   diffuse::AdamW opt(flat, diffuse::AdamWOptions{t.beta1, t.beta2, t.adam_eps, t.weight_decay});
   diffuse::Ema ema(flat.data(), t.ema_decay);
   std::unique_ptr<diffuse::Process> process = diffuse::make_process(cfg.process);
@@ -325,7 +422,7 @@ void bench_train(const Options& o, const diffuse::RunConfig& cfg, const at::Devi
 
   for (int64_t s = 0; s < warmup; ++s) step_once(s);
   sync(device);
-  reset_peak_memory(device);
+  if (!o.cuda_graph) reset_peak_memory(device);  // a graph's memory was allocated at its capture
   std::vector<double> seconds;
   const auto start = Clock::now();
   auto prev = start;
@@ -387,6 +484,7 @@ void bench_sample(const Options& o, const diffuse::RunConfig& cfg, const at::Dev
 int main(int argc, char** argv) {
   try {
     const Options o = parse(argc, argv);
+    count_cpu_memory();
     diffuse::set_threads(o.threads);
     diffuse::RunConfig cfg = diffuse::load_preset(o.preset);
     cfg.train.batch_size = o.batch;

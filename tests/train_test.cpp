@@ -1,5 +1,6 @@
 // The training loop on the tiny preset (8x8 Fashion-MNIST): it learns, it resumes bit-identically,
 // and it stops cleanly on a diverging loss; the optimizer against the textbook update.
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -11,7 +12,9 @@
 #include "diffuse/generate.h"
 #include "diffuse/io/checkpoint.h"
 #include "diffuse/io/file.h"
+#include "diffuse/process.h"
 #include "diffuse/train/optim.h"
+#include "diffuse/train/step.h"
 #include "diffuse/train/trainer.h"
 #include "model_util.h"
 #include "test_util.h"
@@ -266,4 +269,69 @@ TEST(Optim, TheTwoHalvesAreTheOneCallStep) {
   }
   EXPECT_EQ(opt_b.step_count(), 6);
   EXPECT_FALSE(at::equal(start, a.data()));
+}
+
+// A transient gradient (freed between steps, gathered after backward) trains exactly as the persistent flat
+// buffer does, and between steps no gradient is held.
+TEST(Optim, TransientGradientTrainsAsThePersistentBuffer) {
+  set_threads(1);
+  RunConfig cfg = load_preset("tiny");
+  cfg.model.dropout = 0.1;  // the same dropout masks on both sides (the same seeds)
+  auto run = [&](GradStorage storage) {
+    torch::manual_seed(5);
+    UNet2DModel net(cfg.model);
+    net->train();
+    FlatParameters flat(net->named_parameters(), storage);
+    AdamW opt(flat, AdamWOptions{0.9, 0.999, 1e-8, 0.01});
+    Ema ema(flat.data(), 0.99);
+    std::unique_ptr<Process> process = make_process(cfg.process);
+    TrainStepParts parts;
+    parts.net = net;
+    parts.flat = &flat;
+    parts.opt = &opt;
+    parts.ema = &ema;
+    parts.process = process.get();
+    parts.loss = cfg.loss;
+    parts.grad_clip = 1.0;
+    TrainStep step(parts, at::Device(at::kCPU), false);
+    const int64_t s = cfg.model.sample_size;
+    std::vector<double> losses;
+    for (int64_t i = 0; i < 5; ++i) {
+      at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(100 + i);
+      const at::Tensor x0 = at::rand({4, cfg.model.in_channels, s, s}, gen) * 2 - 1;
+      torch::manual_seed(200 + i);
+      losses.push_back(step.run(x0, at::Tensor(), draw_loss_inputs(*process, cfg.loss, x0, gen), 1e-3, 0.9).item<double>());
+      if (storage == GradStorage::kTransient) {
+        EXPECT_FALSE(flat.grad().defined()) << "step " << i;
+        for (const auto& p : net->parameters()) EXPECT_FALSE(p.grad().defined()) << "step " << i;
+      } else {
+        EXPECT_TRUE(flat.grad().defined());
+      }
+    }
+    return std::make_tuple(flat.data().clone(), ema.data().clone(), losses);
+  };
+  const auto [p_persistent, ema_persistent, loss_persistent] = run(GradStorage::kPersistent);
+  const auto [p_transient, ema_transient, loss_transient] = run(GradStorage::kTransient);
+  EXPECT_TRUE(at::equal(p_persistent, p_transient));
+  EXPECT_TRUE(at::equal(ema_persistent, ema_transient));
+  EXPECT_EQ(loss_persistent, loss_transient);
+  // Training moved the parameters away from the EMA's trailing copy: the comparison is between trained weights.
+  EXPECT_FALSE(at::equal(p_persistent, ema_persistent));
+}
+
+TEST(Optim, TransientGradientRefusesTheStepBeforeItIsGathered) {
+  auto params = some_parameters();
+  FlatParameters flat(params, GradStorage::kTransient);
+  AdamW opt(flat, AdamWOptions{});
+  EXPECT_THROW(flat.clip_grad_norm(1.0), Error);
+  EXPECT_THROW(opt.step(1e-3), Error);
+  // A parameter that got no gradient gathers as zeros; the others as they were computed.
+  (params["a"] * 2).sum().backward();
+  flat.gather_grad();
+  ASSERT_TRUE(flat.grad().defined());
+  EXPECT_TRUE(at::equal(params["a"].grad(), at::full({7, 5}, 2.0)));
+  EXPECT_TRUE(at::equal(params["b"].grad(), at::zeros({11})));
+  EXPECT_EQ(flat.grad().numel(), 7 * 5 + 11);
+  flat.zero_grad();
+  EXPECT_FALSE(params["a"].grad().defined());
 }

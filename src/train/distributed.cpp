@@ -306,6 +306,9 @@ class LandedHook : public torch::autograd::FunctionPostHook {
 GradReducer::GradReducer(Communicator& comm, FlatParameters& flat, const std::vector<at::Tensor>& params,
                          int64_t bucket_numel)
     : state_(std::make_shared<State>()) {
+  if (flat.grad_storage() != GradStorage::kPersistent) {
+    throw run_error("distributed: the gradient all-reduce needs the persistent flat gradient buffer");
+  }
   State& s = *state_;
   s.comm = &comm.impl();
   s.grad = flat.grad();

@@ -4,7 +4,8 @@
 
 namespace diffuse {
 
-FlatParameters::FlatParameters(const torch::OrderedDict<std::string, at::Tensor>& named_parameters) {
+FlatParameters::FlatParameters(const torch::OrderedDict<std::string, at::Tensor>& named_parameters, GradStorage storage)
+    : storage_(storage) {
   int64_t total = 0;
   at::TensorOptions options;
   for (const auto& item : named_parameters) {
@@ -15,7 +16,7 @@ FlatParameters::FlatParameters(const torch::OrderedDict<std::string, at::Tensor>
     options = item.value().options();
   }
   data_ = at::empty({total}, options.requires_grad(false));
-  grad_ = at::zeros({total}, options.requires_grad(false));
+  if (storage_ == GradStorage::kPersistent) grad_ = at::zeros({total}, options.requires_grad(false));
   int64_t i = 0;
   for (const auto& item : named_parameters) {
     at::Tensor p = item.value();
@@ -27,12 +28,40 @@ FlatParameters::FlatParameters(const torch::OrderedDict<std::string, at::Tensor>
     p.set_data(slice);
     // Autograd accumulates in place into a defined .grad when grad mode is off in the backward pass,
     // so the gradient stays a view into grad_.
-    p.mutable_grad() = grad_.narrow(0, offsets_[i], p.numel()).view(shapes_[i]);
+    p.mutable_grad() = grad_.defined() ? grad_.narrow(0, offsets_[i], p.numel()).view(shapes_[i]) : at::Tensor();
+    params_.push_back(p);
     ++i;
   }
 }
 
+void FlatParameters::gather_grad() {
+  if (storage_ == GradStorage::kPersistent) return;
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> parts;
+  parts.reserve(params_.size());
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& g = params_[i].grad();
+    // reshape reads a gradient of any layout in the parameter's logical (row-major) order, the buffer's.
+    parts.push_back(g.defined() ? g.reshape({-1}) : at::zeros({params_[i].numel()}, data_.options()));
+  }
+  grad_ = at::cat(parts);
+  parts.clear();
+  for (size_t i = 0; i < params_.size(); ++i) {
+    params_[i].mutable_grad() = grad_.narrow(0, offsets_[i], params_[i].numel()).view(shapes_[i]);
+  }
+}
+
+void FlatParameters::zero_grad() {
+  if (storage_ == GradStorage::kPersistent) {
+    grad_.zero_();
+    return;
+  }
+  for (auto& p : params_) p.mutable_grad().reset();
+  grad_.reset();
+}
+
 at::Tensor FlatParameters::clip_grad_norm(double max_norm) {
+  if (!grad_.defined()) throw run_error("FlatParameters: clip_grad_norm before gather_grad");
   at::Tensor norm = grad_.norm();
   if (max_norm > 0) {
     // Scale by min(1, max_norm / (norm + 1e-6)) without a host sync.
@@ -88,6 +117,7 @@ void AdamW::apply(const at::Tensor& scalars) {
   const double b1 = options_.beta1, b2 = options_.beta2;
   at::Tensor& p = params_.data();
   const at::Tensor& g = params_.grad();
+  if (!g.defined()) throw run_error("AdamW: no gradient (FlatParameters::gather_grad comes after backward)");
   // Decoupled weight decay (AdamW, Algorithm 2 line 12).
   if (options_.weight_decay != 0) p.mul_(scalars[0]);
   // Moment updates.

@@ -32,6 +32,7 @@ at::Tensor TrainStep::device_step(const Inputs& in) {
   if (p_.reducer) p_.reducer->prepare();
   out.loss.backward();
   if (p_.reducer) p_.reducer->finish();  // the gradient is the mean over all ranks' images
+  p_.flat->gather_grad();                // transient storage: into one buffer, now that activations are freed
   grad_norm_ = p_.flat->clip_grad_norm(p_.grad_clip);
   const at::Tensor loss = out.loss.detach();
   nonfinite_.logical_or_(loss.isinf().logical_or(loss.isnan()));

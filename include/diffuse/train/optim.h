@@ -4,7 +4,14 @@
 //
 //   diffuse::FlatParameters flat(net->named_parameters());   // after net->to(device)
 //   diffuse::AdamW opt(flat, {/*lr=*/2e-4});
-//   loss.backward(); double norm = flat.clip_grad_norm(1.0); opt.step(lr); flat.zero_grad();
+//   loss.backward(); flat.gather_grad(); flat.clip_grad_norm(1.0); opt.step(lr); flat.zero_grad();
+//
+// The gradient buffer is persistent (GradStorage::kPersistent: the parameters' .grad are views into it, and
+// backward accumulates into them in place; what the data-parallel reducer needs) or transient
+// (kTransient: between steps no gradient exists, as after PyTorch's zero_grad(set_to_none=True); backward
+// allocates each parameter's gradient as it reaches it, and gather_grad() copies them into a flat buffer
+// once the activations are gone). Transient storage keeps the gradient out of the peak at the start of
+// the backward pass, when every activation is still held.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,14 +25,23 @@
 
 namespace diffuse {
 
+enum class GradStorage { kPersistent, kTransient };
+
 class FlatParameters {
  public:
-  // Re-points each parameter (and its .grad) at a slice of one buffer. The parameters keep their names.
-  explicit FlatParameters(const torch::OrderedDict<std::string, at::Tensor>& named_parameters);
+  // Re-points each parameter (and, with persistent storage, its .grad) at a slice of one buffer. The
+  // parameters keep their names.
+  explicit FlatParameters(const torch::OrderedDict<std::string, at::Tensor>& named_parameters,
+                          GradStorage storage = GradStorage::kPersistent);
   at::Tensor& data() { return data_; }   // [P] all parameters
-  at::Tensor& grad() { return grad_; }   // [P] all gradients
+  at::Tensor& grad() { return grad_; }   // [P] all gradients (transient: defined from gather_grad to zero_grad)
   int64_t numel() const { return data_.numel(); }
-  void zero_grad() { grad_.zero_(); }
+  GradStorage grad_storage() const { return storage_; }
+  // After backward. Transient: copies the parameters' gradients into a new flat buffer (zeros for a
+  // parameter that got none) and points their .grad at it. Persistent: nothing to do.
+  void gather_grad();
+  // Persistent: fills the buffer with zeros. Transient: frees the gradients.
+  void zero_grad();
   // Global L2 norm of the gradient (a 0-dim tensor; no host sync). Scales the gradient down to
   // max_norm when above it (max_norm <= 0: no clipping).
   at::Tensor clip_grad_norm(double max_norm);
@@ -39,6 +55,8 @@ class FlatParameters {
   std::vector<std::string> names_;
   std::vector<std::vector<int64_t>> shapes_;
   std::vector<int64_t> offsets_;
+  std::vector<at::Tensor> params_;
+  GradStorage storage_;
   at::Tensor data_;
   at::Tensor grad_;
 };
