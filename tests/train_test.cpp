@@ -12,6 +12,7 @@
 #include "diffuse/generate.h"
 #include "diffuse/io/checkpoint.h"
 #include "diffuse/io/file.h"
+#include "diffuse/io/image.h"
 #include "diffuse/process.h"
 #include "diffuse/train/optim.h"
 #include "diffuse/train/step.h"
@@ -334,4 +335,38 @@ TEST(Optim, TransientGradientRefusesTheStepBeforeItIsGathered) {
   EXPECT_EQ(flat.grad().numel(), 7 * 5 + 11);
   flat.zero_grad();
   EXPECT_FALSE(params["a"].grad().defined());
+}
+
+// The sample grids written during training are drawn from the EMA weights of that very step: the same grid
+// comes out of the checkpoint saved at the step.
+TEST(Train, SampleGridsDrawFromThatStepsEma) {
+  set_threads(1);
+  RunConfig cfg = tiny_config();
+  cfg.train.steps = 20;
+  cfg.train.sample_every = 10;
+  cfg.train.ckpt_every = 10;
+  cfg.train.keep_checkpoints = 3;
+  cfg.train.sample_n = 4;
+  cfg.train.sample_sampler = "ddim";
+  cfg.train.sample_steps = 5;
+  std::string dir = temp_dir("grids");
+  train(cfg, dir, false, TrainControl{0, true});
+  std::vector<at::Tensor> grids;
+  for (const char* step : {"00000010", "00000020"}) {
+    const at::Tensor written = image_load(path_join(dir, std::string("samples/step_") + step + ".png"));
+    Model m = load_model(path_join(dir, std::string("checkpoints/step_") + step));
+    ASSERT_TRUE(m.uses_ema);
+    GenerateOptions g;
+    g.n = 4;
+    g.batch = 4;
+    g.sampler = "ddim";
+    g.steps = 5;
+    const at::Tensor again = make_grid(to_uint8(generate(m, g)), 2);
+    ASSERT_EQ(written.sizes(), again.sizes()) << step;
+    EXPECT_TRUE(at::equal(written, again)) << step;
+    grids.push_back(written);
+  }
+  // The EMA moved between the two steps, and the grids with it.
+  EXPECT_FALSE(at::equal(grids[0], grids[1]));
+  diffuse_test::remove_tree(dir);
 }

@@ -227,10 +227,22 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   resumed = Checkpoint();  // free the loaded tensors
 
   std::unique_ptr<Process> process = make_process(cfg.process);
-  UNet2DModel ema_net(cfg.model);  // for sample grids
+  // The EMA weights as a network, for sample grids and FD: its parameters are views into the EMA buffer, which
+  // the optimizer step updates in place (no second copy of the model on the device).
+  UNet2DModel ema_net(cfg.model);
   ema_net->to(device);
   ema_net->eval();
   ema_net->set_precision(precision);
+  {
+    at::NoGradGuard no_grad;
+    auto dst = ema_net->named_parameters();
+    TensorDict src = flat.views(ema.data());
+    for (size_t i = 0; i < dst.size(); ++i) {
+      if (dst[i].key() != src[i].first) throw run_error("trainer: the EMA network's parameters are out of order");
+      dst[i].value().set_data(src[i].second);
+      dst[i].value().set_requires_grad(false);
+    }
+  }
 
   const at::Tensor images = data.images.to(device);  // uint8, resident
   const at::Tensor labels = data.labels.to(device);
@@ -256,12 +268,6 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   };
   // The EMA weights as a Model, for sample grids and FD.
   auto ema_model = [&]() {
-    {
-      at::NoGradGuard no_grad;
-      auto dst = ema_net->named_parameters();
-      TensorDict src = flat.views(ema.data());
-      for (size_t i = 0; i < dst.size(); ++i) dst[i].value().copy_(src[i].second);
-    }
     Model m;
     m.config = cfg;
     m.net = ema_net;
