@@ -15,8 +15,9 @@
 // fastest (torch.backends.cudnn.benchmark); the warm-up iterations absorb the search.
 // --cuda-graph 1 (train, CUDA) runs the trainer's step as it does under `diffuse train --cuda-graph`: captured
 // once after its eager warm-up steps, then replayed (the warm-up iterations include the capture).
-// --cpu-winograd 1 computes the 3x3 convolutions of CPU inference with oneDNN's Winograd kernels, as the
-// `diffuse` program does (diffuse::set_cpu_winograd); 0, the default, keeps LibTorch's convolution on both sides.
+// --cpu-winograd 1 computes the 3x3 convolutions of CPU float32 training and inference with oneDNN's Winograd
+// kernels, as the `diffuse` program does (diffuse::set_cpu_winograd); 0, the default, keeps LibTorch's convolution
+// on both sides.
 // --grad-buffer: transient (the default, as `diffuse train` in one process) frees the gradient between steps;
 // persistent keeps it allocated as the data-parallel all-reduce needs (diffuse::GradStorage).
 // Peak memory (peak_mem_mib) counts the bytes held by tensors during the timed iterations: the CUDA caching
@@ -86,7 +87,7 @@ struct Options {
   std::string precision = "fp32";  // fp32 | bf16 | fp16 (nn/precision.h)
   std::string profile;  // when set: one more iteration traced to <profile>-train.trace / -sample.trace
   bool cudnn_benchmark = false;
-  bool cpu_winograd = false;  // sample on a CPU: 3x3 convolutions through oneDNN's Winograd (as the program does)
+  bool cpu_winograd = false;  // CPU float32: 3x3 convolutions through oneDNN's Winograd (as the program does)
   bool channels_last = false;  // NHWC weights and input (cuDNN's tensor-core convolutions work in NHWC)
   bool cuda_graph = false;  // train: capture the step as a CUDA graph after the warm-up (the trainer's --cuda-graph)
   std::string grad_buffer = "transient";  // train: diffuse::GradStorage
@@ -370,6 +371,7 @@ void bench_train(const Options& o, const diffuse::RunConfig& cfg, const at::Devi
   net->to(device);
   net->train();
   net->set_precision(diffuse::parse_precision(o.precision));
+  diffuse::set_cpu_winograd(o.cpu_winograd);
   diffuse::FlatParameters flat(net->named_parameters(), o.grad_buffer == "persistent"
                                                             ? diffuse::GradStorage::kPersistent
                                                             : diffuse::GradStorage::kTransient);

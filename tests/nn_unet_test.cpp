@@ -500,10 +500,48 @@ TEST(UNet, WinogradInferenceMatchesTheDirectConvolution) {
               (winograd - direct).abs().max().item<double>(), direct.abs().max().item<double>());
   EXPECT_GT(direct.abs().max().item<double>(), 1e-2);
   EXPECT_LT(rel, 1e-5);
-  // With autograd on, the module's own convolution runs (oneDNN's Winograd here is inference only).
-  const int64_t before = diffuse::cpu_winograd_calls();
-  net->train();
-  at::Tensor y = net->forward(x.clone().requires_grad_(true), t);
-  EXPECT_EQ(diffuse::cpu_winograd_calls(), before);
-  y.sum().backward();
+}
+
+// Training through the Winograd autograd function: the output, the input's gradient and every parameter's
+// gradient against LibTorch's direct convolution.
+TEST(UNet, WinogradTrainingMatchesTheDirectConvolution) {
+  if (!diffuse::cpu_winograd_built()) GTEST_SKIP() << "built without oneDNN's headers (libdnnl-dev)";
+  torch::manual_seed(12);
+  std::ifstream preset(std::string(DIFFUSE_SOURCE_DIR) + "/configs/fmnist.json");
+  ASSERT_TRUE(preset.good());
+  UNet2DModel net(diffuse::unet_config_from_json(nlohmann::json::parse(preset).at("model")));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : net->parameters()) p.copy_(at::randn_like(p) * 0.05);
+  }
+  net->eval();  // no dropout: both passes see the same network
+  const at::Tensor x = at::randn({3, 1, 28, 28}), t = at::tensor({3.0f, 400.0f, 999.0f});
+  const at::Tensor r = at::randn({3, 1, 28, 28});
+  struct Off {
+    ~Off() { diffuse::set_cpu_winograd(false); }
+  } off;
+  auto pass = [&](bool winograd, int64_t* calls) {
+    diffuse::set_cpu_winograd(winograd);
+    net->zero_grad();
+    const at::Tensor xi = x.clone().requires_grad_(true);
+    const int64_t before = diffuse::cpu_winograd_calls();
+    const at::Tensor y = net->forward(xi, t);
+    (y * r).sum().backward();
+    *calls = diffuse::cpu_winograd_calls() - before;
+    std::vector<at::Tensor> grads{xi.grad().flatten()};
+    for (auto& p : net->parameters()) grads.push_back(p.grad().flatten().clone());
+    return std::make_pair(y.detach(), at::cat(grads));
+  };
+  int64_t direct_calls = 0, winograd_calls = 0;
+  const auto [y_direct, g_direct] = pass(false, &direct_calls);
+  const auto [y_winograd, g_winograd] = pass(true, &winograd_calls);
+  EXPECT_EQ(direct_calls, 0);
+  if (winograd_calls == 0) GTEST_SKIP() << "this CPU has no Winograd kernels for these shapes";
+  EXPECT_GE(winograd_calls, 10);
+  const double rel_y = ((y_winograd - y_direct).norm() / y_direct.norm()).item<double>();
+  const double rel_g = ((g_winograd - g_direct).norm() / g_direct.norm()).item<double>();
+  std::printf("Winograd training vs direct: output rel L2 %.3g, gradients rel L2 %.3g\n", rel_y, rel_g);
+  EXPECT_GT(g_direct.abs().max().item<double>(), 1e-3);
+  EXPECT_LT(rel_y, 1e-5);
+  EXPECT_LT(rel_g, 1e-5);
 }

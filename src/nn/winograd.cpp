@@ -1,9 +1,14 @@
-// 3x3 convolutions for CPU inference through oneDNN's Winograd kernels (Lavin & Gray 2016, F(4x4, 3x3)): about
+// 3x3 convolutions on the CPU through oneDNN's Winograd kernels (Lavin & Gray 2016, F(4x4, 3x3)): about
 // a third of the multiplications of the direct method. LibTorch's CPU convolution only ever asks oneDNN for the
 // direct algorithm; on the fmnist U-Net's shapes at batch 64 Winograd (with the NCHW <-> blocked reorders) is
 // 1.3-2.3x faster, with a relative error of ~2e-6 against it.
+// Inference (no autograd): the forward_inference kernel with the weights reordered once per weight tensor.
+// Training: an autograd function with oneDNN's Winograd forward_training, backward-data and backward-weights
+// kernels (1.1-1.5x faster than its direct ones on the fmnist U-Net's shapes, reorders included); the weights
+// change every step and are reordered on every call.
 #include "nn/blocks.h"
 
+#include <torch/csrc/autograd/custom_function.h>
 
 #include <atomic>
 #include <mutex>
@@ -64,6 +69,19 @@ struct Plan {
   dnnl::reorder src_in, dst_out;
 };
 
+// One shape's training primitives. Each takes its operands in its own blocked layouts; the reorders from and to
+// LibTorch's NCHW / OIHW are made per call (dnnl::reorder between two memory descriptors).
+struct TrainPlan {
+  bool supported = false;
+  dnnl::convolution_forward::primitive_desc fwd;
+  dnnl::convolution_backward_data::primitive_desc bwd_data;
+  dnnl::convolution_backward_weights::primitive_desc bwd_weights;
+  dnnl::convolution_forward fwd_prim;
+  dnnl::convolution_backward_data bwd_data_prim;
+  dnnl::convolution_backward_weights bwd_weights_prim;
+  memory::desc user_src, user_dst, user_wei, bias;
+};
+
 // Weights in the primitive's own layout, reordered once per weight tensor and kept while that tensor lives
 // unchanged (same storage, same version counter).
 struct Weights {
@@ -79,6 +97,7 @@ struct State {
   dnnl::engine engine{dnnl::engine::kind::cpu, 0};
   dnnl::stream stream{engine};
   std::unordered_map<Shape, std::shared_ptr<Plan>, ShapeHash> plans;
+  std::unordered_map<Shape, std::shared_ptr<TrainPlan>, ShapeHash> train_plans;
   std::unordered_map<const c10::TensorImpl*, Weights> weights;
   // The blocked input and output of the call in progress (calls hold the mutex): kept and grown to the largest
   // shape seen, so that the tens of MB of each call are not allocated and page-faulted in anew.
@@ -156,6 +175,160 @@ const memory::desc& weights_for(State& st, const Plan& p, const at::Tensor& w, a
   return st.weights.emplace(impl, std::move(e)).first->second.md;
 }
 
+std::shared_ptr<TrainPlan> train_plan_for(State& st, const Shape& s) {
+  auto it = st.train_plans.find(s);
+  if (it != st.train_plans.end()) return it->second;
+  auto p = std::make_shared<TrainPlan>();
+  const auto f32 = memory::data_type::f32;
+  const memory::dims src{s.n, s.ic, s.h, s.w}, wei{s.oc, s.ic, 3, 3}, dst{s.n, s.oc, s.h, s.w};
+  p->user_src = memory::desc(src, f32, memory::format_tag::nchw);
+  p->user_dst = memory::desc(dst, f32, memory::format_tag::nchw);
+  p->user_wei = memory::desc(wei, f32, memory::format_tag::oihw);
+  p->bias = memory::desc({s.oc}, f32, memory::format_tag::x);
+  try {
+    const memory::desc src_any(src, f32, memory::format_tag::any), wei_any(wei, f32, memory::format_tag::any),
+        dst_any(dst, f32, memory::format_tag::any);
+    const memory::dims stride{1, 1}, pad{1, 1};
+    const auto wino = dnnl::algorithm::convolution_winograd;
+    auto fd = s.bias ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, wino, src_any, wei_any, p->bias,
+                                                       dst_any, stride, pad, pad)
+                     : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, wino, src_any, wei_any, dst_any,
+                                                       stride, pad, pad);
+    p->fwd = dnnl::convolution_forward::primitive_desc(fd, st.engine);
+    p->bwd_data = dnnl::convolution_backward_data::primitive_desc(
+        dnnl::convolution_backward_data::desc(wino, src_any, wei_any, dst_any, stride, pad, pad), st.engine, p->fwd);
+    // Backward-weights: Winograd where oneDNN has it for the shape, else its direct kernel.
+    for (const auto alg : {wino, dnnl::algorithm::convolution_direct}) {
+      try {
+        auto wd = s.bias ? dnnl::convolution_backward_weights::desc(alg, src_any, wei_any, p->bias, dst_any, stride, pad, pad)
+                         : dnnl::convolution_backward_weights::desc(alg, src_any, wei_any, dst_any, stride, pad, pad);
+        p->bwd_weights = dnnl::convolution_backward_weights::primitive_desc(wd, st.engine, p->fwd);
+        break;
+      } catch (const dnnl::error&) {
+        if (alg != wino) throw;
+      }
+    }
+    p->fwd_prim = dnnl::convolution_forward(p->fwd);
+    p->bwd_data_prim = dnnl::convolution_backward_data(p->bwd_data);
+    p->bwd_weights_prim = dnnl::convolution_backward_weights(p->bwd_weights);
+    p->supported = true;
+  } catch (const dnnl::error&) {
+    p->supported = false;
+  }
+  st.train_plans.emplace(s, p);
+  return p;
+}
+
+// A oneDNN memory over a contiguous float tensor (user layout), or over a new byte buffer in the primitive's layout
+// (which the buffer keeps alive).
+memory user_memory(const memory::desc& md, const State& st, const at::Tensor& t) {
+  return memory(md, st.engine, const_cast<float*>(t.data_ptr<float>()));
+}
+memory own_memory(const memory::desc& md, const State& st, at::Tensor& keep) {
+  keep = bytes(md.get_size());
+  return memory(md, st.engine, keep.data_ptr());
+}
+// `user` in `md`'s layout: the same memory when the layouts agree, else a reordered copy.
+memory in_layout(State& st, memory user, const memory::desc& md, at::Tensor& keep) {
+  if (user.get_desc() == md) return user;
+  memory mine = own_memory(md, st, keep);
+  dnnl::reorder(user, mine).execute(st.stream, user, mine);
+  return mine;
+}
+
+Shape train_shape(const at::Tensor& x, const at::Tensor& w, bool bias) {
+  return Shape{x.size(0), x.size(1), w.size(0), x.size(2), x.size(3), bias};
+}
+
+struct WinogradConv3x3 : public torch::autograd::Function<WinogradConv3x3> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_in,
+                            const at::Tensor& b_in) {
+    const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+    const at::Tensor b = b_in.defined() ? b_in.contiguous() : b_in;
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["bias"] = b.defined();
+    State& st = state();
+    std::lock_guard<std::mutex> lock(st.mutex);
+    std::shared_ptr<TrainPlan> p = train_plan_for(st, train_shape(x, w, b.defined()));
+    at::Tensor out = at::empty({x.size(0), w.size(0), x.size(2), x.size(3)}, x.options());
+    at::Tensor keep_src, keep_wei, keep_dst;
+    memory src = in_layout(st, user_memory(p->user_src, st, x), p->fwd.src_desc(), keep_src);
+    memory wei = in_layout(st, user_memory(p->user_wei, st, w), p->fwd.weights_desc(), keep_wei);
+    memory user_dst = user_memory(p->user_dst, st, out);
+    memory dst = p->fwd.dst_desc() == p->user_dst ? user_dst : own_memory(p->fwd.dst_desc(), st, keep_dst);
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}};
+    if (b.defined()) args.emplace(DNNL_ARG_BIAS, user_memory(p->bias, st, b));
+    p->fwd_prim.execute(st.stream, args);
+    if (keep_dst.defined()) dnnl::reorder(dst, user_dst).execute(st.stream, dst, user_dst);
+    st.stream.wait();
+    ++g_winograd_calls;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& w = saved[1];
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    const at::Tensor gy = grads[0].contiguous();
+    State& st = state();
+    std::lock_guard<std::mutex> lock(st.mutex);
+    std::shared_ptr<TrainPlan> p = train_plan_for(st, train_shape(x, w, has_bias));
+    at::Tensor gx, gw, gb;
+    at::Tensor keep_a, keep_b, keep_c;
+    if (ctx->needs_input_grad(0)) {
+      gx = at::empty_like(x);
+      memory diff_dst = in_layout(st, user_memory(p->user_dst, st, gy), p->bwd_data.diff_dst_desc(), keep_a);
+      memory wei = in_layout(st, user_memory(p->user_wei, st, w), p->bwd_data.weights_desc(), keep_b);
+      memory user_gx = user_memory(p->user_src, st, gx);
+      memory diff_src = p->bwd_data.diff_src_desc() == p->user_src ? user_gx : own_memory(p->bwd_data.diff_src_desc(), st, keep_c);
+      p->bwd_data_prim.execute(st.stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DIFF_SRC, diff_src}});
+      if (keep_c.defined()) dnnl::reorder(diff_src, user_gx).execute(st.stream, diff_src, user_gx);
+      st.stream.wait();
+    }
+    if (ctx->needs_input_grad(1) || (has_bias && ctx->needs_input_grad(2))) {
+      gw = at::empty_like(w);
+      at::Tensor keep_d, keep_e, keep_f;
+      memory src = in_layout(st, user_memory(p->user_src, st, x), p->bwd_weights.src_desc(), keep_d);
+      memory diff_dst = in_layout(st, user_memory(p->user_dst, st, gy), p->bwd_weights.diff_dst_desc(), keep_e);
+      memory user_gw = user_memory(p->user_wei, st, gw);
+      memory diff_wei = p->bwd_weights.diff_weights_desc() == p->user_wei
+                            ? user_gw
+                            : own_memory(p->bwd_weights.diff_weights_desc(), st, keep_f);
+      std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_DIFF_WEIGHTS, diff_wei}};
+      if (has_bias) {
+        gb = at::empty({w.size(0)}, w.options());
+        args.emplace(DNNL_ARG_DIFF_BIAS, user_memory(p->bias, st, gb));
+      }
+      p->bwd_weights_prim.execute(st.stream, args);
+      if (keep_f.defined()) dnnl::reorder(diff_wei, user_gw).execute(st.stream, diff_wei, user_gw);
+      st.stream.wait();
+      if (!ctx->needs_input_grad(1)) gw = at::Tensor();
+      if (!(has_bias && ctx->needs_input_grad(2))) gb = at::Tensor();
+    }
+    return {gx, gw, gb};
+  }
+};
+
+// Whether a training-mode call (autograd recording) takes the Winograd training path.
+bool winograd_training_applies(const at::Tensor& x, const at::Tensor& w) {
+  return g_winograd && at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad()) && x.device().is_cpu() &&
+         w.device().is_cpu() && x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+         !autocast_active(c10::Device(c10::kCPU)) && x.dim() == 4 && w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 &&
+         w.size(1) == x.size(1);
+}
+
+// The training path's result, or an undefined tensor where oneDNN has no Winograd kernel for the shape.
+at::Tensor conv3x3_winograd_training(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  {
+    State& st = state();
+    std::lock_guard<std::mutex> lock(st.mutex);
+    if (!train_plan_for(st, train_shape(x, w, b.defined()))->supported) return at::Tensor();
+  }
+  return WinogradConv3x3::apply(x, w, b);
+}
+
 // Whether x would take the Winograd path; conv3x3_winograd returns an undefined tensor where oneDNN has no
 // Winograd kernel for the shape.
 bool winograd_applies(const at::Tensor& x, const at::Tensor& w) {
@@ -204,6 +377,8 @@ namespace nn_detail {
 namespace {
 bool winograd_applies(const at::Tensor&, const at::Tensor&) { return false; }
 at::Tensor conv3x3_winograd(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return at::Tensor(); }
+bool winograd_training_applies(const at::Tensor&, const at::Tensor&) { return false; }
+at::Tensor conv3x3_winograd_training(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return at::Tensor(); }
 }  // namespace
 }  // namespace nn_detail
 
@@ -214,6 +389,9 @@ namespace nn_detail {
 at::Tensor conv3x3(torch::nn::Conv2d conv, const at::Tensor& x) {
   if (winograd_applies(x, conv->weight)) {
     at::Tensor y = conv3x3_winograd(x, conv->weight, conv->bias);
+    if (y.defined()) return y;
+  } else if (winograd_training_applies(x, conv->weight)) {
+    at::Tensor y = conv3x3_winograd_training(x, conv->weight, conv->bias);
     if (y.defined()) return y;
   }
   return conv->forward(x);
