@@ -62,8 +62,8 @@ int main(int argc, char** argv) {
 #endif
   // A write past `ulimit -f` fails with EFBIG and a one-line error instead of killing the process.
   std::signal(SIGXFSZ, SIG_IGN);
-  // CPU inference convolutions through oneDNN's Winograd kernels where this build and CPU have them (see
-  // diffuse::set_cpu_winograd): sampling, evaluation and editing on a CPU in float32. DIFFUSE_CPU_WINOGRAD=0
+  // CPU float32 3x3 convolutions through oneDNN's Winograd kernels where this build and CPU have them (see
+  // diffuse::set_cpu_winograd): training, sampling, evaluation and editing on a CPU. DIFFUSE_CPU_WINOGRAD=0
   // keeps LibTorch's direct convolution (the arithmetic of diffusers to ~1e-6, for comparisons).
   const char* winograd = std::getenv("DIFFUSE_CPU_WINOGRAD");
   diffuse::set_cpu_winograd(!(winograd && std::string(winograd) == "0"));

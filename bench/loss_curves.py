@@ -16,6 +16,12 @@ import json
 import sys
 
 
+def fail(message):
+    """Unusable input: one line on stderr, exit status 2."""
+    print(f"loss_curves: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def read_losses(path):
     """{step: window-mean loss} from a metrics.jsonl (FD lines and others without a loss are skipped)."""
     out = {}
@@ -28,13 +34,13 @@ def read_losses(path):
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
-                    raise SystemExit(f"loss_curves: {path}:{n}: not JSON")
+                    fail(f"{path}:{n}: not JSON")
                 if "loss" in rec and "step" in rec:
                     out[int(rec["step"])] = float(rec["loss"])
     except OSError as e:
-        raise SystemExit(f"loss_curves: {path}: {e.strerror}")
+        fail(f"{path}: {e.strerror}")
     if not out:
-        raise SystemExit(f"loss_curves: {path}: no loss records")
+        fail(f"{path}: no loss records")
     return out
 
 
@@ -48,18 +54,18 @@ def main():
     args = ap.parse_args()
     names = args.names.split(",")
     if len(names) != 3:
-        raise SystemExit("loss_curves: --names takes three comma-separated names")
+        fail(f"--names takes three comma-separated names")
     ref, test, noise = (read_losses(p) for p in (args.ref, args.test, args.noise))
     steps = sorted(set(ref) & set(test) & set(noise))
     if not steps:
-        raise SystemExit("loss_curves: the three runs share no logged step (same --log-every?)")
+        fail(f"the three runs share no logged step (same --log-every?)")
     print(f"| step | {names[0]} | {names[1]} | {names[2]} | {names[1]} - {names[0]} | {names[2]} - {names[0]} |")
     print("| --- | --- | --- | --- | --- | --- |")
     for s in steps:
         print(f"| {s} | {ref[s]:.5f} | {test[s]:.5f} | {noise[s]:.5f} | {test[s] - ref[s]:+.5f} | {noise[s] - ref[s]:+.5f} |")
     judged = [s for s in steps if s > args.skip_steps]
     if not judged:
-        raise SystemExit(f"loss_curves: no logged step after --skip-steps {args.skip_steps}")
+        fail(f"no logged step after --skip-steps {args.skip_steps}")
     d_test = [abs(test[s] - ref[s]) for s in judged]
     d_noise = [abs(noise[s] - ref[s]) for s in judged]
     mean_test, mean_noise = sum(d_test) / len(d_test), sum(d_noise) / len(d_noise)

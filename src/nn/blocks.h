@@ -20,9 +20,9 @@
 namespace diffuse {
 namespace nn_detail {
 
-// A 3x3 convolution with stride 1 and padding 1 (the module's): for CPU float32 inference without autograd
-// through oneDNN's Winograd kernels when set_cpu_winograd(true) and this build and CPU have them, else the
-// module's own forward (src/nn/winograd.cpp).
+// A 3x3 convolution with stride 1 and padding 1 (the module's): on a CPU in float32 through oneDNN's Winograd
+// kernels (inference, or training through an autograd function) when set_cpu_winograd(true) and this build and
+// CPU have them, else the module's own forward (src/nn/winograd.cpp).
 at::Tensor conv3x3(torch::nn::Conv2d conv, const at::Tensor& x);
 
 // SiLU; in place when no graph is recorded (the input is a temporary of the caller).
