@@ -23,6 +23,7 @@ struct SampleArgs {
   std::string precision = "fp32";
   bool no_ema = false;
   bool cudnn_benchmark = false;
+  bool reduced_norm = false;
   int64_t ncol = 0;
   int64_t class_label = -1;
   GenerateOptions g;
@@ -68,8 +69,14 @@ void register_sample(CLI::App& app, Common& common) {
   sub->add_flag("--cudnn-benchmark", a->cudnn_benchmark,
                 "CUDA: let cuDNN time its convolution algorithms on the first batch and keep the fastest (images may "
                 "then differ from run to run in the last bits; no effect on the CPU)");
+  sub->add_flag("--reduced-norm", a->reduced_norm,
+                "with --precision bf16|fp16: GroupNorm on the reduced-precision activations instead of in float32");
   sub->callback([a, &common]() {
     run_guarded(common, [&]() {
+      if (a->reduced_norm && parse_precision(a->precision) == Precision::kFloat32) {
+        throw input_error("--reduced-norm runs GroupNorm in bf16 or fp16: it needs --precision bf16 or fp16");
+      }
+      set_reduced_precision_norm(a->reduced_norm);
       std::string format = a->format;
       if (format == "auto") {
         if (ends_with(a->out, ".png")) format = "grid";

@@ -23,7 +23,8 @@ struct TrainArgs {
   std::string classifier, precision, task;
   int64_t sr_factor = 0;
   double lr = 0, grad_clip = 0, ema_decay = 0, max_minutes = 0, min_snr_gamma = 0, weight_decay = 0, p_uncond = 0;
-  bool hflip = false, class_cond = false, deterministic = false, cuda_graph = false, cudnn_benchmark = false;
+  bool hflip = false, class_cond = false, deterministic = false, cuda_graph = false, cudnn_benchmark = false,
+       reduced_norm = false;
   // Data-parallel training.
   int64_t nproc = 0;
   double dist_timeout = 120.0, dist_bucket_mb = 4.0;
@@ -73,6 +74,9 @@ void register_train(CLI::App& app, Common& common) {
                                      "CUDA: deterministic kernels only, so a resumed run repeats bit for bit (slower)");
   o["cuda_graph"] = sub->add_flag("--cuda-graph", args->cuda_graph,
                                   "CUDA: capture the training step as a CUDA graph and replay it (one launch per step)");
+  o["reduced_norm"] = sub->add_flag("--reduced-norm", args->reduced_norm,
+                                    "with --precision bf16|fp16: GroupNorm on the reduced-precision activations instead of "
+                                    "in float32 (less memory and traffic; kept on resume)");
   o["cudnn_benchmark"] = sub->add_flag("--cudnn-benchmark", args->cudnn_benchmark,
                                        "CUDA: cuDNN times its convolution algorithms once per shape and keeps the fastest");
   o["class_cond"] = sub->add_flag("--class-cond", args->class_cond, "class-conditional training (labels from the data)");
@@ -137,6 +141,7 @@ void register_train(CLI::App& app, Common& common) {
       if (given("deterministic")) t.deterministic = a.deterministic;
       if (given("cuda_graph")) t.cuda_graph = a.cuda_graph;
       if (given("cudnn_benchmark")) t.cudnn_benchmark = a.cudnn_benchmark;
+      if (given("reduced_norm")) t.reduced_norm = a.reduced_norm;
       if (given("p_uncond")) t.p_uncond = a.p_uncond;
       if (given("eval_every")) t.eval_every = a.eval_every;
       if (given("eval_n")) t.eval_n = a.eval_n;

@@ -8,7 +8,7 @@
 //   bench_train_speed [--preset fmnist] [--batch 64] [--threads 0] [--device cpu|cuda|auto]
 //                     [--mode train|sample|both] [--steps N] [--evals N] [--warmup N] [--data synthetic|SPEC]
 //                     [--profile PREFIX] [--cudnn-benchmark 0|1] [--cuda-graph 0|1] [--channels-last 0|1]
-//                     [--cpu-winograd 0|1] [--grad-buffer transient|persistent]
+//                     [--cpu-winograd 0|1] [--grad-buffer transient|persistent] [--reduced-norm 0|1]
 // One JSON line per measurement on stdout, each followed by a human line starting with "# ".
 // --profile traces one more iteration per measurement (bench/trace_ops.py compares traces op by op).
 // --cudnn-benchmark 1 lets cuDNN time its convolution algorithms on the first call of each shape and keep the
@@ -18,6 +18,8 @@
 // --cpu-winograd 1 computes the 3x3 convolutions of CPU float32 training and inference with oneDNN's Winograd
 // kernels, as the `diffuse` program does (diffuse::set_cpu_winograd); 0, the default, keeps LibTorch's convolution
 // on both sides.
+// --reduced-norm 1 (with --precision bf16|fp16) runs GroupNorm on the reduced-precision activations instead of in
+// float32 (diffuse::set_reduced_precision_norm), an experiment for the GPU.
 // --grad-buffer: transient (the default, as `diffuse train` in one process) frees the gradient between steps;
 // persistent keeps it allocated as the data-parallel all-reduce needs (diffuse::GradStorage).
 // Peak memory (peak_mem_mib) counts the bytes held by tensors during the timed iterations: the CUDA caching
@@ -91,6 +93,7 @@ struct Options {
   bool channels_last = false;  // NHWC weights and input (cuDNN's tensor-core convolutions work in NHWC)
   bool cuda_graph = false;  // train: capture the step as a CUDA graph after the warm-up (the trainer's --cuda-graph)
   std::string grad_buffer = "transient";  // train: diffuse::GradStorage
+  bool reduced_norm = false;  // GroupNorm on the bf16/fp16 activations (diffuse::set_reduced_precision_norm)
 };
 
 [[noreturn]] void usage(const std::string& why) {
@@ -101,7 +104,7 @@ struct Options {
       << "                         [--data synthetic|SPEC] [--seed N] [--precision fp32|bf16|fp16]\n"
       << "                         [--profile PREFIX] [--cudnn-benchmark 0|1]\n"
       << "                         [--cuda-graph 0|1] [--channels-last 0|1] [--cpu-winograd 0|1]\n"
-      << "                         [--grad-buffer transient|persistent]\n";
+      << "                         [--grad-buffer transient|persistent] [--reduced-norm 0|1]\n";
   std::exit(diffuse::kExitBadInput);
 }
 
@@ -153,6 +156,9 @@ Options parse(int argc, char** argv) {
     } else if (flag == "--cuda-graph") {
       if (value != "0" && value != "1") usage("--cuda-graph: 0 or 1");
       o.cuda_graph = value == "1";
+    } else if (flag == "--reduced-norm") {
+      if (value != "0" && value != "1") usage("--reduced-norm: 0 or 1");
+      o.reduced_norm = value == "1";
     } else if (flag == "--grad-buffer") {
       if (value != "transient" && value != "persistent") usage("--grad-buffer: transient or persistent");
       o.grad_buffer = value;
@@ -322,6 +328,7 @@ void report(const std::string& bench, const Options& o, const diffuse::RunConfig
                    {"channels_last", o.channels_last},
                    {"cpu_winograd", o.cpu_winograd},
                    {"grad_buffer", bench == "train" ? o.grad_buffer : ""},
+                   {"reduced_norm", o.reduced_norm},
                    {"omp_wait_policy", env_or("OMP_WAIT_POLICY", "")}};
   if (peak_mib >= 0) j["peak_mem_mib"] = peak_mib;
   if (bench == "train") j["last_loss"] = last_loss;
@@ -493,6 +500,7 @@ int main(int argc, char** argv) {
     const at::Device device(diffuse::resolve_device(o.device));
     const bool cuda = device.is_cuda();
     at::globalContext().setBenchmarkCuDNN(o.cudnn_benchmark);
+    diffuse::set_reduced_precision_norm(o.reduced_norm);
     const int64_t steps = o.steps >= 0 ? o.steps : (cuda ? 50 : 10);
     const int64_t evals = o.evals >= 0 ? o.evals : (cuda ? 100 : 20);
     int64_t warmup = o.warmup >= 0 ? o.warmup : (cuda ? 10 : 2);

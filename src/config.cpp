@@ -83,6 +83,7 @@ json train_options_to_json(const TrainOptions& t) {
               {"device", t.device},
               {"precision", t.precision},
               {"deterministic", t.deterministic},
+              {"reduced_norm", t.reduced_norm},
               {"cuda_graph", t.cuda_graph},
               {"cudnn_benchmark", t.cudnn_benchmark},
               {"eval_every", t.eval_every},
@@ -126,6 +127,7 @@ TrainOptions train_options_from_json(const json& j, const TrainOptions& defaults
   read_key(j, s, "device", t.device);
   read_key(j, s, "precision", t.precision);
   read_key(j, s, "deterministic", t.deterministic);
+  read_key(j, s, "reduced_norm", t.reduced_norm);
   read_key(j, s, "cuda_graph", t.cuda_graph);
   read_key(j, s, "cudnn_benchmark", t.cudnn_benchmark);
   read_key(j, s, "eval_every", t.eval_every);

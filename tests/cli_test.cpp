@@ -132,6 +132,33 @@ TEST(Cli, TrainSampleConvertRoundTrip) {
   diffuse_test::remove_tree(dir);
 }
 
+// --reduced-norm is a property of the run: stored in its checkpoint and kept when it resumes; sampling takes it
+// per invocation, and it changes the bf16 arithmetic.
+TEST(Cli, ReducedNormTrainsResumesAndSamples) {
+  std::string dir = tmp("reducednorm");
+  CliRun t = run_cli("train --preset tiny --precision bf16 --reduced-norm --steps 3 --ckpt-every 3 --sample-every 0 --out " +
+                     dir + "/run --json");
+  ASSERT_EQ(t.code, 0) << t.err;
+  auto config = [&] {  // the run's configuration, written with each checkpoint
+    std::ifstream c(dir + "/run/config.json");
+    return nlohmann::json::parse(c);
+  };
+  EXPECT_TRUE(config()["train"].value("reduced_norm", false));
+  CliRun r = run_cli("train --out " + dir + "/run --resume --steps 5 --json");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out).value("step", 0), 5);
+  EXPECT_TRUE(config()["train"].value("reduced_norm", false));
+  const std::string s = "sample --ckpt " + dir + "/run --n 4 --steps 3 --precision bf16 --out ";
+  CliRun a = run_cli(s + dir + "/a.npy"), b = run_cli(s + dir + "/b.npy --reduced-norm");
+  ASSERT_EQ(a.code, 0) << a.err;
+  ASSERT_EQ(b.code, 0) << b.err;
+  std::ifstream fa(dir + "/a.npy", std::ios::binary), fb(dir + "/b.npy", std::ios::binary);
+  std::string sa((std::istreambuf_iterator<char>(fa)), {}), sb((std::istreambuf_iterator<char>(fb)), {});
+  EXPECT_EQ(sa.size(), sb.size());
+  EXPECT_NE(sa, sb) << "--reduced-norm left the bf16 arithmetic unchanged";
+  diffuse_test::remove_tree(dir);
+}
+
 // SIGTERM or SIGINT while an output is being written: the process ends by that signal and leaves neither
 // the output nor its temporary file (a .npy written in pieces) or folder (a folder of PNGs being filled).
 TEST(Cli, TerminatedWriterLeavesNoTemporaryFile) {

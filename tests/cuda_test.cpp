@@ -82,15 +82,21 @@ TEST(Cuda, MixedPrecisionFollowsFloat32) {
   n.net->eval();
   const at::Device cuda("cuda");
   auto [out32, grad32] = forward_backward(n.net, n.x, n.t, cuda, diffuse::Precision::kFloat32);
-  for (diffuse::Precision p : {diffuse::Precision::kBFloat16, diffuse::Precision::kFloat16}) {
-    auto [out, grad] = forward_backward(n.net, n.x, n.t, cuda, p);
-    const double out_err = rel_l2(out, out32), grad_err = rel_l2(grad, grad32);
-    std::printf("%s vs fp32 on CUDA: output rel L2 %.3g, gradient rel L2 %.3g\n", diffuse::precision_name(p).c_str(),
-                out_err, grad_err);
-    EXPECT_EQ(out.scalar_type(), at::kFloat);
-    EXPECT_GT(out_err, 1e-6) << "autocast did not change the arithmetic";
-    EXPECT_LT(out_err, 3e-2);
-    EXPECT_LT(grad_err, 6e-2);
+  struct Off {
+    ~Off() { diffuse::set_reduced_precision_norm(false); }
+  } off;
+  for (bool reduced_norm : {false, true}) {  // GroupNorm in float32 (autocast's), or on the reduced activations
+    diffuse::set_reduced_precision_norm(reduced_norm);
+    for (diffuse::Precision p : {diffuse::Precision::kBFloat16, diffuse::Precision::kFloat16}) {
+      auto [out, grad] = forward_backward(n.net, n.x, n.t, cuda, p);
+      const double out_err = rel_l2(out, out32), grad_err = rel_l2(grad, grad32);
+      std::printf("%s%s vs fp32 on CUDA: output rel L2 %.3g, gradient rel L2 %.3g\n", diffuse::precision_name(p).c_str(),
+                  reduced_norm ? " (reduced-precision GroupNorm)" : "", out_err, grad_err);
+      EXPECT_EQ(out.scalar_type(), at::kFloat);
+      EXPECT_GT(out_err, 1e-6) << "autocast did not change the arithmetic";
+      EXPECT_LT(out_err, 3e-2);
+      EXPECT_LT(grad_err, 6e-2);
+    }
   }
   EXPECT_FALSE(diffuse::autocast_active(cuda));
 }

@@ -78,6 +78,25 @@ TEST(Precision, Bf16ForwardAndGradientsFollowFloat32) {
   EXPECT_GT(grad_err, 1e-5);
   EXPECT_LT(grad_err, 6e-2);
   EXPECT_FALSE(diffuse::autocast_active(at::Device("cpu")));
+
+  // GroupNorm on the bf16 activations (diffuse::set_reduced_precision_norm): the same function within bf16's
+  // rounding, and not the float32 GroupNorm's arithmetic.
+  struct Off {
+    ~Off() { diffuse::set_reduced_precision_norm(false); }
+  } off;
+  diffuse::set_reduced_precision_norm(true);
+  auto [out_rn, grad_rn] = run(diffuse::Precision::kBFloat16);
+  diffuse::set_reduced_precision_norm(false);
+  net->set_precision(diffuse::Precision::kFloat32);
+  const double rn_out_err = rel_l2(out_rn, out32), rn_grad_err = rel_l2(grad_rn, grad32);
+  std::printf("bf16 with bf16 GroupNorm vs fp32: output rel L2 %.3g, gradient rel L2 %.3g\n", rn_out_err, rn_grad_err);
+  EXPECT_FALSE(at::equal(out_rn, out16)) << "the reduced-precision GroupNorm was not used";
+  EXPECT_LT(rn_out_err, 3e-2);
+  EXPECT_LT(rn_grad_err, 6e-2);
+  // Float32 is untouched by the switch.
+  diffuse::set_reduced_precision_norm(true);
+  auto [out32_again, grad32_again] = run(diffuse::Precision::kFloat32);
+  EXPECT_TRUE(at::equal(out32_again, out32));
 }
 
 }  // namespace

@@ -49,6 +49,8 @@ struct TrainOptions {
                                  // its resumption repeat bit for bit on one GPU; slower. CPU runs always do.
   bool cudnn_benchmark = false;  // CUDA: cuDNN times its algorithms for each shape and keeps the fastest (not with
                                  // deterministic). Chosen per invocation.
+  bool reduced_norm = false;     // mixed precision: GroupNorm on the bf16/fp16 activations instead of in float32
+                                 // (diffuse::set_reduced_precision_norm). A property of the run, kept on resume.
   bool cuda_graph = false;       // CUDA: capture the training step once as a CUDA graph and replay it (one launch
                                  // per step); the same arithmetic as the eager step. Chosen per invocation.
   int64_t eval_every = 0;        // steps between FD measurements written to metrics.jsonl (0: off)

@@ -8,11 +8,15 @@
 #include <ATen/Parallel.h>
 #include <torch/version.h>
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <mutex>
 
 #include "diffuse/common.h"
+#include "diffuse/nn/precision.h"
 #include "diffuse/nn/unet.h"
 
 namespace diffuse {
@@ -97,8 +101,22 @@ at::Tensor attention_inference_cpu(const at::Tensor& q3, const at::Tensor& k3, c
   return reduced ? out : out.transpose(1, 2);
 }
 
+namespace {
+std::atomic<bool> g_reduced_norm{false};
+}  // namespace
+
 at::Tensor group_norm(nn::GroupNorm& norm, const at::Tensor& x) {
   const at::Tensor& w = norm->weight;
+  const bool reduced = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  if (g_reduced_norm && reduced && w.defined() && w.scalar_type() != x.scalar_type() && autocast_active(x.device())) {
+    // Autocast would run GroupNorm in float32 (on CUDA it is on autocast's float32 list): kept out of it here.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(
+        c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA}));
+    const at::Tensor& b = norm->bias;
+    return at::group_norm(x, norm->options.num_groups(), w.to(x.scalar_type()),
+                          b.defined() ? b.to(x.scalar_type()) : b, norm->options.eps(),
+                          at::globalContext().userEnabledCuDNN());
+  }
   if (!w.defined() || x.scalar_type() == w.scalar_type()) return norm->forward(x);
   return norm->forward(x.to(w.scalar_type()));
 }
@@ -291,6 +309,9 @@ at::Tensor timestep_embedding(const at::Tensor& timesteps, int64_t dim, bool fli
 }
 
 }  // namespace nn_detail
+
+void set_reduced_precision_norm(bool on) { nn_detail::g_reduced_norm = on; }
+bool reduced_precision_norm() { return nn_detail::g_reduced_norm; }
 
 // ---------------------------------------------------------------------------------------------
 bool unet_has_sdpa() {

@@ -28,9 +28,10 @@ at::Tensor conv3x3(torch::nn::Conv2d conv, const at::Tensor& x);
 // SiLU; in place when no graph is recorded (the input is a temporary of the caller).
 at::Tensor silu_temp(at::Tensor x);
 
-// GroupNorm in the input's dtype: under mixed precision (bf16 activations, float32 parameters) the
-// affine parameters are cast to the activations' type (LibTorch's CPU kernel takes one dtype; it
-// accumulates the statistics in float32). Plain norm->forward otherwise.
+// GroupNorm under mixed precision (bf16 activations, float32 parameters): in float32 (the activations cast up, as
+// autocast does on CUDA; LibTorch's CPU kernel takes one dtype), or with set_reduced_precision_norm(true) on the
+// activations' own type with the affine parameters cast down (the kernels accumulate the statistics in float32).
+// Plain norm->forward otherwise.
 at::Tensor group_norm(torch::nn::GroupNorm& norm, const at::Tensor& x);
 
 // Inverted dropout (zero with probability p, scale the rest by 1/(1-p)) whose mask on the CPU comes

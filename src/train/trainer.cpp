@@ -168,6 +168,16 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     throw input_error("--cudnn-benchmark picks algorithms by timing them, which --deterministic rules out" +
                       std::string(have_ckpt ? " (this run was trained with --deterministic)" : "") + "; use one of the two");
   }
+  if (t.reduced_norm && precision == Precision::kFloat32) {
+    throw input_error("--reduced-norm runs GroupNorm in bf16 or fp16: it needs --precision bf16 or fp16" +
+                      std::string(have_ckpt ? " (this run was trained in fp32)" : ""));
+  }
+  // The switch is process-wide: set for this run, restored when it returns.
+  struct NormGuard {
+    bool before = reduced_precision_norm();
+    ~NormGuard() { set_reduced_precision_norm(before); }
+  } norm_guard;
+  set_reduced_precision_norm(t.reduced_norm);
   if (t.deterministic && device.is_cuda()) use_deterministic_cuda_kernels();
   if (t.cudnn_benchmark && device.is_cuda()) at::globalContext().setBenchmarkCuDNN(true);
 

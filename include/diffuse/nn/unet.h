@@ -105,6 +105,15 @@ bool cpu_winograd();
 bool cpu_winograd_built();
 int64_t cpu_winograd_calls();
 
+// Mixed precision (autocast to bf16 or fp16): GroupNorm on the reduced-precision activations, its output in that
+// precision (the kernels accumulate the statistics in float32; the affine parameters are cast), instead of
+// autocast's float32 GroupNorm. Saves the two casts around every normalization, half of its memory traffic and half
+// of what it keeps for the backward pass; the network's output moves by about bf16's rounding. Off by default
+// until it is measured on a GPU (bench_train_speed --reduced-norm 1; on this CPU LibTorch's bf16 GroupNorm
+// kernel is no faster than its float32 one).
+void set_reduced_precision_norm(bool on);
+bool reduced_precision_norm();
+
 // true when the build uses at::scaled_dot_product_attention (LibTorch 2.x).
 bool unet_has_sdpa();
 // Attention core on [B, heads, L, d] tensors: softmax(q k^T * scale) v. use_sdpa selects the fused
