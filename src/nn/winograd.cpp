@@ -60,18 +60,44 @@ struct ShapeHash {
   }
 };
 
+// A shape's operands in LibTorch's layouts (NCHW, OIHW, the bias), and as `any`: the primitive picks its own.
+struct Layouts {
+  memory::desc user_src, user_dst, user_wei, bias;
+  memory::desc src_any, wei_any, dst_any;
+  explicit Layouts(const Shape& s) {
+    const auto f32 = memory::data_type::f32;
+    const memory::dims src{s.n, s.ic, s.h, s.w}, wei{s.oc, s.ic, 3, 3}, dst{s.n, s.oc, s.h, s.w};
+    user_src = memory::desc(src, f32, memory::format_tag::nchw);
+    user_dst = memory::desc(dst, f32, memory::format_tag::nchw);
+    user_wei = memory::desc(wei, f32, memory::format_tag::oihw);
+    bias = memory::desc({s.oc}, f32, memory::format_tag::x);
+    src_any = memory::desc(src, f32, memory::format_tag::any);
+    wei_any = memory::desc(wei, f32, memory::format_tag::any);
+    dst_any = memory::desc(dst, f32, memory::format_tag::any);
+  }
+};
+
+const memory::dims kStride{1, 1}, kPad{1, 1};
+
+dnnl::convolution_forward::desc winograd_forward(dnnl::prop_kind kind, const Layouts& l, bool bias) {
+  const auto wino = dnnl::algorithm::convolution_winograd;
+  return bias ? dnnl::convolution_forward::desc(kind, wino, l.src_any, l.wei_any, l.bias, l.dst_any, kStride, kPad, kPad)
+              : dnnl::convolution_forward::desc(kind, wino, l.src_any, l.wei_any, l.dst_any, kStride, kPad, kPad);
+}
+
 // One shape's primitives: the convolution and the reorders between the user's NCHW and its blocked layout.
-struct Plan {
+struct Plan : Layouts {
+  using Layouts::Layouts;
   bool supported = false;
   dnnl::convolution_forward::primitive_desc pd;
   dnnl::convolution_forward conv;
-  memory::desc user_src, user_dst, user_wei, bias;
   dnnl::reorder src_in, dst_out;
 };
 
 // One shape's training primitives. Each takes its operands in its own blocked layouts; the reorders from and to
 // LibTorch's NCHW / OIHW are made per call (dnnl::reorder between two memory descriptors).
-struct TrainPlan {
+struct TrainPlan : Layouts {
+  using Layouts::Layouts;
   bool supported = false;
   dnnl::convolution_forward::primitive_desc fwd;
   dnnl::convolution_backward_data::primitive_desc bwd_data;
@@ -79,7 +105,6 @@ struct TrainPlan {
   dnnl::convolution_forward fwd_prim;
   dnnl::convolution_backward_data bwd_data_prim;
   dnnl::convolution_backward_weights bwd_weights_prim;
-  memory::desc user_src, user_dst, user_wei, bias;
 };
 
 // Weights in the primitive's own layout, reordered once per weight tensor and kept while that tensor lives
@@ -112,22 +137,10 @@ State& state() {
 std::shared_ptr<Plan> plan_for(State& st, const Shape& s) {
   auto it = st.plans.find(s);
   if (it != st.plans.end()) return it->second;
-  auto p = std::make_shared<Plan>();
-  const auto f32 = memory::data_type::f32;
-  const memory::dims src{s.n, s.ic, s.h, s.w}, wei{s.oc, s.ic, 3, 3}, dst{s.n, s.oc, s.h, s.w};
-  p->user_src = memory::desc(src, f32, memory::format_tag::nchw);
-  p->user_dst = memory::desc(dst, f32, memory::format_tag::nchw);
-  p->user_wei = memory::desc(wei, f32, memory::format_tag::oihw);
-  p->bias = memory::desc({s.oc}, f32, memory::format_tag::x);
+  auto p = std::make_shared<Plan>(s);
   try {
-    const memory::desc src_any(src, f32, memory::format_tag::any), wei_any(wei, f32, memory::format_tag::any),
-        dst_any(dst, f32, memory::format_tag::any);
-    const memory::dims stride{1, 1}, pad{1, 1};
-    auto desc = s.bias ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_winograd,
-                                                         src_any, wei_any, p->bias, dst_any, stride, pad, pad)
-                       : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_winograd,
-                                                         src_any, wei_any, dst_any, stride, pad, pad);
-    p->pd = dnnl::convolution_forward::primitive_desc(desc, st.engine);
+    p->pd = dnnl::convolution_forward::primitive_desc(winograd_forward(dnnl::prop_kind::forward_inference, *p, s.bias),
+                                                      st.engine);
     p->conv = dnnl::convolution_forward(p->pd);
     p->src_in = dnnl::reorder(dnnl::reorder::primitive_desc(st.engine, p->user_src, st.engine, p->pd.src_desc()));
     p->dst_out = dnnl::reorder(dnnl::reorder::primitive_desc(st.engine, p->pd.dst_desc(), st.engine, p->user_dst));
@@ -178,30 +191,20 @@ const memory::desc& weights_for(State& st, const Plan& p, const at::Tensor& w, a
 std::shared_ptr<TrainPlan> train_plan_for(State& st, const Shape& s) {
   auto it = st.train_plans.find(s);
   if (it != st.train_plans.end()) return it->second;
-  auto p = std::make_shared<TrainPlan>();
-  const auto f32 = memory::data_type::f32;
-  const memory::dims src{s.n, s.ic, s.h, s.w}, wei{s.oc, s.ic, 3, 3}, dst{s.n, s.oc, s.h, s.w};
-  p->user_src = memory::desc(src, f32, memory::format_tag::nchw);
-  p->user_dst = memory::desc(dst, f32, memory::format_tag::nchw);
-  p->user_wei = memory::desc(wei, f32, memory::format_tag::oihw);
-  p->bias = memory::desc({s.oc}, f32, memory::format_tag::x);
+  auto p = std::make_shared<TrainPlan>(s);
   try {
-    const memory::desc src_any(src, f32, memory::format_tag::any), wei_any(wei, f32, memory::format_tag::any),
-        dst_any(dst, f32, memory::format_tag::any);
-    const memory::dims stride{1, 1}, pad{1, 1};
     const auto wino = dnnl::algorithm::convolution_winograd;
-    auto fd = s.bias ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, wino, src_any, wei_any, p->bias,
-                                                       dst_any, stride, pad, pad)
-                     : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, wino, src_any, wei_any, dst_any,
-                                                       stride, pad, pad);
-    p->fwd = dnnl::convolution_forward::primitive_desc(fd, st.engine);
+    p->fwd = dnnl::convolution_forward::primitive_desc(winograd_forward(dnnl::prop_kind::forward_training, *p, s.bias),
+                                                       st.engine);
     p->bwd_data = dnnl::convolution_backward_data::primitive_desc(
-        dnnl::convolution_backward_data::desc(wino, src_any, wei_any, dst_any, stride, pad, pad), st.engine, p->fwd);
+        dnnl::convolution_backward_data::desc(wino, p->src_any, p->wei_any, p->dst_any, kStride, kPad, kPad), st.engine,
+        p->fwd);
     // Backward-weights: Winograd where oneDNN has it for the shape, else its direct kernel.
     for (const auto alg : {wino, dnnl::algorithm::convolution_direct}) {
       try {
-        auto wd = s.bias ? dnnl::convolution_backward_weights::desc(alg, src_any, wei_any, p->bias, dst_any, stride, pad, pad)
-                         : dnnl::convolution_backward_weights::desc(alg, src_any, wei_any, dst_any, stride, pad, pad);
+        auto wd = s.bias ? dnnl::convolution_backward_weights::desc(alg, p->src_any, p->wei_any, p->bias, p->dst_any, kStride,
+                                                                    kPad, kPad)
+                         : dnnl::convolution_backward_weights::desc(alg, p->src_any, p->wei_any, p->dst_any, kStride, kPad, kPad);
         p->bwd_weights = dnnl::convolution_backward_weights::primitive_desc(wd, st.engine, p->fwd);
         break;
       } catch (const dnnl::error&) {
