@@ -280,9 +280,12 @@ struct WinogradConv3x3 : public torch::autograd::Function<WinogradConv3x3> {
     std::shared_ptr<TrainPlan> p = train_plan_for(st, train_shape(x, w, has_bias));
     at::Tensor gx, gw, gb;
     at::Tensor keep_a, keep_b, keep_c;
+    memory user_gy = user_memory(p->user_dst, st, gy);
+    memory diff_dst_data = user_gy;  // the output gradient in backward-data's layout, once reordered
     if (ctx->needs_input_grad(0)) {
       gx = at::empty_like(x);
-      memory diff_dst = in_layout(st, user_memory(p->user_dst, st, gy), p->bwd_data.diff_dst_desc(), keep_a);
+      memory diff_dst = in_layout(st, user_gy, p->bwd_data.diff_dst_desc(), keep_a);
+      diff_dst_data = diff_dst;
       memory wei = in_layout(st, user_memory(p->user_wei, st, w), p->bwd_data.weights_desc(), keep_b);
       memory user_gx = user_memory(p->user_src, st, gx);
       memory diff_src = p->bwd_data.diff_src_desc() == p->user_src ? user_gx : own_memory(p->bwd_data.diff_src_desc(), st, keep_c);
@@ -294,7 +297,10 @@ struct WinogradConv3x3 : public torch::autograd::Function<WinogradConv3x3> {
       gw = at::empty_like(w);
       at::Tensor keep_d, keep_e, keep_f;
       memory src = in_layout(st, user_memory(p->user_src, st, x), p->bwd_weights.src_desc(), keep_d);
-      memory diff_dst = in_layout(st, user_memory(p->user_dst, st, gy), p->bwd_weights.diff_dst_desc(), keep_e);
+      // Backward-weights usually takes the output gradient in backward-data's layout: reordered once for both.
+      memory diff_dst = diff_dst_data.get_desc() == p->bwd_weights.diff_dst_desc()
+                            ? diff_dst_data
+                            : in_layout(st, user_gy, p->bwd_weights.diff_dst_desc(), keep_e);
       memory user_gw = user_memory(p->user_wei, st, gw);
       memory diff_wei = p->bwd_weights.diff_weights_desc() == p->user_wei
                             ? user_gw
