@@ -6,6 +6,7 @@
 #define DIFFUSE_CUDA_GRAPHS 1
 #include <ATen/autocast_mode.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/cuda.h>
@@ -70,6 +71,10 @@ void CudaGraphStep::capture(const std::function<void()>& body) {
     throw run_error("CUDA graph capture of the training step failed (" + first_line + "); train without --cuda-graph");
   }
   impl_->captured = true;
+  // The eager warm-up steps' blocks sit cached in the allocator's general pool; the graph replays in its own
+  // pool. Handing them back keeps the device memory a graphed run holds near one step's.
+  torch::cuda::synchronize(impl_->stream.device_index());
+  c10::cuda::CUDACachingAllocator::emptyCache();
 }
 
 bool CudaGraphStep::captured() const { return impl_->captured; }
