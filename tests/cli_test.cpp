@@ -18,6 +18,7 @@
 
 #include "diffuse/common.h"
 #include "diffuse/io/checkpoint.h"
+#include "diffuse/io/file.h"
 
 #include "cli_util.h"
 #include "test_util.h"
@@ -139,10 +140,8 @@ TEST(Cli, ReducedNormTrainsResumesAndSamples) {
   CliRun t = run_cli("train --preset tiny --precision bf16 --reduced-norm --steps 3 --ckpt-every 3 --sample-every 0 --out " +
                      dir + "/run --json");
   ASSERT_EQ(t.code, 0) << t.err;
-  auto config = [&] {  // the run's configuration, written with each checkpoint
-    std::ifstream c(dir + "/run/config.json");
-    return nlohmann::json::parse(c);
-  };
+  // The run's configuration, written with each checkpoint.
+  auto config = [&] { return nlohmann::json::parse(diffuse::read_file(dir + "/run/config.json")); };
   EXPECT_TRUE(config()["train"].value("reduced_norm", false));
   CliRun r = run_cli("train --out " + dir + "/run --resume --steps 5 --json");
   ASSERT_EQ(r.code, 0) << r.err;
@@ -152,8 +151,7 @@ TEST(Cli, ReducedNormTrainsResumesAndSamples) {
   CliRun a = run_cli(s + dir + "/a.npy"), b = run_cli(s + dir + "/b.npy --reduced-norm");
   ASSERT_EQ(a.code, 0) << a.err;
   ASSERT_EQ(b.code, 0) << b.err;
-  std::ifstream fa(dir + "/a.npy", std::ios::binary), fb(dir + "/b.npy", std::ios::binary);
-  std::string sa((std::istreambuf_iterator<char>(fa)), {}), sb((std::istreambuf_iterator<char>(fb)), {});
+  const std::string sa = diffuse::read_file(dir + "/a.npy"), sb = diffuse::read_file(dir + "/b.npy");
   EXPECT_EQ(sa.size(), sb.size());
   EXPECT_NE(sa, sb) << "--reduced-norm left the bf16 arithmetic unchanged";
   diffuse_test::remove_tree(dir);

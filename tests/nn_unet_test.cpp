@@ -467,23 +467,37 @@ TEST(UNet, DropoutActsOnlyInTraining) {
 
 }  // namespace
 
+namespace {
+
+// The fmnist preset's U-Net (channels 64/128, attention at 14x14) in eval mode with random weights drawn from
+// `seed` (untrained outputs are zero), and the torch seed left there for the test's inputs.
+UNet2DModel random_fmnist_unet(uint64_t seed) {
+  torch::manual_seed(seed);
+  std::ifstream preset(std::string(DIFFUSE_SOURCE_DIR) + "/configs/fmnist.json");
+  EXPECT_TRUE(preset.good());
+  UNet2DModel net(diffuse::unet_config_from_json(nlohmann::json::parse(preset).at("model")));
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : net->parameters()) p.copy_(at::randn_like(p) * 0.05);
+  }
+  net->eval();
+  return net;
+}
+
+// Turns the process-wide Winograd switch off again when a test ends (passed, failed or skipped).
+struct WinogradOffAtExit {
+  ~WinogradOffAtExit() { diffuse::set_cpu_winograd(false); }
+};
+
+}  // namespace
+
 // CPU inference through oneDNN's Winograd convolutions (set_cpu_winograd) computes the direct convolution's
 // function: the fmnist preset's U-Net (channels 64/128, attention at 14x14) with random weights, batch 4.
 TEST(UNet, WinogradInferenceMatchesTheDirectConvolution) {
   if (!diffuse::cpu_winograd_built()) GTEST_SKIP() << "built without oneDNN's headers (libdnnl-dev)";
-  torch::manual_seed(11);
-  std::ifstream preset(std::string(DIFFUSE_SOURCE_DIR) + "/configs/fmnist.json");
-  ASSERT_TRUE(preset.good());
-  UNet2DModel net(diffuse::unet_config_from_json(nlohmann::json::parse(preset).at("model")));
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& p : net->parameters()) p.copy_(at::randn_like(p) * 0.05);  // untrained outputs are zero
-  }
-  net->eval();
+  UNet2DModel net = random_fmnist_unet(11);
   const at::Tensor x = at::randn({4, 1, 28, 28}), t = at::tensor({3.0f, 250.0f, 600.0f, 999.0f});
-  struct Off {
-    ~Off() { diffuse::set_cpu_winograd(false); }
-  } off;
+  WinogradOffAtExit off;
   at::Tensor direct, winograd;
   {
     torch::NoGradGuard no_grad;
@@ -506,20 +520,10 @@ TEST(UNet, WinogradInferenceMatchesTheDirectConvolution) {
 // gradient against LibTorch's direct convolution.
 TEST(UNet, WinogradTrainingMatchesTheDirectConvolution) {
   if (!diffuse::cpu_winograd_built()) GTEST_SKIP() << "built without oneDNN's headers (libdnnl-dev)";
-  torch::manual_seed(12);
-  std::ifstream preset(std::string(DIFFUSE_SOURCE_DIR) + "/configs/fmnist.json");
-  ASSERT_TRUE(preset.good());
-  UNet2DModel net(diffuse::unet_config_from_json(nlohmann::json::parse(preset).at("model")));
-  {
-    torch::NoGradGuard no_grad;
-    for (auto& p : net->parameters()) p.copy_(at::randn_like(p) * 0.05);
-  }
-  net->eval();  // no dropout: both passes see the same network
+  UNet2DModel net = random_fmnist_unet(12);  // eval mode, no dropout: both passes see the same network
   const at::Tensor x = at::randn({3, 1, 28, 28}), t = at::tensor({3.0f, 400.0f, 999.0f});
   const at::Tensor r = at::randn({3, 1, 28, 28});
-  struct Off {
-    ~Off() { diffuse::set_cpu_winograd(false); }
-  } off;
+  WinogradOffAtExit off;
   auto pass = [&](bool winograd, int64_t* calls) {
     diffuse::set_cpu_winograd(winograd);
     net->zero_grad();
