@@ -160,8 +160,9 @@ Checkpoint checkpoint_load(const std::string& path, bool want_optimizer) {
   json checksums = json::object();
   try {
     if (!state.is_object()) throw input_error(state_path + ": expected a JSON object");
-    c.state.step = state.at("step").get<int64_t>();
-    c.state.adam_step = state.value("adam_step", c.state.step);
+    c.state.step = json_int64(state.at("step"), state_path + ": step");
+    c.state.adam_step = state.contains("adam_step") ? json_int64(state.at("adam_step"), state_path + ": adam_step")
+                                                    : c.state.step;
     c.state.elapsed_seconds = state.value("elapsed_seconds", 0.0);
     c.state.data_fingerprint = state.value("data_fingerprint", std::string());
     if (state.contains("checksums")) checksums = state.at("checksums").get<std::map<std::string, std::string>>();

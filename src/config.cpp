@@ -31,14 +31,13 @@ void read_key(const json& j, const char* section, const char* key, T& out) {
   if (it == j.end() || it->is_null()) return;
   try {
     if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
-      // nlohmann casts a float to an integer unchecked (undefined beyond the type's range): only exact,
-      // in-range integers are taken.
-      if (it->is_number_float()) {
-        const double d = it->template get<double>();
-        if (!(d == std::floor(d) && d >= -9.2e18 && d <= 9.2e18)) {
-          throw input_error(std::string("config: ") + section + "." + key + " must be an integer (" + it->dump() + ")");
-        }
+      if (!it->is_number()) throw input_error(std::string("config: ") + section + "." + key + " has the wrong type (" + it->dump() + ")");
+      if (std::is_unsigned_v<T> && it->is_number_unsigned()) {
+        out = it->template get<T>();  // the full unsigned range (a 64-bit seed)
+      } else {
+        out = static_cast<T>(json_int64(*it, std::string("config: ") + section + "." + key));
       }
+      return;
     }
     out = it->template get<T>();
   } catch (const json::exception&) {

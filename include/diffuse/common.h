@@ -4,6 +4,8 @@
 //   catch (const diffuse::Error& e) { std::cerr << "error: " << e.what() << "\n"; return e.exit_code(); }
 #pragma once
 
+#include <nlohmann/json_fwd.hpp>
+
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -35,5 +37,10 @@ inline Error run_error(const std::string& message) { return Error(message, kExit
 int64_t hardware_threads();
 // Sets LibTorch's intra-op threads (n <= 0: hardware_threads()). Debian's LibTorch starts with 1.
 void set_threads(int64_t n);
+
+// A JSON number read as an int64 for configs and run state: integers as they are, floats only when whole and
+// within +-9e15 (nlohmann's own conversion of a float is unchecked, undefined beyond the type's range); anything
+// else is input_error("<what> must be an integer, got <value>").
+int64_t json_int64(const nlohmann::json& v, const std::string& what);
 
 }  // namespace diffuse

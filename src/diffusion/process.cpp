@@ -196,7 +196,7 @@ ProcessConfig process_config_from_json(const nlohmann::json& j) {
     if (j.contains("kind")) cfg = default_process_config(process_kind_from_name(j.at("kind").get<std::string>()));
     for (const auto& [key, value] : j.items()) {
       if (key == "kind") continue;
-      else if (key == "num_timesteps") cfg.num_timesteps = value.get<int64_t>();
+      else if (key == "num_timesteps") cfg.num_timesteps = json_int64(value, "process config: num_timesteps");
       else if (key == "beta_schedule") cfg.beta_schedule = beta_schedule_from_name(value.get<std::string>());
       else if (key == "beta_start") cfg.beta_start = value.get<double>();
       else if (key == "beta_end") cfg.beta_end = value.get<double>();

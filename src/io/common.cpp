@@ -1,7 +1,9 @@
 #include "diffuse/common.h"
 
 #include <ATen/Parallel.h>
+#include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <thread>
 
 namespace diffuse {
@@ -14,6 +16,20 @@ int64_t hardware_threads() {
 void set_threads(int64_t n) {
   if (n <= 0) n = hardware_threads();
   at::set_num_threads(static_cast<int>(n));
+}
+
+int64_t json_int64(const nlohmann::json& v, const std::string& what) {
+  if (v.is_number_integer()) return v.get<int64_t>();
+  if (v.is_number_unsigned()) {
+    const uint64_t u = v.get<uint64_t>();
+    if (u <= static_cast<uint64_t>(INT64_MAX)) return static_cast<int64_t>(u);
+  } else if (v.is_number_float()) {
+    const double d = v.get<double>();
+    if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.0e15) return static_cast<int64_t>(d);
+  }
+  std::string shown = v.dump();
+  if (shown.size() > 60) shown = shown.substr(0, 57) + "...";
+  throw input_error(what + " must be an integer, got " + shown);
 }
 
 }  // namespace diffuse

@@ -20,14 +20,7 @@ std::string show(const json& v) {
   return s.size() > 60 ? s.substr(0, 57) + "..." : s;
 }
 
-int64_t as_int(const json& v, const std::string& key) {
-  if (v.is_number_integer() || v.is_number_unsigned()) return v.get<int64_t>();
-  if (v.is_number_float()) {
-    double d = v.get<double>();
-    if (std::isfinite(d) && d == std::floor(d) && std::fabs(d) < 9.0e15) return static_cast<int64_t>(d);
-  }
-  fail(key + " must be an integer, got " + show(v));
-}
+int64_t as_int(const json& v, const std::string& key) { return json_int64(v, "unet config: " + key); }
 
 double as_double(const json& v, const std::string& key) {
   if (!v.is_number()) fail(key + " must be a number, got " + show(v));
