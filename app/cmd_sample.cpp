@@ -24,6 +24,7 @@ struct SampleArgs {
   bool no_ema = false;
   bool cudnn_benchmark = false;
   bool reduced_norm = false;
+  bool channels_last = false;
   int64_t ncol = 0;
   int64_t class_label = -1;
   GenerateOptions g;
@@ -71,6 +72,9 @@ void register_sample(CLI::App& app, Common& common) {
                 "then differ from run to run in the last bits; no effect on the CPU)");
   sub->add_flag("--reduced-norm", a->reduced_norm,
                 "with --precision bf16|fp16: GroupNorm on the reduced-precision activations instead of in float32");
+  sub->add_flag("--channels-last", a->channels_last,
+                "the network's activations in NHWC memory (the convolutions' Tensor-Core layout on CUDA); the same "
+                "images up to the kernels' rounding");
   sub->callback([a, &common]() {
     run_guarded(common, [&]() {
       if (a->reduced_norm && parse_precision(a->precision) == Precision::kFloat32) {
@@ -87,6 +91,7 @@ void register_sample(CLI::App& app, Common& common) {
       using clock = std::chrono::steady_clock;
       const auto t_start = clock::now();
       Model m = load_model(a->ckpt, !a->no_ema, a->device, a->precision);
+      m.net->set_channels_last(a->channels_last);
       if (a->cudnn_benchmark) at::globalContext().setBenchmarkCuDNN(true);
       const auto t_loaded = clock::now();
       if (a->class_label >= 0) a->g.labels.assign(a->g.n, a->class_label);

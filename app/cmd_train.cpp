@@ -24,7 +24,7 @@ struct TrainArgs {
   int64_t sr_factor = 0;
   double lr = 0, grad_clip = 0, ema_decay = 0, max_minutes = 0, min_snr_gamma = 0, weight_decay = 0, p_uncond = 0;
   bool hflip = false, class_cond = false, deterministic = false, cuda_graph = false, cudnn_benchmark = false,
-       reduced_norm = false;
+       reduced_norm = false, channels_last = false;
   // Data-parallel training.
   int64_t nproc = 0;
   double dist_timeout = 120.0, dist_bucket_mb = 4.0;
@@ -79,6 +79,9 @@ void register_train(CLI::App& app, Common& common) {
                                     "in float32 (less memory and traffic; kept on resume)");
   o["cudnn_benchmark"] = sub->add_flag("--cudnn-benchmark", args->cudnn_benchmark,
                                        "CUDA: cuDNN times its convolution algorithms once per shape and keeps the fastest");
+  o["channels_last"] = sub->add_flag("--channels-last", args->channels_last,
+                                     "the network's activations in NHWC memory (the convolutions' Tensor-Core layout on "
+                                     "CUDA); the same function, chosen per invocation");
   o["class_cond"] = sub->add_flag("--class-cond", args->class_cond, "class-conditional training (labels from the data)");
   o["p_uncond"] = sub->add_option("--p-uncond", args->p_uncond, "label dropout for classifier-free guidance")->check(CLI::Range(0.0, 0.99));
   o["num_classes"] = sub->add_option("--num-classes", args->num_classes, "classes of the data (class-conditional; default 10)")->check(CLI::PositiveNumber);
@@ -142,6 +145,7 @@ void register_train(CLI::App& app, Common& common) {
       if (given("cuda_graph")) t.cuda_graph = a.cuda_graph;
       if (given("cudnn_benchmark")) t.cudnn_benchmark = a.cudnn_benchmark;
       if (given("reduced_norm")) t.reduced_norm = a.reduced_norm;
+      if (given("channels_last")) t.channels_last = a.channels_last;
       if (given("p_uncond")) t.p_uncond = a.p_uncond;
       if (given("eval_every")) t.eval_every = a.eval_every;
       if (given("eval_n")) t.eval_n = a.eval_n;

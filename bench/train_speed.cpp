@@ -25,8 +25,8 @@
 // Peak memory (peak_mem_mib) counts the bytes held by tensors during the timed iterations: the CUDA caching
 // allocator's statistics, or on a CPU with LibTorch 1.x a count kept by a wrapper around c10's CPU allocator.
 // With --cuda-graph it also covers the warm-up and the capture (a replay allocates nothing).
-// --channels-last 1 stores the 4-d weights and the input batch in NHWC order, which convolutions then keep
-// (an experiment for the GPU: cuDNN's tensor-core kernels are NHWC; on this CPU GroupNorm was 30x slower so).
+// --channels-last 1 (train and sample) runs the U-Net on NHWC activations (UNet2DModelImpl::set_channels_last, as
+// `diffuse train|sample --channels-last`): an experiment for the GPU, whose tensor-core convolutions are NHWC.
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
@@ -90,7 +90,7 @@ struct Options {
   std::string profile;  // when set: one more iteration traced to <profile>-train.trace / -sample.trace
   bool cudnn_benchmark = false;
   bool cpu_winograd = false;  // CPU float32: 3x3 convolutions through oneDNN's Winograd (as the program does)
-  bool channels_last = false;  // NHWC weights and input (cuDNN's tensor-core convolutions work in NHWC)
+  bool channels_last = false;  // NHWC activations (diffuse::UNet2DModelImpl::set_channels_last)
   bool cuda_graph = false;  // train: capture the step as a CUDA graph after the warm-up (the trainer's --cuda-graph)
   std::string grad_buffer = "transient";  // train: diffuse::GradStorage
   bool reduced_norm = false;  // GroupNorm on the bf16/fp16 activations (diffuse::set_reduced_precision_norm)
@@ -170,7 +170,6 @@ Options parse(int argc, char** argv) {
   if (o.mode != "train" && o.mode != "sample" && o.mode != "both") usage("--mode: train, sample or both");
   if (o.batch < 1) usage("--batch must be at least 1");
   // Training would need the flat parameter buffer laid out NHWC as well.
-  if (o.channels_last && o.mode != "sample") usage("--channels-last: --mode sample only");
   return o;
 }
 
@@ -358,17 +357,6 @@ at::Tensor training_images(const Options& o, const diffuse::RunConfig& cfg, cons
   return ds.images.to(device);
 }
 
-// --channels-last: 4-d parameters in NHWC memory order (the optimizer's flat buffer then holds them so too).
-void to_channels_last(diffuse::UNet2DModel& net) {
-  at::NoGradGuard no_grad;
-  for (auto& p : net->parameters()) {
-    if (p.dim() == 4) p.set_data(p.contiguous(at::MemoryFormat::ChannelsLast));
-  }
-}
-at::Tensor memory_format(const at::Tensor& x, bool channels_last) {
-  return channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
-}
-
 // The trainer's step (src/train/trainer.cpp), timed: the same library calls in the same order.
 void bench_train(const Options& o, const diffuse::RunConfig& cfg, const at::Device& device, int64_t steps,
                  int64_t warmup) {
@@ -378,6 +366,7 @@ void bench_train(const Options& o, const diffuse::RunConfig& cfg, const at::Devi
   net->to(device);
   net->train();
   net->set_precision(diffuse::parse_precision(o.precision));
+  net->set_channels_last(o.channels_last);
   diffuse::set_cpu_winograd(o.cpu_winograd);
   diffuse::FlatParameters flat(net->named_parameters(), o.grad_buffer == "persistent"
                                                             ? diffuse::GradStorage::kPersistent
@@ -460,9 +449,9 @@ void bench_sample(const Options& o, const diffuse::RunConfig& cfg, const at::Dev
   at::NoGradGuard no_grad;
   const int64_t s = cfg.model.sample_size;
   at::Generator g = cpu_generator(o.seed + 9);
-  if (o.channels_last) to_channels_last(net);
+  net->set_channels_last(o.channels_last);
   diffuse::set_cpu_winograd(o.cpu_winograd);
-  const at::Tensor x = memory_format(at::randn({o.batch, cfg.model.in_channels, s, s}, g).to(device), o.channels_last);
+  const at::Tensor x = at::randn({o.batch, cfg.model.in_channels, s, s}, g).to(device);
   const at::Tensor t = (at::rand({o.batch}, g) * cfg.process.num_timesteps).floor().to(device);
   const at::Tensor y = cfg.model.num_class_embeds
                            ? at::randint(0, *cfg.model.num_class_embeds, {o.batch}, g, at::kLong).to(device)

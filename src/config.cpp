@@ -85,6 +85,7 @@ json train_options_to_json(const TrainOptions& t) {
               {"reduced_norm", t.reduced_norm},
               {"cuda_graph", t.cuda_graph},
               {"cudnn_benchmark", t.cudnn_benchmark},
+              {"channels_last", t.channels_last},
               {"eval_every", t.eval_every},
               {"eval_n", t.eval_n},
               {"classifier", t.classifier},
@@ -129,6 +130,7 @@ TrainOptions train_options_from_json(const json& j, const TrainOptions& defaults
   read_key(j, s, "reduced_norm", t.reduced_norm);
   read_key(j, s, "cuda_graph", t.cuda_graph);
   read_key(j, s, "cudnn_benchmark", t.cudnn_benchmark);
+  read_key(j, s, "channels_last", t.channels_last);
   read_key(j, s, "eval_every", t.eval_every);
   read_key(j, s, "eval_n", t.eval_n);
   read_key(j, s, "classifier", t.classifier);

@@ -10,6 +10,7 @@
 #include "diffuse/common.h"
 #include "diffuse/io/file.h"
 #include "diffuse/io/safetensors.h"
+#include "diffuse/nn/precision.h"
 #include "diffuse/nn/unet.h"
 #include "nn/blocks.h"
 #include "test_util.h"
@@ -548,4 +549,102 @@ TEST(UNet, WinogradTrainingMatchesTheDirectConvolution) {
   EXPECT_GT(g_direct.abs().max().item<double>(), 1e-3);
   EXPECT_LT(rel_y, 1e-5);
   EXPECT_LT(rel_g, 1e-5);
+}
+
+// GroupNorm composed for channels-last activations computes LibTorch's GroupNorm, output and gradients, and keeps
+// the NHWC layout; in bf16 it returns bf16 within bf16's rounding of the float32 result.
+TEST(UNet, GroupNormNhwcMatchesGroupNorm) {
+  torch::manual_seed(5);
+  const int64_t groups = 8;
+  const at::Tensor x0 = (at::randn({3, 32, 7, 5}) * 2 + 0.7).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor w0 = at::randn({32}) * 0.5 + 1, b0 = at::randn({32}) * 0.1, r = at::randn({3, 32, 7, 5});
+  auto pass = [&](bool nhwc) {
+    const at::Tensor x = x0.clone().requires_grad_(true), w = w0.clone().requires_grad_(true),
+                     b = b0.clone().requires_grad_(true);
+    const at::Tensor y = nhwc ? diffuse::nn_detail::group_norm_nhwc(x, groups, w, b, 1e-5, at::kFloat)
+                              : at::group_norm(x.contiguous(), groups, w, b, 1e-5);
+    (y * r).sum().backward();
+    return std::vector<at::Tensor>{y.detach(), x.grad(), w.grad(), b.grad()};
+  };
+  const int64_t before = diffuse::nn_detail::group_norm_nhwc_calls();
+  const auto ref = pass(false), got = pass(true);
+  EXPECT_EQ(diffuse::nn_detail::group_norm_nhwc_calls() - before, 1);
+  EXPECT_TRUE(got[0].is_contiguous(at::MemoryFormat::ChannelsLast));
+  EXPECT_FALSE(got[0].is_contiguous());
+  const char* names[] = {"output", "input gradient", "weight gradient", "bias gradient"};
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double rel = ((got[i] - ref[i]).norm() / ref[i].norm()).item<double>();
+    EXPECT_LT(rel, 2e-6) << names[i];
+    EXPECT_GT(ref[i].abs().max().item<double>(), 1e-2) << names[i];
+  }
+  // bf16 in, bf16 out, within bf16's rounding; no affine parameters.
+  const at::Tensor yb = diffuse::nn_detail::group_norm_nhwc(x0.to(at::kBFloat16), groups, at::Tensor(), at::Tensor(), 1e-5, at::kBFloat16);
+  const at::Tensor yf = at::group_norm(x0.contiguous(), groups, {}, {}, 1e-5);
+  EXPECT_EQ(yb.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(yb.is_contiguous(at::MemoryFormat::ChannelsLast));
+  EXPECT_LT(((yb.to(at::kFloat) - yf).norm() / yf.norm()).item<double>(), 1e-2);
+  EXPECT_THROW(diffuse::nn_detail::group_norm_nhwc(at::randn({2, 30, 4, 4}), groups, {}, {}, 1e-5, at::kFloat), diffuse::Error);
+  EXPECT_THROW(diffuse::nn_detail::group_norm_nhwc(at::randn({2, 32, 16}), groups, {}, {}, 1e-5, at::kFloat), diffuse::Error);
+}
+
+// set_channels_last(true) runs the same network on NHWC memory: on the fmnist U-Net in training mode (dropout drawn
+// from the same seed) the output, the input's gradient and every parameter's gradient equal the NCHW pass's up to
+// summation order, every GroupNorm runs on NHWC memory (so the layout held from the first convolution to the last),
+// and the output comes back NCHW. Under bf16 autocast (with and without --reduced-norm) it stays within bf16's
+// rounding of the NCHW pass.
+TEST(UNet, ChannelsLastIsTheSameFunction) {
+  UNet2DModel net = random_fmnist_unet(13);
+  net->train();
+  const at::Tensor x = at::randn({3, 1, 28, 28}), t = at::tensor({3.0f, 400.0f, 999.0f});
+  const at::Tensor r = at::randn({3, 1, 28, 28});
+  int64_t norms = 0;
+  for (const auto& m : net->modules(/*include_self=*/false)) norms += m->as<torch::nn::GroupNorm>() != nullptr;
+  struct Reset {
+    UNet2DModel net;
+    ~Reset() {
+      net->set_channels_last(false);
+      net->set_precision(diffuse::Precision::kFloat32);
+      diffuse::set_reduced_precision_norm(false);
+    }
+  } reset{net};
+  auto pass = [&](bool channels_last, diffuse::Precision precision) {
+    net->set_channels_last(channels_last);
+    net->set_precision(precision);
+    net->zero_grad();
+    torch::manual_seed(99);  // the same dropout masks
+    const at::Tensor xi = x.clone().requires_grad_(true);
+    const int64_t before = diffuse::nn_detail::group_norm_nhwc_calls();
+    const at::Tensor y = net->forward(xi, t);
+    EXPECT_EQ(diffuse::nn_detail::group_norm_nhwc_calls() - before, channels_last ? norms : 0);
+    EXPECT_TRUE(y.is_contiguous());
+    EXPECT_EQ(y.scalar_type(), at::kFloat);
+    (y * r).sum().backward();
+    std::vector<at::Tensor> grads{xi.grad().flatten()};
+    for (auto& p : net->parameters()) grads.push_back(p.grad().flatten().clone());
+    return std::make_pair(y.detach(), at::cat(grads));
+  };
+  auto rel = [](const at::Tensor& a, const at::Tensor& b) { return ((a - b).norm() / b.norm()).item<double>(); };
+  const auto [y_nchw, g_nchw] = pass(false, diffuse::Precision::kFloat32);
+  const auto [y_nhwc, g_nhwc] = pass(true, diffuse::Precision::kFloat32);
+  std::printf("channels-last vs NCHW, float32: output rel L2 %.3g, gradients rel L2 %.3g\n", rel(y_nhwc, y_nchw),
+              rel(g_nhwc, g_nchw));
+  EXPECT_GT(norms, 20);
+  EXPECT_GT(y_nchw.abs().max().item<double>(), 1e-2);
+  EXPECT_LT(rel(y_nhwc, y_nchw), 1e-5);
+  EXPECT_LT(rel(g_nhwc, g_nchw), 1e-5);
+  for (bool reduced : {false, true}) {
+    diffuse::set_reduced_precision_norm(reduced);
+    const auto [yb_nchw, gb_nchw] = pass(false, diffuse::Precision::kBFloat16);
+    const auto [yb_nhwc, gb_nhwc] = pass(true, diffuse::Precision::kBFloat16);
+    std::printf("channels-last vs NCHW, bf16%s: output rel L2 %.3g, gradients %.3g; from float32: output %.3g "
+                "(NCHW %.3g), gradients %.3g (NCHW %.3g)\n", reduced ? " reduced-norm" : "", rel(yb_nhwc, yb_nchw),
+                rel(gb_nhwc, gb_nchw), rel(yb_nhwc, y_nchw), rel(yb_nchw, y_nchw), rel(gb_nhwc, g_nchw),
+                rel(gb_nchw, g_nchw));
+    EXPECT_LT(rel(yb_nhwc, yb_nchw), 3e-2);
+    EXPECT_LT(rel(gb_nhwc, gb_nchw), 6e-2);
+    EXPECT_LT(rel(yb_nhwc, y_nchw), 3e-2);
+    // No further from float32 than the NCHW bf16 pass (its backward sums in float32).
+    EXPECT_LT(rel(yb_nhwc, y_nchw), 1.5 * rel(yb_nchw, y_nchw));
+    EXPECT_LT(rel(gb_nhwc, g_nchw), 1.5 * rel(gb_nchw, g_nchw));
+  }
 }

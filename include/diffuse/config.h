@@ -51,6 +51,8 @@ struct TrainOptions {
                                  // deterministic). Chosen per invocation.
   bool reduced_norm = false;     // mixed precision: GroupNorm on the bf16/fp16 activations instead of in float32
                                  // (diffuse::set_reduced_precision_norm). A property of the run, kept on resume.
+  bool channels_last = false;    // the network's activations in NHWC memory (UNet2DModelImpl::set_channels_last); the
+                                 // same function. Chosen per invocation.
   bool cuda_graph = false;       // CUDA: capture the training step once as a CUDA graph and replay it (one launch
                                  // per step); the same arithmetic as the eager step. Chosen per invocation.
   int64_t eval_every = 0;        // steps between FD measurements written to metrics.jsonl (0: off)

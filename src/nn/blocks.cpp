@@ -6,6 +6,7 @@
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/version.h>
 
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -14,6 +15,7 @@
 #include <atomic>
 #include <cmath>
 #include <mutex>
+#include <sstream>
 
 #include "diffuse/common.h"
 #include "diffuse/nn/precision.h"
@@ -23,6 +25,12 @@ namespace diffuse {
 namespace nn_detail {
 
 namespace nn = torch::nn;
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream s;
+  s << sizes;
+  return s.str();
+}
 
 at::Tensor silu_temp(at::Tensor x) {
   // In place only when autograd records nothing (silu's backward needs its input).
@@ -103,16 +111,119 @@ at::Tensor attention_inference_cpu(const at::Tensor& q3, const at::Tensor& k3, c
 
 namespace {
 std::atomic<bool> g_reduced_norm{false};
+thread_local bool t_channels_last = false;
+std::atomic<int64_t> g_nhwc_norm_calls{0};
+
+c10::DispatchKeySet autocast_keys() {
+  return c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA});
+}
 }  // namespace
+
+bool channels_last_active() { return t_channels_last; }
+ChannelsLastScope::ChannelsLastScope(bool on) : before_(t_channels_last) { t_channels_last = on; }
+ChannelsLastScope::~ChannelsLastScope() { t_channels_last = before_; }
+
+int64_t group_norm_nhwc_calls() { return g_nhwc_norm_calls; }
+
+at::Tensor keep_layout(const at::Tensor& t) {
+  return t_channels_last && t.dim() == 4 ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
+}
+
+namespace {
+
+// [N, C, H, W] -> [N, H*W, G, C/G]: for NHWC memory a view, in which each group's elements span dims 1 and 3.
+at::Tensor nhwc_groups(const at::Tensor& t, int64_t groups) {
+  return t.permute({0, 2, 3, 1}).reshape({t.size(0), t.size(2) * t.size(3), groups, t.size(1) / groups});
+}
+
+// y = x * scale + shift per (image, channel), scale = rstd * weight, shift = bias - mean * scale, with the
+// statistics (Welford) and the per-channel factors in float32 and the elementwise pass in x's type. The backward
+// pass is LibTorch's GroupNorm formula in float32 from what forward kept (x, mean, rstd), cast once to x's type:
+// autograd through the composition would sum its bf16 terms, which cancel.
+struct GroupNormNhwcFn : public torch::autograd::Function<GroupNormNhwcFn> {
+  // weight, bias: float32 [C].
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& bias, int64_t groups, double eps) {
+    const int64_t n = x.size(0), c = x.size(1), cg = c / groups;
+    const at::Tensor xv = nhwc_groups(x, groups);
+    at::Tensor var, mean;
+    std::tie(var, mean) =
+        at::var_mean(xv.scalar_type() == at::kFloat ? xv : xv.to(at::kFloat), {1, 3}, /*unbiased=*/false,
+                     /*keepdim=*/false);  // [N, G]
+    const at::Tensor rstd = (var + eps).rsqrt();
+    const at::Tensor scale = rstd.unsqueeze(2) * weight.view({1, groups, cg});  // [N, G, C/G]
+    const at::Tensor shift = bias.view({1, groups, cg}) - mean.unsqueeze(2) * scale;
+    ctx->save_for_backward({x, weight, mean, rstd});
+    ctx->saved_data["groups"] = groups;
+    // The broadcast operands have no H, W strides: the output takes x's layout.
+    return at::addcmul(shift.reshape({n, c, 1, 1}).to(x.scalar_type()), x,
+                       scale.reshape({n, c, 1, 1}).to(x.scalar_type()));
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
+    const int64_t groups = ctx->saved_data["groups"].toInt();
+    const int64_t n = x.size(0), c = x.size(1), cg = c / groups;
+    const at::Tensor xv = nhwc_groups(x, groups).to(at::kFloat), gv = nhwc_groups(grads[0], groups).to(at::kFloat);
+    const double d = static_cast<double>(xv.size(1) * cg);  // elements per group
+    const at::Tensor w = weight.view({1, groups, cg});
+    const at::Tensor ds = (gv * xv).sum(1), db = gv.sum(1);  // [N, G, C/G]: sums over the pixels of g x and g
+    at::Tensor gx, gw, gb;
+    if (ctx->needs_input_grad(0)) {
+      // dx = a g + b x + e with a = rstd w, b = (mean sum(w g) - sum(w g x)) rstd^3 / d, e = -b mean - rstd sum(w g) / d.
+      const at::Tensor dsw = (ds * w).sum(2), dbw = (db * w).sum(2);  // [N, G]
+      const at::Tensor b = (dbw * mean - dsw) * rstd.pow(3) / d;
+      const at::Tensor e = -b * mean - dbw * rstd / d;
+      const at::Tensor gxv = at::addcmul(e.view({n, 1, groups, 1}) + gv * (rstd.unsqueeze(2) * w).unsqueeze(1), xv,
+                                         b.view({n, 1, groups, 1}));
+      gx = gxv.view({n, x.size(2), x.size(3), c}).permute({0, 3, 1, 2}).to(x.scalar_type());
+    }
+    if (ctx->needs_input_grad(1)) gw = ((ds - db * mean.unsqueeze(2)) * rstd.unsqueeze(2)).sum(0).reshape({c});
+    if (ctx->needs_input_grad(2)) gb = db.sum(0).reshape({c});
+    return {gx, gw, gb, at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor group_norm_nhwc(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
+                           double eps, at::ScalarType dtype) {
+  if (x.dim() != 4 || groups <= 0 || x.size(1) % groups != 0 || x.numel() == 0) {
+    throw input_error("group_norm_nhwc: expected a non-empty [N, C, H, W] with C divisible by " +
+                      std::to_string(groups) + " groups, got " + shape_str(x.sizes()));
+  }
+  const int64_t c = x.size(1);
+  for (const at::Tensor* p : {&weight, &bias}) {
+    if (p->defined() && (p->dim() != 1 || p->size(0) != c)) {
+      throw input_error("group_norm_nhwc: weight and bias must be [" + std::to_string(c) + "], got " +
+                        shape_str(p->sizes()));
+    }
+  }
+  ++g_nhwc_norm_calls;
+  const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  return GroupNormNhwcFn::apply(x.scalar_type() == dtype ? x : x.to(dtype),
+                                weight.defined() ? weight.to(at::kFloat) : at::ones({c}, f32),
+                                bias.defined() ? bias.to(at::kFloat) : at::zeros({c}, f32), groups, eps);
+}
 
 at::Tensor group_norm(nn::GroupNorm& norm, const at::Tensor& x) {
   const at::Tensor& w = norm->weight;
+  const at::Tensor& b = norm->bias;
   const bool reduced = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
-  if (g_reduced_norm && reduced && w.defined() && w.scalar_type() != x.scalar_type() && autocast_active(x.device())) {
-    // Autocast would run GroupNorm in float32 (on CUDA it is on autocast's float32 list): kept out of it here.
-    c10::impl::ExcludeDispatchKeyGuard no_autocast(
-        c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA}));
-    const at::Tensor& b = norm->bias;
+  // Autocast would run GroupNorm in float32 (on CUDA it is on autocast's float32 list): with --reduced-norm
+  // it is kept out of it.
+  const bool on_reduced = g_reduced_norm && reduced && w.defined() && w.scalar_type() != x.scalar_type() &&
+                          autocast_active(x.device());
+  if (t_channels_last && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    // The same arithmetic types as below: x's own under --reduced-norm, else the parameters'.
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
+    return group_norm_nhwc(x, norm->options.num_groups(), w, b, norm->options.eps(),
+                           on_reduced || !w.defined() ? x.scalar_type() : w.scalar_type());
+  }
+  if (on_reduced) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
     return at::group_norm(x, norm->options.num_groups(), w.to(x.scalar_type()),
                           b.defined() ? b.to(x.scalar_type()) : b, norm->options.eps(),
                           at::globalContext().userEnabledCuDNN());
@@ -145,7 +256,7 @@ at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& tem
   h = silu_temp(group_norm(norm2, h));
   if (dropout_p_ > 0.0 && is_training()) h = nn_detail::dropout(h, dropout_p_);
   h = conv3x3(conv2, h);
-  h.add_(conv_shortcut ? conv_shortcut->forward(x) : x);
+  h.add_(conv_shortcut ? keep_layout(conv_shortcut->forward(x)) : x);
   if (output_scale_factor_ != 1.0) h.div_(output_scale_factor_);
   return h;
 }
@@ -173,7 +284,7 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x) {
   // to_q/to_k/to_v as 1x1 convolutions: the same Linear over the H*W tokens, but channel-major and
   // on the convolution kernels (oneDNN/cuDNN) instead of a BLAS GEMM with layout copies.
   auto project = [&](const nn::Linear& linear) {
-    return at::conv2d(h, linear->weight.view({inner, c, 1, 1}), linear->bias);
+    return keep_layout(at::conv2d(h, linear->weight.view({inner, c, 1, 1}), linear->bias));
   };
   // [N, inner, H, W] -> [N, heads, L, d] as a view (channel-major memory, no copy).
   auto split_heads = [&](const at::Tensor& t) { return t.view({n, heads_, head_dim_, len}).transpose(2, 3); };
@@ -181,8 +292,8 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x) {
   at::Tensor o = attention(split_heads(project(to_q)), split_heads(project(to_k)), split_heads(project(to_v)),
                            scale, unet_has_sdpa());
   // Back to [N, inner, H, W] (a view when attention() returned channel-major memory), then to_out.0.
-  o = o.transpose(2, 3).reshape({n, inner, height, width});
-  o = at::conv2d(o, out_proj->weight.view({c, inner, 1, 1}), out_proj->bias);
+  o = keep_layout(o.transpose(2, 3).reshape({n, inner, height, width}));
+  o = keep_layout(at::conv2d(o, out_proj->weight.view({c, inner, 1, 1}), out_proj->bias));
   o.add_(x);  // residual; the convolution's backward does not need its output
   if (rescale_output_factor_ != 1.0) o.div_(rescale_output_factor_);
   return o;
@@ -195,8 +306,8 @@ Downsample2DImpl::Downsample2DImpl(int64_t channels, int64_t padding) : pad_righ
 }
 
 at::Tensor Downsample2DImpl::forward(const at::Tensor& x) {
-  if (pad_right_bottom_) return conv->forward(at::constant_pad_nd(x, {0, 1, 0, 1}, 0));
-  return conv->forward(x);
+  if (pad_right_bottom_) return keep_layout(conv->forward(at::constant_pad_nd(x, {0, 1, 0, 1}, 0)));
+  return keep_layout(conv->forward(x));
 }
 
 Upsample2DImpl::Upsample2DImpl(int64_t channels) {
@@ -335,9 +446,12 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   // The fused kernels' backward accumulates with atomics: deterministic training takes the explicit path.
   if (use_sdpa && !(at::GradMode::is_enabled() && at::globalContext().deterministicAlgorithms())) {
 #if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 1
-    // The fused kernels want the last dimension contiguous.
-    return at::scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), {}, 0.0, false,
-                                            scale);
+    // The fused kernels want the last dimension contiguous. Channels-last activations give that as views
+    // ([N, H*W, heads, d] memory); channel-major ones are copied.
+    auto dense_last = [](const at::Tensor& t) {
+      return nn_detail::channels_last_active() && t.stride(-1) == 1 ? t : t.contiguous();
+    };
+    return at::scaled_dot_product_attention(dense_last(q), dense_last(k), dense_last(v), {}, 0.0, false, scale);
 #else
     // 2.0 has no scale argument: it uses 1/sqrt(d), so fold the requested scale into q.
     return at::scaled_dot_product_attention(

@@ -22,8 +22,12 @@ namespace nn_detail {
 
 // A 3x3 convolution with stride 1 and padding 1 (the module's): on a CPU in float32 through oneDNN's Winograd
 // kernels (inference, or training through an autograd function) when set_cpu_winograd(true) and this build and
-// CPU have them, else the module's own forward (src/nn/winograd.cpp).
+// CPU have them, else the module's own forward (src/nn/winograd.cpp). In a channels-last forward: the module's
+// forward, its output in NHWC memory.
 at::Tensor conv3x3(torch::nn::Conv2d conv, const at::Tensor& x);
+
+// "[2, 3, 4]": a shape for error messages.
+std::string shape_str(at::IntArrayRef sizes);
 
 // SiLU; in place when no graph is recorded (the input is a temporary of the caller).
 at::Tensor silu_temp(at::Tensor x);
@@ -32,7 +36,34 @@ at::Tensor silu_temp(at::Tensor x);
 // autocast does on CUDA; LibTorch's CPU kernel takes one dtype), or with set_reduced_precision_norm(true) on the
 // activations' own type with the affine parameters cast down (the kernels accumulate the statistics in float32).
 // Plain norm->forward otherwise.
+// With channels-last activations (a U-Net forward with set_channels_last(true), ChannelsLastScope), an input in
+// NHWC memory is normalized by group_norm_nhwc and stays in NHWC memory.
 at::Tensor group_norm(torch::nn::GroupNorm& norm, const at::Tensor& x);
+
+// GroupNorm of x [N, C, H, W] in channels-last memory, its output in the same layout and in `dtype` (x is cast to it
+// first). LibTorch's CUDA GroupNorm (up to 2.11 at least) makes its input contiguous and returns NCHW, which would
+// undo channels-last before every convolution. Here: statistics in float32 by ATen reductions, one multiply-add
+// pass in x's layout, and an autograd function whose backward is GroupNorm's formula in float32. weight and bias
+// ([C], any floating type) may be undefined.
+at::Tensor group_norm_nhwc(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
+                           double eps, at::ScalarType dtype);
+int64_t group_norm_nhwc_calls();  // how many times group_norm_nhwc ran in this process (for tests)
+
+// Whether the current thread runs a U-Net forward with channels-last activations, set for its duration by
+// ChannelsLastScope (UNet2DModelImpl::forward with set_channels_last(true)).
+bool channels_last_active();
+class ChannelsLastScope {
+ public:
+  explicit ChannelsLastScope(bool on);
+  ~ChannelsLastScope();
+  ChannelsLastScope(const ChannelsLastScope&) = delete;
+  ChannelsLastScope& operator=(const ChannelsLastScope&) = delete;
+
+ private:
+  bool before_;
+};
+// In a channels-last forward, t in NHWC memory (a no-op when it already is); t unchanged otherwise.
+at::Tensor keep_layout(const at::Tensor& t);
 
 // Inverted dropout (zero with probability p, scale the rest by 1/(1-p)) whose mask on the CPU comes
 // from a counter-based hash of (one 64-bit draw of the default generator, element index) computed in

@@ -1,12 +1,12 @@
 // State dicts and diffusers UNet2DModel folders (config.json + diffusion_pytorch_model.safetensors).
 #include <cctype>
-#include <sstream>
 #include <unordered_map>
 
 #include "diffuse/common.h"
 #include "diffuse/io/file.h"
 #include "diffuse/io/safetensors.h"
 #include "diffuse/nn/unet.h"
+#include "nn/blocks.h"
 
 namespace diffuse {
 
@@ -14,12 +14,6 @@ namespace {
 
 constexpr const char* kConfigName = "config.json";
 constexpr const char* kWeightsName = "diffusion_pytorch_model.safetensors";
-
-std::string shape_str(at::IntArrayRef sizes) {
-  std::ostringstream s;
-  s << sizes;
-  return s.str();
-}
 
 // Legacy attention names (diffusers' old AttentionBlock, e.g. the google/ddpm-* checkpoints):
 // "...attentions.N.query.weight" -> "...attentions.N.to_q.weight", key -> to_k, value -> to_v,
@@ -80,8 +74,8 @@ void unet_load_state_dict(UNet2DModelImpl& net, const TensorDict& tensors, const
       throw input_error(context + ": tensor '" + name + "' must be floating point (F32, F64, F16 or BF16)");
     }
     if (tensor.sizes() != params[i].value().sizes()) {
-      throw input_error(context + ": tensor '" + name + "' has shape " + shape_str(tensor.sizes()) +
-                        ", the model expects " + shape_str(params[i].value().sizes()));
+      throw input_error(context + ": tensor '" + name + "' has shape " + nn_detail::shape_str(tensor.sizes()) +
+                        ", the model expects " + nn_detail::shape_str(params[i].value().sizes()));
     }
     source[i] = &tensor;
     source_name[i] = &name;

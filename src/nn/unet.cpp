@@ -5,7 +5,6 @@
 
 #include <torch/nn/modules/embedding.h>
 
-#include <sstream>
 
 #include "diffuse/common.h"
 #include "nn/blocks.h"
@@ -127,11 +126,7 @@ int64_t UNet2DModelImpl::num_parameters() const {
 
 namespace {
 
-std::string shape_str(const at::Tensor& t) {
-  std::ostringstream s;
-  s << t.sizes();
-  return s.str();
-}
+std::string shape_str(const at::Tensor& t) { return nn_detail::shape_str(t.sizes()); }
 
 // Timesteps [N] or a scalar/[1] (broadcast), any real dtype, on the model's device.
 at::Tensor batch_timesteps(const at::Tensor& t, int64_t n, const at::Device& device) {
@@ -187,11 +182,15 @@ at::Tensor UNet2DModelImpl::forward(const at::Tensor& x_in, const at::Tensor& ti
                       " (the U-Net halves them " + std::to_string(cfg_.block_out_channels.size() - 1) +
                       " times), got " + std::to_string(height) + "x" + std::to_string(width));
   }
+  nn_detail::ChannelsLastScope layout(channels_last_);
+  at::Tensor out;
   if (precision_ != Precision::kFloat32) {
     AutocastGuard autocast(w.device(), precision_);
-    return forward_impl(x_in, timesteps, class_labels).to(w.scalar_type());
+    out = forward_impl(x_in, timesteps, class_labels).to(w.scalar_type());
+  } else {
+    out = forward_impl(x_in, timesteps, class_labels);
   }
-  return forward_impl(x_in, timesteps, class_labels);
+  return channels_last_ ? out.contiguous() : out;
 }
 
 at::Tensor UNet2DModelImpl::forward_impl(const at::Tensor& x_in, const at::Tensor& timesteps,
@@ -200,6 +199,7 @@ at::Tensor UNet2DModelImpl::forward_impl(const at::Tensor& x_in, const at::Tenso
   const at::Tensor& w = m.conv_in->weight;
   const int64_t n = x_in.size(0);
   at::Tensor x = x_in.to(w.device(), w.scalar_type());
+  if (channels_last_) x = x.contiguous(at::MemoryFormat::ChannelsLast);
   if (cfg_.center_input_sample) x = 2 * x - 1.0;
 
   // Time embedding: float32 sinusoid (as diffusers), cast to the model dtype, linear_1, SiLU, linear_2.

@@ -396,6 +396,8 @@ at::Tensor conv3x3_winograd_training(const at::Tensor&, const at::Tensor&, const
 namespace nn_detail {
 
 at::Tensor conv3x3(torch::nn::Conv2d conv, const at::Tensor& x) {
+  // Channels-last activations take LibTorch's convolution (oneDNN/cuDNN in NHWC); the Winograd path is NCHW.
+  if (channels_last_active()) return keep_layout(conv->forward(x));
   if (winograd_applies(x, conv->weight)) {
     at::Tensor y = conv3x3_winograd(x, conv->weight, conv->bias);
     if (y.defined()) return y;

@@ -143,6 +143,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
     t.deterministic = t.deterministic || keep.deterministic;  // asked for now, or by the run itself
     t.cuda_graph = keep.cuda_graph;  // how this invocation runs, not a property of the run
     t.cudnn_benchmark = keep.cudnn_benchmark;
+    t.channels_last = keep.channels_last;
   } else if (lead && resume && path_exists(path_join(run_dir, "config.json"))) {
     throw input_error(run_dir + ": has no complete checkpoint to resume from");
   }
@@ -203,6 +204,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   UNet2DModel net(cfg.model);
   net->to(device);
   net->set_precision(precision);
+  net->set_channels_last(t.channels_last);
   // One process: the gradient exists only from backward to the optimizer step (a lower peak). Data-parallel:
   // the all-reduce buckets are views into a persistent buffer.
   FlatParameters flat(net->named_parameters(), comm ? GradStorage::kPersistent : GradStorage::kTransient);
@@ -243,6 +245,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   ema_net->to(device);
   ema_net->eval();
   ema_net->set_precision(precision);
+  ema_net->set_channels_last(t.channels_last);
   {
     at::NoGradGuard no_grad;
     auto dst = ema_net->named_parameters();

@@ -74,12 +74,20 @@ class UNet2DModelImpl : public torch::nn::Module {
   // autocast; the output is returned in the parameters' dtype. Default float32.
   void set_precision(Precision p) { precision_ = p; }
   Precision precision() const { return precision_; }
+  // Channels-last activations: forward runs the network on NHWC memory (the convolutions as NHWC kernels,
+  // GroupNorm by a layout-keeping composition, attention's heads as views), with the parameters, the input and the
+  // returned tensor as before (NCHW). The same function up to the kernels' summation order. Default off: the
+  // Tensor-Core convolutions of cuDNN work in NHWC, which NCHW activations reach through transposes; on the CPU it
+  // leaves the Winograd path (set_cpu_winograd) for oneDNN's direct NHWC kernels.
+  void set_channels_last(bool on) { channels_last_ = on; }
+  bool channels_last() const { return channels_last_; }
 
  private:
   at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& timesteps, const at::Tensor& class_labels);
   struct Impl;
   UNetConfig cfg_;
   Precision precision_ = Precision::kFloat32;
+  bool channels_last_ = false;
   std::shared_ptr<Impl> impl_;
 };
 TORCH_MODULE(UNet2DModel);
