@@ -558,24 +558,32 @@ TEST(UNet, GroupNormNhwcMatchesGroupNorm) {
   const int64_t groups = 8;
   const at::Tensor x0 = (at::randn({3, 32, 7, 5}) * 2 + 0.7).contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor w0 = at::randn({32}) * 0.5 + 1, b0 = at::randn({32}) * 0.1, r = at::randn({3, 32, 7, 5});
-  auto pass = [&](bool nhwc) {
+  auto pass = [&](bool nhwc, bool silu) {
     const at::Tensor x = x0.clone().requires_grad_(true), w = w0.clone().requires_grad_(true),
                      b = b0.clone().requires_grad_(true);
-    const at::Tensor y = nhwc ? diffuse::nn_detail::group_norm_nhwc(x, groups, w, b, 1e-5, at::kFloat)
-                              : at::group_norm(x.contiguous(), groups, w, b, 1e-5);
+    at::Tensor y;
+    if (nhwc) {
+      y = diffuse::nn_detail::group_norm_nhwc(x, groups, w, b, 1e-5, at::kFloat, silu);
+    } else {
+      y = at::group_norm(x.contiguous(), groups, w, b, 1e-5);
+      if (silu) y = at::silu(y);
+    }
     (y * r).sum().backward();
     return std::vector<at::Tensor>{y.detach(), x.grad(), w.grad(), b.grad()};
   };
-  const int64_t before = diffuse::nn_detail::group_norm_nhwc_calls();
-  const auto ref = pass(false), got = pass(true);
-  EXPECT_EQ(diffuse::nn_detail::group_norm_nhwc_calls() - before, 1);
-  EXPECT_TRUE(got[0].is_contiguous(at::MemoryFormat::ChannelsLast));
-  EXPECT_FALSE(got[0].is_contiguous());
-  const char* names[] = {"output", "input gradient", "weight gradient", "bias gradient"};
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const double rel = ((got[i] - ref[i]).norm() / ref[i].norm()).item<double>();
-    EXPECT_LT(rel, 2e-6) << names[i];
-    EXPECT_GT(ref[i].abs().max().item<double>(), 1e-2) << names[i];
+  for (bool silu : {false, true}) {
+    SCOPED_TRACE(silu ? "with SiLU" : "GroupNorm alone");
+    const int64_t before = diffuse::nn_detail::group_norm_nhwc_calls();
+    const auto ref = pass(false, silu), got = pass(true, silu);
+    EXPECT_EQ(diffuse::nn_detail::group_norm_nhwc_calls() - before, 1);
+    EXPECT_TRUE(got[0].is_contiguous(at::MemoryFormat::ChannelsLast));
+    EXPECT_FALSE(got[0].is_contiguous());
+    const char* names[] = {"output", "input gradient", "weight gradient", "bias gradient"};
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const double rel = ((got[i] - ref[i]).norm() / ref[i].norm()).item<double>();
+      EXPECT_LT(rel, 2e-6) << names[i];
+      EXPECT_GT(ref[i].abs().max().item<double>(), 1e-2) << names[i];
+    }
   }
   // bf16 in, bf16 out, within bf16's rounding; no affine parameters.
   const at::Tensor yb = diffuse::nn_detail::group_norm_nhwc(x0.to(at::kBFloat16), groups, at::Tensor(), at::Tensor(), 1e-5, at::kBFloat16);

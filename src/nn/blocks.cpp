@@ -137,14 +137,16 @@ at::Tensor nhwc_groups(const at::Tensor& t, int64_t groups) {
 }
 
 // y = x * scale + shift per (image, channel), scale = rstd * weight, shift = bias - mean * scale, with the
-// statistics (Welford) and the per-channel factors in float32 and the elementwise pass in x's type. The backward
-// pass is LibTorch's GroupNorm formula in float32 from what forward kept (x, mean, rstd), cast once to x's type:
-// autograd through the composition would sum its bf16 terms, which cancel.
+// statistics (Welford) and the per-channel factors in float32 and the elementwise pass in x's type; then, with
+// `silu`, y = silu(y) in place. The backward pass is LibTorch's GroupNorm formula in float32 from what forward kept
+// (x, mean, rstd), cast once to x's type: autograd through the composition would sum its bf16 terms, which cancel.
+// With silu it first recomputes the pre-activation from x instead of keeping it (one activation less held per
+// normalization until the backward pass).
 struct GroupNormNhwcFn : public torch::autograd::Function<GroupNormNhwcFn> {
   // weight, bias: float32 [C].
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& bias, int64_t groups, double eps) {
-    const int64_t n = x.size(0), c = x.size(1), cg = c / groups;
+                            const at::Tensor& bias, int64_t groups, double eps, bool silu) {
+    const int64_t cg = x.size(1) / groups;
     const at::Tensor xv = nhwc_groups(x, groups);
     at::Tensor var, mean;
     std::tie(var, mean) =
@@ -152,10 +154,18 @@ struct GroupNormNhwcFn : public torch::autograd::Function<GroupNormNhwcFn> {
                      /*keepdim=*/false);  // [N, G]
     const at::Tensor rstd = (var + eps).rsqrt();
     const at::Tensor scale = rstd.unsqueeze(2) * weight.view({1, groups, cg});  // [N, G, C/G]
-    const at::Tensor shift = bias.view({1, groups, cg}) - mean.unsqueeze(2) * scale;
-    ctx->save_for_backward({x, weight, mean, rstd});
+    const at::Tensor shift = bias.view({1, groups, cg}) - mean.unsqueeze(2) * scale;  // as backward recomputes it
+    ctx->save_for_backward({x, weight, bias, mean, rstd});
     ctx->saved_data["groups"] = groups;
-    // The broadcast operands have no H, W strides: the output takes x's layout.
+    ctx->saved_data["silu"] = silu;
+    at::Tensor y = apply_affine(x, scale, shift);
+    return silu ? at::silu_(y) : y;
+  }
+
+  // x * scale + shift with [N, G, C/G] float32 factors cast to x's type. The broadcast operands have no H, W
+  // strides: the output takes x's layout.
+  static at::Tensor apply_affine(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+    const int64_t n = x.size(0), c = x.size(1);
     return at::addcmul(shift.reshape({n, c, 1, 1}).to(x.scalar_type()), x,
                        scale.reshape({n, c, 1, 1}).to(x.scalar_type()));
   }
@@ -163,12 +173,18 @@ struct GroupNormNhwcFn : public torch::autograd::Function<GroupNormNhwcFn> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
+    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3], &rstd = saved[4];
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const int64_t n = x.size(0), c = x.size(1), cg = c / groups;
-    const at::Tensor xv = nhwc_groups(x, groups).to(at::kFloat), gv = nhwc_groups(grads[0], groups).to(at::kFloat);
-    const double d = static_cast<double>(xv.size(1) * cg);  // elements per group
     const at::Tensor w = weight.view({1, groups, cg});
+    at::Tensor g = grads[0];
+    if (ctx->saved_data["silu"].toBool()) {
+      // The gradient through SiLU at the pre-activation, recomputed as forward made it.
+      const at::Tensor scale = rstd.unsqueeze(2) * w;
+      g = at::silu_backward(g, apply_affine(x, scale, bias.view({1, groups, cg}) - mean.unsqueeze(2) * scale));
+    }
+    const at::Tensor xv = nhwc_groups(x, groups).to(at::kFloat), gv = nhwc_groups(g, groups).to(at::kFloat);
+    const double d = static_cast<double>(xv.size(1) * cg);  // elements per group
     const at::Tensor ds = (gv * xv).sum(1), db = gv.sum(1);  // [N, G, C/G]: sums over the pixels of g x and g
     at::Tensor gx, gw, gb;
     if (ctx->needs_input_grad(0)) {
@@ -182,14 +198,14 @@ struct GroupNormNhwcFn : public torch::autograd::Function<GroupNormNhwcFn> {
     }
     if (ctx->needs_input_grad(1)) gw = ((ds - db * mean.unsqueeze(2)) * rstd.unsqueeze(2)).sum(0).reshape({c});
     if (ctx->needs_input_grad(2)) gb = db.sum(0).reshape({c});
-    return {gx, gw, gb, at::Tensor(), at::Tensor()};
+    return {gx, gw, gb, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 }  // namespace
 
 at::Tensor group_norm_nhwc(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
-                           double eps, at::ScalarType dtype) {
+                           double eps, at::ScalarType dtype, bool silu) {
   if (x.dim() != 4 || groups <= 0 || x.size(1) % groups != 0 || x.numel() == 0) {
     throw input_error("group_norm_nhwc: expected a non-empty [N, C, H, W] with C divisible by " +
                       std::to_string(groups) + " groups, got " + shape_str(x.sizes()));
@@ -205,10 +221,11 @@ at::Tensor group_norm_nhwc(const at::Tensor& x, int64_t groups, const at::Tensor
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
   return GroupNormNhwcFn::apply(x.scalar_type() == dtype ? x : x.to(dtype),
                                 weight.defined() ? weight.to(at::kFloat) : at::ones({c}, f32),
-                                bias.defined() ? bias.to(at::kFloat) : at::zeros({c}, f32), groups, eps);
+                                bias.defined() ? bias.to(at::kFloat) : at::zeros({c}, f32), groups, eps, silu);
 }
 
-at::Tensor group_norm(nn::GroupNorm& norm, const at::Tensor& x) {
+namespace {
+at::Tensor norm_impl(nn::GroupNorm& norm, const at::Tensor& x, bool silu) {
   const at::Tensor& w = norm->weight;
   const at::Tensor& b = norm->bias;
   const bool reduced = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
@@ -220,17 +237,22 @@ at::Tensor group_norm(nn::GroupNorm& norm, const at::Tensor& x) {
     // The same arithmetic types as below: x's own under --reduced-norm, else the parameters'.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
     return group_norm_nhwc(x, norm->options.num_groups(), w, b, norm->options.eps(),
-                           on_reduced || !w.defined() ? x.scalar_type() : w.scalar_type());
+                           on_reduced || !w.defined() ? x.scalar_type() : w.scalar_type(), silu);
   }
+  at::Tensor y;
   if (on_reduced) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
-    return at::group_norm(x, norm->options.num_groups(), w.to(x.scalar_type()),
-                          b.defined() ? b.to(x.scalar_type()) : b, norm->options.eps(),
-                          at::globalContext().userEnabledCuDNN());
+    y = at::group_norm(x, norm->options.num_groups(), w.to(x.scalar_type()), b.defined() ? b.to(x.scalar_type()) : b,
+                       norm->options.eps(), at::globalContext().userEnabledCuDNN());
+  } else {
+    y = !w.defined() || x.scalar_type() == w.scalar_type() ? norm->forward(x) : norm->forward(x.to(w.scalar_type()));
   }
-  if (!w.defined() || x.scalar_type() == w.scalar_type()) return norm->forward(x);
-  return norm->forward(x.to(w.scalar_type()));
+  return silu ? silu_temp(y) : y;
 }
+}  // namespace
+
+at::Tensor group_norm(nn::GroupNorm& norm, const at::Tensor& x) { return norm_impl(norm, x, false); }
+at::Tensor group_norm_silu(nn::GroupNorm& norm, const at::Tensor& x) { return norm_impl(norm, x, true); }
 
 // ---------------------------------------------------------------------------------------------
 ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t temb_channels,
@@ -248,12 +270,12 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, 
 }
 
 at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb_act) {
-  at::Tensor h = silu_temp(group_norm(norm1, x));
+  at::Tensor h = group_norm_silu(norm1, x);
   h = conv3x3(conv1, h);
   // time_embedding_norm "default": additive, broadcast over H, W. conv1's backward does not need
   // its output, so adding in place is safe under autograd.
   h.add_(time_emb_proj->forward(temb_act).unsqueeze(-1).unsqueeze(-1));
-  h = silu_temp(group_norm(norm2, h));
+  h = group_norm_silu(norm2, h);
   if (dropout_p_ > 0.0 && is_training()) h = nn_detail::dropout(h, dropout_p_);
   h = conv3x3(conv2, h);
   h.add_(conv_shortcut ? keep_layout(conv_shortcut->forward(x)) : x);

@@ -39,14 +39,18 @@ at::Tensor silu_temp(at::Tensor x);
 // With channels-last activations (a U-Net forward with set_channels_last(true), ChannelsLastScope), an input in
 // NHWC memory is normalized by group_norm_nhwc and stays in NHWC memory.
 at::Tensor group_norm(torch::nn::GroupNorm& norm, const at::Tensor& x);
+// SiLU(group_norm(norm, x)); in a channels-last forward one autograd function that keeps x instead of the
+// pre-activation for the backward pass.
+at::Tensor group_norm_silu(torch::nn::GroupNorm& norm, const at::Tensor& x);
 
 // GroupNorm of x [N, C, H, W] in channels-last memory, its output in the same layout and in `dtype` (x is cast to it
 // first). LibTorch's CUDA GroupNorm (up to 2.11 at least) makes its input contiguous and returns NCHW, which would
 // undo channels-last before every convolution. Here: statistics in float32 by ATen reductions, one multiply-add
 // pass in x's layout, and an autograd function whose backward is GroupNorm's formula in float32. weight and bias
-// ([C], any floating type) may be undefined.
+// ([C], any floating type) may be undefined. With silu: SiLU of that, the pre-activation recomputed in the backward
+// pass rather than kept.
 at::Tensor group_norm_nhwc(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
-                           double eps, at::ScalarType dtype);
+                           double eps, at::ScalarType dtype, bool silu = false);
 int64_t group_norm_nhwc_calls();  // how many times group_norm_nhwc ran in this process (for tests)
 
 // Whether the current thread runs a U-Net forward with channels-last activations, set for its duration by

@@ -224,7 +224,7 @@ at::Tensor UNet2DModelImpl::forward_impl(const at::Tensor& x_in, const at::Tenso
   for (nn_detail::DownBlock& block : m.down_blocks) h = block->forward(h, temb_act, skips);
   h = m.mid_block->forward(h, temb_act);
   for (nn_detail::UpBlock& block : m.up_blocks) h = block->forward(h, temb_act, skips);
-  h = nn_detail::silu_temp(nn_detail::group_norm(m.conv_norm_out, h));
+  h = nn_detail::group_norm_silu(m.conv_norm_out, h);
   return nn_detail::conv3x3(m.conv_out, h);
 }
 
