@@ -136,9 +136,8 @@ at::Tensor nhwc_groups(const at::Tensor& t, int64_t groups) {
   return t.permute({0, 2, 3, 1}).reshape({t.size(0), t.size(2) * t.size(3), groups, t.size(1) / groups});
 }
 
-// y = x * scale + shift per (image, channel), scale = rstd * weight, shift = bias - mean * scale, with the
-// statistics (Welford) and the per-channel factors in float32 and the elementwise pass in x's type; then, with
-// `silu`, y = silu(y) in place. The backward pass is LibTorch's GroupNorm formula in float32 from what forward kept
+// y = (x - mean) * rstd * weight + bias per (image, channel), with the statistics and the per-channel factors in
+// float32 and the elementwise passes in x's type (apply_affine); then, with `silu`, y = silu(y) in place. The backward pass is LibTorch's GroupNorm formula in float32 from what forward kept
 // (x, mean, rstd), cast once to x's type: autograd through the composition would sum its bf16 terms, which cancel.
 // With silu it first recomputes the pre-activation from x instead of keeping it (one activation less held per
 // normalization until the backward pass).
@@ -146,28 +145,45 @@ struct GroupNormNhwcFn : public torch::autograd::Function<GroupNormNhwcFn> {
   // weight, bias: float32 [C].
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& bias, int64_t groups, double eps, bool silu) {
-    const int64_t cg = x.size(1) / groups;
     const at::Tensor xv = nhwc_groups(x, groups);
-    at::Tensor var, mean;
-    std::tie(var, mean) =
-        at::var_mean(xv.scalar_type() == at::kFloat ? xv : xv.to(at::kFloat), {1, 3}, /*unbiased=*/false,
-                     /*keepdim=*/false);  // [N, G]
+    const std::vector<int64_t> dims{1, 3};
+    at::Tensor var, mean;  // [N, G]
+    if (xv.scalar_type() == at::kFloat) {
+      std::tie(var, mean) = at::var_mean(xv, dims, /*unbiased=*/false, /*keepdim=*/false);  // Welford
+    } else {
+      // Reduced-precision input: two float32-accumulating reads instead of a float32 copy. E[x^2] - E[x]^2 loses
+      // digits when |mean| >> std, but such an input's own rounding has lost them already.
+      mean = at::mean(xv, dims, /*keepdim=*/false, at::kFloat);
+      const double d = static_cast<double>(xv.size(1) * xv.size(3));
+      var = (at::linalg_vector_norm(xv, 2, dims, /*keepdim=*/false, at::kFloat).square() / d - mean.square())
+                .clamp_min(0);
+    }
     const at::Tensor rstd = (var + eps).rsqrt();
-    const at::Tensor scale = rstd.unsqueeze(2) * weight.view({1, groups, cg});  // [N, G, C/G]
-    const at::Tensor shift = bias.view({1, groups, cg}) - mean.unsqueeze(2) * scale;  // as backward recomputes it
     ctx->save_for_backward({x, weight, bias, mean, rstd});
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["silu"] = silu;
-    at::Tensor y = apply_affine(x, scale, shift);
+    at::Tensor y = apply_affine(x, mean, rstd, weight, bias, groups);
     return silu ? at::silu_(y) : y;
   }
 
-  // x * scale + shift with [N, G, C/G] float32 factors cast to x's type. The broadcast operands have no H, W
-  // strides: the output takes x's layout.
-  static at::Tensor apply_affine(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
-    const int64_t n = x.size(0), c = x.size(1);
-    return at::addcmul(shift.reshape({n, c, 1, 1}).to(x.scalar_type()), x,
-                       scale.reshape({n, c, 1, 1}).to(x.scalar_type()));
+  // The normalization's elementwise part from [N, G] float32 statistics. float32 x: one pass, x * scale + shift with
+  // scale = rstd w and shift = b - mean scale. Reduced x: scale and shift rounded to x's type would cancel to an
+  // error of |mean| scale 2^-9 (bf16) where |mean| >> std, so x is first centred on the mean rounded to x's type
+  // (exact where they are close) and the rounding's remainder goes into a shift of the output's size:
+  // (x - m) * scale + (b + (m - mean) scale), two passes in x's type. The broadcast operands have no H, W strides:
+  // the output takes x's layout.
+  static at::Tensor apply_affine(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                                 const at::Tensor& weight, const at::Tensor& bias, int64_t groups) {
+    const int64_t n = x.size(0), c = x.size(1), cg = c / groups;
+    const at::ScalarType dtype = x.scalar_type();
+    const at::Tensor scale = rstd.unsqueeze(2) * weight.view({1, groups, cg});  // [N, G, C/G]
+    auto per_channel = [&](const at::Tensor& t) { return t.expand({n, groups, cg}).reshape({n, c, 1, 1}); };
+    if (dtype == at::kFloat) {
+      return at::addcmul(per_channel(bias.view({1, groups, cg}) - mean.unsqueeze(2) * scale), x, per_channel(scale));
+    }
+    const at::Tensor m = mean.to(dtype);
+    const at::Tensor shift = bias.view({1, groups, cg}) + (m.to(at::kFloat) - mean).unsqueeze(2) * scale;
+    return at::addcmul(per_channel(shift).to(dtype), x - per_channel(m.unsqueeze(2)), per_channel(scale).to(dtype));
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -180,8 +196,7 @@ struct GroupNormNhwcFn : public torch::autograd::Function<GroupNormNhwcFn> {
     at::Tensor g = grads[0];
     if (ctx->saved_data["silu"].toBool()) {
       // The gradient through SiLU at the pre-activation, recomputed as forward made it.
-      const at::Tensor scale = rstd.unsqueeze(2) * w;
-      g = at::silu_backward(g, apply_affine(x, scale, bias.view({1, groups, cg}) - mean.unsqueeze(2) * scale));
+      g = at::silu_backward(g, apply_affine(x, mean, rstd, weight, bias, groups));
     }
     const at::Tensor xv = nhwc_groups(x, groups).to(at::kFloat), gv = nhwc_groups(g, groups).to(at::kFloat);
     const double d = static_cast<double>(xv.size(1) * cg);  // elements per group
