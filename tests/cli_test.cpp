@@ -134,20 +134,31 @@ TEST(Cli, TrainSampleConvertRoundTrip) {
   diffuse_test::remove_tree(dir);
 }
 
+// Trains the tiny preset for 3 steps with `flags` into DIR/run, then resumes it without them to step 5; returns the
+// run configuration's train.KEY as written by each (false where a run failed, which is reported).
+std::pair<bool, bool> train_then_resume(const std::string& dir, const std::string& flags, const std::string& key) {
+  auto value = [&] {
+    return nlohmann::json::parse(diffuse::read_file(dir + "/run/config.json"))["train"].value(key, false);
+  };
+  CliRun t = run_cli("train --preset tiny " + flags + " --steps 3 --ckpt-every 3 --sample-every 0 --out " + dir +
+                     "/run --json");
+  EXPECT_EQ(t.code, 0) << t.err;
+  if (t.code != 0) return {false, false};
+  const bool first = value();
+  CliRun r = run_cli("train --out " + dir + "/run --resume --steps 5 --json");
+  EXPECT_EQ(r.code, 0) << r.err;
+  if (r.code != 0) return {first, false};
+  EXPECT_EQ(nlohmann::json::parse(r.out).value("step", 0), 5);
+  return {first, value()};
+}
+
 // --reduced-norm is a property of the run: stored in its checkpoint and kept when it resumes; sampling takes it
 // per invocation, and it changes the bf16 arithmetic.
 TEST(Cli, ReducedNormTrainsResumesAndSamples) {
   std::string dir = tmp("reducednorm");
-  CliRun t = run_cli("train --preset tiny --precision bf16 --reduced-norm --steps 3 --ckpt-every 3 --sample-every 0 --out " +
-                     dir + "/run --json");
-  ASSERT_EQ(t.code, 0) << t.err;
-  // The run's configuration, written with each checkpoint.
-  auto config = [&] { return nlohmann::json::parse(diffuse::read_file(dir + "/run/config.json")); };
-  EXPECT_TRUE(config()["train"].value("reduced_norm", false));
-  CliRun r = run_cli("train --out " + dir + "/run --resume --steps 5 --json");
-  ASSERT_EQ(r.code, 0) << r.err;
-  EXPECT_EQ(nlohmann::json::parse(r.out).value("step", 0), 5);
-  EXPECT_TRUE(config()["train"].value("reduced_norm", false));
+  const auto [trained, resumed] = train_then_resume(dir, "--precision bf16 --reduced-norm", "reduced_norm");
+  EXPECT_TRUE(trained);
+  EXPECT_TRUE(resumed);
   const std::string s = "sample --ckpt " + dir + "/run --n 4 --steps 3 --precision bf16 --out ";
   CliRun a = run_cli(s + dir + "/a.npy"), b = run_cli(s + dir + "/b.npy --reduced-norm");
   ASSERT_EQ(a.code, 0) << a.err;
@@ -162,15 +173,9 @@ TEST(Cli, ReducedNormTrainsResumesAndSamples) {
 // sampling with it draws the NCHW images up to the kernels' rounding (at most one grey level in a few pixels).
 TEST(Cli, ChannelsLastTrainsAndSamples) {
   std::string dir = tmp("channelslast");
-  CliRun t = run_cli("train --preset tiny --channels-last --steps 3 --ckpt-every 3 --sample-every 0 --out " + dir +
-                     "/run --json");
-  ASSERT_EQ(t.code, 0) << t.err;
-  auto config = [&] { return nlohmann::json::parse(diffuse::read_file(dir + "/run/config.json")); };
-  EXPECT_TRUE(config()["train"].value("channels_last", false));
-  CliRun r = run_cli("train --out " + dir + "/run --resume --steps 5 --json");
-  ASSERT_EQ(r.code, 0) << r.err;
-  EXPECT_EQ(nlohmann::json::parse(r.out).value("step", 0), 5);
-  EXPECT_FALSE(config()["train"].value("channels_last", true));
+  const auto [trained, resumed] = train_then_resume(dir, "--channels-last", "channels_last");
+  EXPECT_TRUE(trained);
+  EXPECT_FALSE(resumed);
   const std::string s = "sample --ckpt " + dir + "/run --n 6 --steps 4 --out ";
   CliRun a = run_cli(s + dir + "/a.npy"), b = run_cli(s + dir + "/b.npy --channels-last");
   ASSERT_EQ(a.code, 0) << a.err;
