@@ -152,6 +152,16 @@ std::pair<bool, bool> train_then_resume(const std::string& dir, const std::strin
   return {first, value()};
 }
 
+// `diffuse sample` twice from DIR/run with `args`, into DIR/a.npy and then with `flag` into DIR/b.npy; false where
+// either failed (reported).
+bool sample_without_and_with(const std::string& dir, const std::string& args, const std::string& flag) {
+  const std::string s = "sample --ckpt " + dir + "/run " + args + " --out ";
+  CliRun a = run_cli(s + dir + "/a.npy"), b = run_cli(s + dir + "/b.npy " + flag);
+  EXPECT_EQ(a.code, 0) << a.err;
+  EXPECT_EQ(b.code, 0) << b.err;
+  return a.code == 0 && b.code == 0;
+}
+
 // --reduced-norm is a property of the run: stored in its checkpoint and kept when it resumes; sampling takes it
 // per invocation, and it changes the bf16 arithmetic.
 TEST(Cli, ReducedNormTrainsResumesAndSamples) {
@@ -159,10 +169,7 @@ TEST(Cli, ReducedNormTrainsResumesAndSamples) {
   const auto [trained, resumed] = train_then_resume(dir, "--precision bf16 --reduced-norm", "reduced_norm");
   EXPECT_TRUE(trained);
   EXPECT_TRUE(resumed);
-  const std::string s = "sample --ckpt " + dir + "/run --n 4 --steps 3 --precision bf16 --out ";
-  CliRun a = run_cli(s + dir + "/a.npy"), b = run_cli(s + dir + "/b.npy --reduced-norm");
-  ASSERT_EQ(a.code, 0) << a.err;
-  ASSERT_EQ(b.code, 0) << b.err;
+  ASSERT_TRUE(sample_without_and_with(dir, "--n 4 --steps 3 --precision bf16", "--reduced-norm"));
   const std::string sa = diffuse::read_file(dir + "/a.npy"), sb = diffuse::read_file(dir + "/b.npy");
   EXPECT_EQ(sa.size(), sb.size());
   EXPECT_NE(sa, sb) << "--reduced-norm left the bf16 arithmetic unchanged";
@@ -176,10 +183,7 @@ TEST(Cli, ChannelsLastTrainsAndSamples) {
   const auto [trained, resumed] = train_then_resume(dir, "--channels-last", "channels_last");
   EXPECT_TRUE(trained);
   EXPECT_FALSE(resumed);
-  const std::string s = "sample --ckpt " + dir + "/run --n 6 --steps 4 --out ";
-  CliRun a = run_cli(s + dir + "/a.npy"), b = run_cli(s + dir + "/b.npy --channels-last");
-  ASSERT_EQ(a.code, 0) << a.err;
-  ASSERT_EQ(b.code, 0) << b.err;
+  ASSERT_TRUE(sample_without_and_with(dir, "--n 6 --steps 4", "--channels-last"));
   const at::Tensor ia = diffuse::npy_load_uint8(dir + "/a.npy").to(at::kInt);
   const at::Tensor ib = diffuse::npy_load_uint8(dir + "/b.npy").to(at::kInt);
   ASSERT_EQ(ia.sizes(), ib.sizes());
