@@ -1,9 +1,11 @@
 #include "diffuse/generate.h"
 
 #include <cstring>
+#include <memory>
 
 #include "diffuse/common.h"
 #include "diffuse/io/file.h"
+#include "diffuse/loss.h"
 
 namespace diffuse {
 
@@ -54,12 +56,25 @@ void generate_batches(const Model& m, const GenerateOptions& g,
   Denoiser denoiser = m.denoiser();
   const int64_t C = m.channels(), H = m.image_size(), W = m.image_size();
   at::NoGradGuard no_grad;
-  int64_t nfe_total = 0;
-  for (int64_t start = 0; start < g.n; start += g.batch) {
+
+  // One batch's inputs and sampler state; it stays at one address (the sampler options point into it).
+  struct Batch {
+    Batch(uint64_t seed, int64_t first, int64_t count) : start(first), noise(seed, first, count) {}
+    int64_t start;
+    Noise noise;
+    at::Tensor x, labels;
+    SamplerOptions opt;
+    DenoiseFn denoise;
+    int64_t nfe = 0;
+  };
+  // The host half of a batch: its noise drawn from the per-image streams and its labels, moved to the device
+  // without waiting for it (diffuse::upload), so that this runs while the GPU is still busy with the batch before.
+  auto prepare = [&](int64_t start) {
     const int64_t b = std::min(g.batch, g.n - start);
-    Noise noise(g.seed, g.first_index + start, b);
-    at::Tensor x = noise.randn({C, H, W}).to(device, at::kFloat) * sigmas.front();
-    at::Tensor labels;
+    auto batch = std::make_unique<Batch>(g.seed, g.first_index + start, b);
+    batch->start = start;
+    batch->x = upload(batch->noise.randn({C, H, W}), device, at::kFloat) * sigmas.front();
+    at::Tensor& labels = batch->labels;
     if (conditional) {
       if (g.labels.empty()) {
         // Unlabelled request on a conditional model: cycle through the classes.
@@ -67,37 +82,49 @@ void generate_batches(const Model& m, const GenerateOptions& g,
       } else {
         labels = at::tensor(std::vector<int64_t>(g.labels.begin() + start, g.labels.begin() + start + b), at::kLong);
       }
-      labels = labels.to(device);
+      labels = upload(labels, device);
     }
-    SamplerOptions opt = g.options;
-    opt.noise = &noise;
+    SamplerOptions& opt = batch->opt;
+    opt = g.options;
+    opt.noise = &batch->noise;
     if (m.config.model.out_channels == 2 * m.channels() && g.guidance == 1.0) {
       // Learned variances (iDDPM): the DDPM sampler reads them through the full denoiser output.
       opt.denoise_full = [&denoiser, labels](const at::Tensor& xh, const at::Tensor& sigma) {
         return denoiser.full(xh, sigma, labels);
       };
     }
-    int64_t nfe = 0;
-    opt.nfe = &nfe;
-    DenoiseFn denoise = denoiser.bind(labels);
+    opt.nfe = &batch->nfe;
+    batch->denoise = denoiser.bind(labels);
     if (conditional && g.guidance == 0.0) {
       // w = 0 leaves the unconditional branch alone: D = D_u, one evaluation of the null label per image.
-      denoise = denoiser.bind(at::full_like(labels, num_classes));
+      batch->denoise = denoiser.bind(at::full_like(labels, num_classes));
     } else if (conditional && g.guidance != 1.0) {
       // Classifier-free guidance (Ho & Salimans 2022): one batched evaluation of the conditional and
       // unconditional halves, D = D_u + w (D_c - D_u).
       at::Tensor both = at::cat({labels, at::full_like(labels, num_classes)});
       const double w = g.guidance;
-      denoise = [&denoiser, both, w](const at::Tensor& xh, const at::Tensor& sigma) {
+      batch->denoise = [&denoiser, both, w](const at::Tensor& xh, const at::Tensor& sigma) {
         at::Tensor s = sigma.dim() == 0 ? sigma.expand({xh.size(0)}) : sigma;
         at::Tensor d = denoiser(at::cat({xh, xh}), at::cat({s, s}), both);
         at::Tensor dc = d.narrow(0, 0, xh.size(0)), du = d.narrow(0, xh.size(0), xh.size(0));
         return du + w * (dc - du);
       };
     }
-    at::Tensor result = info.fn(denoise, x, sigmas, opt);
-    nfe_total = nfe;
-    on_images(start, result.clamp(-1.0, 1.0).to(at::kCPU, at::kFloat));
+    return batch;
+  };
+  // On a GPU the batches overlap: while batch k runs, the host prepares batch k + 1; once k's images are back
+  // (the copy waits for k alone), k + 1 is queued before k's images are handed on. On the CPU this is the plain
+  // sequence. Either way each batch computes what it would alone.
+  std::unique_ptr<Batch> current = prepare(0);
+  at::Tensor result = info.fn(current->denoise, current->x, sigmas, current->opt);
+  int64_t nfe_total = 0;
+  while (current) {
+    std::unique_ptr<Batch> next = current->start + g.batch < g.n ? prepare(current->start + g.batch) : nullptr;
+    const at::Tensor images = result.clamp(-1.0, 1.0).to(at::kCPU, at::kFloat);
+    nfe_total = current->nfe;
+    if (next) result = info.fn(next->denoise, next->x, sigmas, next->opt);
+    on_images(current->start, images);
+    current = std::move(next);
   }
   if (nfe_per_image) *nfe_per_image = nfe_total;
 }
