@@ -72,6 +72,9 @@ void register_sample(CLI::App& app, Common& common) {
                 "then differ from run to run in the last bits; no effect on the CPU)");
   sub->add_flag("--reduced-norm", a->reduced_norm,
                 "with --precision bf16|fp16: GroupNorm on the reduced-precision activations instead of in float32");
+  sub->add_flag("--cuda-graph", a->g.cuda_graph,
+                "CUDA: replay each network evaluation from a CUDA graph (one per batch shape, captured after two eager "
+                "evaluations): one launch instead of ~500, for small batches where the host is the bottleneck");
   sub->add_flag("--channels-last", a->channels_last,
                 "the network's activations in NHWC memory (the convolutions' Tensor-Core layout on CUDA); the same "
                 "images up to the kernels' rounding");

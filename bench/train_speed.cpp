@@ -14,7 +14,8 @@
 // --cudnn-benchmark 1 lets cuDNN time its convolution algorithms on the first call of each shape and keep the
 // fastest (torch.backends.cudnn.benchmark); the warm-up iterations absorb the search.
 // --cuda-graph 1 (train, CUDA) runs the trainer's step as it does under `diffuse train --cuda-graph`: captured
-// once after its eager warm-up steps, then replayed (the warm-up iterations include the capture).
+// once after its eager warm-up steps, then replayed (the warm-up iterations include the capture); in sample mode
+// each evaluation is replayed as under `diffuse sample --cuda-graph` (diffuse::CudaGraphFunction).
 // --cpu-winograd 1 computes the 3x3 convolutions of CPU float32 training and inference with oneDNN's Winograd
 // kernels, as the `diffuse` program does (diffuse::set_cpu_winograd); 0, the default, keeps LibTorch's convolution
 // on both sides.
@@ -68,6 +69,7 @@
 #include "diffuse/nn/unet.h"
 #include "diffuse/process.h"
 #include "diffuse/train/optim.h"
+#include "diffuse/train/cuda_graph.h"
 #include "diffuse/train/step.h"
 #include "diffuse/train/trainer.h"
 
@@ -91,7 +93,8 @@ struct Options {
   bool cudnn_benchmark = false;
   bool cpu_winograd = false;  // CPU float32: 3x3 convolutions through oneDNN's Winograd (as the program does)
   bool channels_last = false;  // NHWC activations (diffuse::UNet2DModelImpl::set_channels_last)
-  bool cuda_graph = false;  // train: capture the step as a CUDA graph after the warm-up (the trainer's --cuda-graph)
+  bool cuda_graph = false;  // train: the step captured as a CUDA graph after the warm-up (the trainer's --cuda-graph);
+                            // sample: each evaluation replayed from a graph (diffuse::CudaGraphFunction)
   std::string grad_buffer = "transient";  // train: diffuse::GradStorage
   bool reduced_norm = false;  // GroupNorm on the bf16/fp16 activations (diffuse::set_reduced_precision_norm)
 };
@@ -456,14 +459,22 @@ void bench_sample(const Options& o, const diffuse::RunConfig& cfg, const at::Dev
   const at::Tensor y = cfg.model.num_class_embeds
                            ? at::randint(0, *cfg.model.num_class_embeds, {o.batch}, g, at::kLong).to(device)
                            : at::Tensor();
-  for (int64_t i = 0; i < warmup; ++i) net->forward(x, t, y);
+  // --cuda-graph 1: `diffuse sample --cuda-graph`'s evaluation, captured after two eager ones (within the warm-up).
+  std::unique_ptr<diffuse::CudaGraphFunction> graphed;
+  if (o.cuda_graph) {
+    graphed = std::make_unique<diffuse::CudaGraphFunction>(
+        [net](const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) mutable { return net->forward(a, b, c); },
+        device, 2);
+  }
+  auto forward = [&] { return graphed ? (*graphed)(x, t, y) : net->forward(x, t, y); };
+  for (int64_t i = 0; i < warmup; ++i) forward();
   sync(device);
   reset_peak_memory(device);
   std::vector<double> seconds;
   const auto start = Clock::now();
   auto prev = start;
   for (int64_t i = 0; i < evals; ++i) {
-    at::Tensor out = net->forward(x, t, y);
+    at::Tensor out = forward();
     if (!device.is_cuda()) {  // on CUDA a per-iteration time would only measure the launches
       const auto now = Clock::now();
       seconds.push_back(std::chrono::duration<double>(now - prev).count());
@@ -474,7 +485,7 @@ void bench_sample(const Options& o, const diffuse::RunConfig& cfg, const at::Dev
   const double total = std::chrono::duration<double>(Clock::now() - start).count();
   if (device.is_cuda()) seconds.assign(static_cast<size_t>(evals), total / std::max<int64_t>(evals, 1));
   report("sample", o, cfg, net->num_parameters(), device.str(), seconds, total, peak_memory_mib(device), 0.0);
-  trace_one(o, "sample", [&] { net->forward(x, t, y); });
+  trace_one(o, "sample", [&] { forward(); });
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include "diffuse/common.h"
 #include "diffuse/io/file.h"
 #include "diffuse/loss.h"
+#include "diffuse/train/cuda_graph.h"
 
 namespace diffuse {
 
@@ -53,7 +54,13 @@ void generate_batches(const Model& m, const GenerateOptions& g,
     }
   }
   const at::Device device = m.net->parameters().front().device();
-  Denoiser denoiser = m.denoiser();
+  // With cuda_graph every network evaluation is a replay (and all of this runs on the graphs' side stream).
+  std::shared_ptr<CudaGraphFunction> graphed;
+  if (g.cuda_graph) graphed = std::make_shared<CudaGraphFunction>(m.model_fn(), device, /*warmup=*/2);
+  Denoiser denoiser = graphed ? Denoiser([graphed](const at::Tensor& x, const at::Tensor& c,
+                                                   const at::Tensor& l) { return (*graphed)(x, c, l); },
+                                         *m.process, m.config.loss.prediction)
+                              : m.denoiser();
   const int64_t C = m.channels(), H = m.image_size(), W = m.image_size();
   at::NoGradGuard no_grad;
 

@@ -31,6 +31,8 @@ struct GenerateOptions {
   SamplerOptions options;       // eta, churn, snr, rtol... (noise and callback are set per batch)
   std::vector<int64_t> labels;  // class per image (class-conditional models); empty: unconditional
   double guidance = 1.0;        // classifier-free guidance scale (1: plain conditional)
+  bool cuda_graph = false;      // CUDA: each network evaluation replayed from a CUDA graph (one per batch shape,
+                                // captured after two eager evaluations; diffuse::CudaGraphFunction)
 };
 
 // The sigma grid `generate` would use for this model and options.

@@ -2,6 +2,10 @@
 
 #include "diffuse/common.h"
 
+#include <map>
+#include <tuple>
+#include <vector>
+
 #if defined(DIFFUSE_HAVE_CUDA) && __has_include(<ATen/cuda/CUDAGraph.h>) && __has_include(<cuda_runtime_api.h>)
 #define DIFFUSE_CUDA_GRAPHS 1
 #include <ATen/autocast_mode.h>
@@ -84,6 +88,106 @@ void CudaGraphStep::replay() {
   impl_->graph.replay();
 }
 
+namespace {
+// Inputs that select a graph: each tensor's sizes and dtype (an undefined one: empty).
+using ShapeKey = std::vector<std::tuple<std::vector<int64_t>, int, bool>>;
+ShapeKey shape_key(std::initializer_list<const at::Tensor*> ts) {
+  ShapeKey k;
+  for (const at::Tensor* t : ts) {
+    if (t->defined()) {
+      k.emplace_back(t->sizes().vec(), static_cast<int>(t->scalar_type()), true);
+    } else {
+      k.emplace_back(std::vector<int64_t>{}, 0, false);
+    }
+  }
+  return k;
+}
+}  // namespace
+
+struct CudaGraphFunction::Impl {
+  Impl(Fn f, c10::DeviceIndex index, int64_t w)
+      : fn(std::move(f)), warmup(w), stream(c10::cuda::getStreamFromPool(false, index)), guard(stream) {}
+  struct Entry {
+    int64_t eager_calls = 0;
+    at::Tensor x, c, labels, out;  // the graph's fixed input buffers and its output
+    std::unique_ptr<at::cuda::CUDAGraph> graph;
+  };
+  Fn fn;
+  int64_t warmup;
+  c10::cuda::CUDAStream stream;
+  c10::cuda::CUDAStreamGuard guard;
+  std::map<ShapeKey, Entry> entries;
+  int64_t replays = 0;
+};
+
+CudaGraphFunction::CudaGraphFunction(Fn fn, const c10::Device& device, int64_t warmup) {
+  const c10::DeviceIndex index = device_index(device);
+  if (!fn) throw input_error("CudaGraphFunction: no function");
+  torch::cuda::synchronize(index);  // the side stream starts after everything queued so far
+  impl_ = std::make_unique<Impl>(std::move(fn), index, std::max<int64_t>(warmup, 0));
+}
+
+CudaGraphFunction::~CudaGraphFunction() {
+  try {
+    impl_->stream.synchronize();
+  } catch (...) {
+  }
+}
+
+at::Tensor CudaGraphFunction::operator()(const at::Tensor& x, const at::Tensor& c, const at::Tensor& labels) {
+  Impl& m = *impl_;
+  Impl::Entry& e = m.entries[shape_key({&x, &c, &labels})];
+  if (!e.graph) {
+    if (e.eager_calls < m.warmup) {
+      ++e.eager_calls;
+      return m.fn(x, c, labels);
+    }
+    e.x = x.clone();
+    e.c = c.clone();
+    if (labels.defined()) e.labels = labels.clone();
+    auto graph = std::make_unique<at::cuda::CUDAGraph>();
+    torch::cuda::synchronize(m.stream.device_index());
+    const bool cache = at::autocast::is_autocast_cache_enabled();
+    at::autocast::set_autocast_cache_enabled(false);
+    std::string failure;
+    try {
+      graph->capture_begin();
+      try {
+        e.out = m.fn(e.x, e.c, e.labels);
+      } catch (const std::exception& ex) {
+        failure = ex.what();
+      }
+      graph->capture_end();
+    } catch (const std::exception& ex) {
+      if (failure.empty()) failure = ex.what();
+    }
+    at::autocast::set_autocast_cache_enabled(cache);
+    if (!failure.empty()) {
+      m.entries.clear();
+      throw run_error("CUDA graph capture of the network evaluation failed (" + failure.substr(0, failure.find('\n')) +
+                      "); sample without --cuda-graph");
+    }
+    e.graph = std::move(graph);
+    // The warm-up's cached blocks go back to the device; the graph keeps its own pool.
+    torch::cuda::synchronize(m.stream.device_index());
+    c10::cuda::CUDACachingAllocator::emptyCache();
+  } else {
+    e.x.copy_(x);
+    e.c.copy_(c);
+    if (labels.defined()) e.labels.copy_(labels);
+  }
+  e.graph->replay();
+  ++m.replays;
+  return e.out.clone();
+}
+
+int64_t CudaGraphFunction::graphs() const {
+  int64_t n = 0;
+  for (const auto& [key, e] : impl_->entries) n += e.graph != nullptr;
+  return n;
+}
+int64_t CudaGraphFunction::replays() const { return impl_->replays; }
+
 #else  // a LibTorch without CUDA
 
 bool cuda_graphs_built() { return false; }
@@ -97,6 +201,15 @@ CudaGraphStep::~CudaGraphStep() = default;
 void CudaGraphStep::capture(const std::function<void()>&) {}
 bool CudaGraphStep::captured() const { return false; }
 void CudaGraphStep::replay() {}
+
+struct CudaGraphFunction::Impl {};
+CudaGraphFunction::CudaGraphFunction(Fn, const c10::Device&, int64_t) {
+  throw input_error("--cuda-graph needs diffuse built against a CUDA LibTorch; this build has none");
+}
+CudaGraphFunction::~CudaGraphFunction() = default;
+at::Tensor CudaGraphFunction::operator()(const at::Tensor&, const at::Tensor&, const at::Tensor&) { return {}; }
+int64_t CudaGraphFunction::graphs() const { return 0; }
+int64_t CudaGraphFunction::replays() const { return 0; }
 
 #endif
 

@@ -12,6 +12,7 @@
 // generator, whose seed and offset are read at each replay.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
 #include <functional>
@@ -35,6 +36,29 @@ class CudaGraphStep {
   void capture(const std::function<void()>& body);
   bool captured() const;
   void replay();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// A function of device tensors f(x, c, labels) (labels may be undefined), captured as a CUDA graph once per shape
+// of its inputs after `warmup` eager calls of that shape, and replayed from then on: for sampling, where a network
+// evaluation becomes one launch instead of ~500. While it lives, its work and its callers' run on a side stream
+// (as CudaGraphStep). Each call copies the inputs into the graph's fixed buffers and returns a copy of its output.
+// f must not wait for the GPU or read host data, and must compute from its arguments alone (no randomness).
+// Every shape keeps its own graph and memory pool.
+class CudaGraphFunction {
+ public:
+  using Fn = std::function<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>;
+  CudaGraphFunction(Fn fn, const c10::Device& device, int64_t warmup = 1);
+  ~CudaGraphFunction();
+  CudaGraphFunction(const CudaGraphFunction&) = delete;
+  CudaGraphFunction& operator=(const CudaGraphFunction&) = delete;
+
+  at::Tensor operator()(const at::Tensor& x, const at::Tensor& c, const at::Tensor& labels);
+  int64_t graphs() const;   // shapes captured so far
+  int64_t replays() const;  // calls answered by a replay
 
  private:
   struct Impl;
