@@ -586,7 +586,8 @@ TEST(UNet, GroupNormNhwcMatchesGroupNorm) {
     }
   }
   // bf16 in, bf16 out, within bf16's rounding; no affine parameters.
-  const at::Tensor yb = diffuse::nn_detail::group_norm_nhwc(x0.to(at::kBFloat16), groups, at::Tensor(), at::Tensor(), 1e-5, at::kBFloat16);
+  const at::Tensor yb =
+      diffuse::nn_detail::group_norm_nhwc(x0.to(at::kBFloat16), groups, at::Tensor(), at::Tensor(), 1e-5, at::kBFloat16);
   const at::Tensor yf = at::group_norm(x0.contiguous(), groups, {}, {}, 1e-5);
   EXPECT_EQ(yb.scalar_type(), at::kBFloat16);
   EXPECT_TRUE(yb.is_contiguous(at::MemoryFormat::ChannelsLast));
@@ -599,8 +600,10 @@ TEST(UNet, GroupNormNhwcMatchesGroupNorm) {
   const double offset_err = ((yo.to(at::kFloat) - yo_ref).norm() / yo_ref.norm()).item<double>();
   std::printf("bf16 GroupNorm of inputs with mean 8 and spread 0.5: rel L2 %.3g from float32\n", offset_err);
   EXPECT_LT(offset_err, 1e-2);
-  EXPECT_THROW(diffuse::nn_detail::group_norm_nhwc(at::randn({2, 30, 4, 4}), groups, {}, {}, 1e-5, at::kFloat), diffuse::Error);
-  EXPECT_THROW(diffuse::nn_detail::group_norm_nhwc(at::randn({2, 32, 16}), groups, {}, {}, 1e-5, at::kFloat), diffuse::Error);
+  using diffuse::nn_detail::group_norm_nhwc;
+  EXPECT_THROW(group_norm_nhwc(at::randn({2, 30, 4, 4}), groups, {}, {}, 1e-5, at::kFloat), diffuse::Error);
+  EXPECT_THROW(group_norm_nhwc(at::randn({2, 32, 16}), groups, {}, {}, 1e-5, at::kFloat), diffuse::Error);
+  EXPECT_THROW(group_norm_nhwc(at::randn({2, 32, 4, 4}), groups, at::ones({16}), {}, 1e-5, at::kFloat), diffuse::Error);
 }
 
 // set_channels_last(true) runs the same network on NHWC memory: on the fmnist U-Net in training mode (dropout drawn

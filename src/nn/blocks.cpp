@@ -137,10 +137,10 @@ at::Tensor nhwc_groups(const at::Tensor& t, int64_t groups) {
 }
 
 // y = (x - mean) * rstd * weight + bias per (image, channel), with the statistics and the per-channel factors in
-// float32 and the elementwise passes in x's type (apply_affine); then, with `silu`, y = silu(y) in place. The backward pass is LibTorch's GroupNorm formula in float32 from what forward kept
-// (x, mean, rstd), cast once to x's type: autograd through the composition would sum its bf16 terms, which cancel.
-// With silu it first recomputes the pre-activation from x instead of keeping it (one activation less held per
-// normalization until the backward pass).
+// float32 and the elementwise passes in x's type (apply_affine); then, with `silu`, y = silu(y) in place. The
+// backward pass is LibTorch's GroupNorm formula in float32 from what forward kept (x, mean, rstd), cast once to x's
+// type: autograd through the composition would sum its bf16 terms, which cancel. With silu it first recomputes the
+// pre-activation from x instead of keeping it (one activation less held per normalization until the backward pass).
 struct GroupNormNhwcFn : public torch::autograd::Function<GroupNormNhwcFn> {
   // weight, bias: float32 [C].
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
@@ -203,7 +203,8 @@ struct GroupNormNhwcFn : public torch::autograd::Function<GroupNormNhwcFn> {
     const at::Tensor ds = (gv * xv).sum(1), db = gv.sum(1);  // [N, G, C/G]: sums over the pixels of g x and g
     at::Tensor gx, gw, gb;
     if (ctx->needs_input_grad(0)) {
-      // dx = a g + b x + e with a = rstd w, b = (mean sum(w g) - sum(w g x)) rstd^3 / d, e = -b mean - rstd sum(w g) / d.
+      // dx = a g + b x + e with a = rstd w, b = (mean sum(w g) - sum(w g x)) rstd^3 / d and
+      // e = -b mean - rstd sum(w g) / d.
       const at::Tensor dsw = (ds * w).sum(2), dbw = (db * w).sum(2);  // [N, G]
       const at::Tensor b = (dbw * mean - dsw) * rstd.pow(3) / d;
       const at::Tensor e = -b * mean - dbw * rstd / d;
