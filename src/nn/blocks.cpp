@@ -208,8 +208,9 @@ struct GroupNormNhwcFn : public torch::autograd::Function<GroupNormNhwcFn> {
       const at::Tensor dsw = (ds * w).sum(2), dbw = (db * w).sum(2);  // [N, G]
       const at::Tensor b = (dbw * mean - dsw) * rstd.pow(3) / d;
       const at::Tensor e = -b * mean - dbw * rstd / d;
-      const at::Tensor gxv = at::addcmul(e.view({n, 1, groups, 1}) + gv * (rstd.unsqueeze(2) * w).unsqueeze(1), xv,
-                                         b.view({n, 1, groups, 1}));
+      // One full-size buffer: the first product, then in place (gv may be the incoming gradient itself).
+      at::Tensor gxv = gv * (rstd.unsqueeze(2) * w).unsqueeze(1);
+      gxv.add_(e.view({n, 1, groups, 1})).addcmul_(xv, b.view({n, 1, groups, 1}));
       gx = gxv.view({n, x.size(2), x.size(3), c}).permute({0, 3, 1, 2}).to(x.scalar_type());
     }
     if (ctx->needs_input_grad(1)) gw = ((ds - db * mean.unsqueeze(2)) * rstd.unsqueeze(2)).sum(0).reshape({c});
