@@ -601,6 +601,14 @@ TEST(UNet, GroupNormNhwcMatchesGroupNorm) {
   std::printf("bf16 GroupNorm of inputs with mean 8 and spread 0.5: rel L2 %.3g from float32\n", offset_err);
   EXPECT_LT(offset_err, 1e-2);
   using diffuse::nn_detail::group_norm_nhwc;
+  // float32 input whose mean is 1000 times its spread: the statistics keep their digits (float64 sums).
+  const at::Tensor xt = (x0 * 1e-3 + 1).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor yt = group_norm_nhwc(xt, groups, w0, b0, 1e-5, at::kFloat);
+  const at::Tensor yt_ref = at::group_norm(xt.to(at::kDouble).contiguous(), groups, w0.to(at::kDouble),
+                                           b0.to(at::kDouble), 1e-5);
+  const double tight_err = ((yt.to(at::kDouble) - yt_ref).norm() / yt_ref.norm()).item<double>();
+  std::printf("float32 GroupNorm of inputs with mean 1 and spread 1e-3: rel L2 %.3g from float64\n", tight_err);
+  EXPECT_LT(tight_err, 1e-4);
   EXPECT_THROW(group_norm_nhwc(at::randn({2, 30, 4, 4}), groups, {}, {}, 1e-5, at::kFloat), diffuse::Error);
   EXPECT_THROW(group_norm_nhwc(at::randn({2, 32, 16}), groups, {}, {}, 1e-5, at::kFloat), diffuse::Error);
   EXPECT_THROW(group_norm_nhwc(at::randn({2, 32, 4, 4}), groups, at::ones({16}), {}, 1e-5, at::kFloat), diffuse::Error);
