@@ -371,9 +371,10 @@ void bench_train(const Options& o, const diffuse::RunConfig& cfg, const at::Devi
   net->set_precision(diffuse::parse_precision(o.precision));
   net->set_channels_last(o.channels_last);
   diffuse::set_cpu_winograd(o.cpu_winograd);
-  diffuse::FlatParameters flat(net->named_parameters(), o.grad_buffer == "persistent"
-                                                            ? diffuse::GradStorage::kPersistent
-                                                            : diffuse::GradStorage::kTransient);
+  diffuse::FlatParameters flat(net->named_parameters(),
+                               o.grad_buffer == "persistent" ? diffuse::GradStorage::kPersistent
+                                                             : diffuse::GradStorage::kTransient,
+                               o.channels_last);
   diffuse::AdamW opt(flat, diffuse::AdamWOptions{t.beta1, t.beta2, t.adam_eps, t.weight_decay});
   diffuse::Ema ema(flat.data(), t.ema_decay);
   std::unique_ptr<diffuse::Process> process = diffuse::make_process(cfg.process);

@@ -4,13 +4,15 @@
 
 namespace diffuse {
 
-FlatParameters::FlatParameters(const torch::OrderedDict<std::string, at::Tensor>& named_parameters, GradStorage storage)
+FlatParameters::FlatParameters(const torch::OrderedDict<std::string, at::Tensor>& named_parameters, GradStorage storage,
+                               bool channels_last)
     : storage_(storage) {
   int64_t total = 0;
   at::TensorOptions options;
   for (const auto& item : named_parameters) {
     names_.push_back(item.key());
     shapes_.push_back(item.value().sizes().vec());
+    nhwc_.push_back(channels_last && item.value().dim() == 4);
     offsets_.push_back(total);
     total += item.value().numel();
     options = item.value().options();
@@ -20,7 +22,7 @@ FlatParameters::FlatParameters(const torch::OrderedDict<std::string, at::Tensor>
   int64_t i = 0;
   for (const auto& item : named_parameters) {
     at::Tensor p = item.value();
-    at::Tensor slice = data_.narrow(0, offsets_[i], p.numel()).view(shapes_[i]);
+    at::Tensor slice = view_of(data_, i);
     {
       at::NoGradGuard no_grad;
       slice.copy_(p);
@@ -28,7 +30,7 @@ FlatParameters::FlatParameters(const torch::OrderedDict<std::string, at::Tensor>
     p.set_data(slice);
     // Autograd accumulates in place into a defined .grad when grad mode is off in the backward pass,
     // so the gradient stays a view into grad_.
-    p.mutable_grad() = grad_.defined() ? grad_.narrow(0, offsets_[i], p.numel()).view(shapes_[i]) : at::Tensor();
+    p.mutable_grad() = grad_.defined() ? view_of(grad_, i) : at::Tensor();
     params_.push_back(p);
     ++i;
   }
@@ -41,13 +43,13 @@ void FlatParameters::gather_grad() {
   parts.reserve(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {
     const at::Tensor& g = params_[i].grad();
-    // reshape reads a gradient of any layout in the parameter's logical (row-major) order, the buffer's.
-    parts.push_back(g.defined() ? g.reshape({-1}) : at::zeros({params_[i].numel()}, data_.options()));
+    // A gradient of any layout, read in the buffer's order for its parameter.
+    parts.push_back(g.defined() ? flat_of(g, i) : at::zeros({params_[i].numel()}, data_.options()));
   }
   grad_ = at::cat(parts);
   parts.clear();
   for (size_t i = 0; i < params_.size(); ++i) {
-    params_[i].mutable_grad() = grad_.narrow(0, offsets_[i], params_[i].numel()).view(shapes_[i]);
+    params_[i].mutable_grad() = view_of(grad_, i);
   }
 }
 
@@ -71,13 +73,22 @@ at::Tensor FlatParameters::clip_grad_norm(double max_norm) {
   return norm;
 }
 
+at::Tensor FlatParameters::view_of(const at::Tensor& buffer, size_t i) const {
+  const std::vector<int64_t>& s = shapes_[i];
+  int64_t n = 1;
+  for (int64_t d : s) n *= d;
+  const at::Tensor slice = buffer.narrow(0, offsets_[i], n);
+  if (!nhwc_[i]) return slice.view(s);
+  return slice.view({s[0], s[2], s[3], s[1]}).permute({0, 3, 1, 2});  // [O, I, kh, kw] in NHWC strides
+}
+
+at::Tensor FlatParameters::flat_of(const at::Tensor& t, size_t i) const {
+  return nhwc_[i] ? t.permute({0, 2, 3, 1}).reshape({-1}) : t.reshape({-1});
+}
+
 TensorDict FlatParameters::views(const at::Tensor& buffer) const {
   TensorDict out;
-  for (size_t i = 0; i < names_.size(); ++i) {
-    int64_t n = 1;
-    for (int64_t d : shapes_[i]) n *= d;
-    out.emplace_back(names_[i], buffer.narrow(0, offsets_[i], n).view(shapes_[i]));
-  }
+  for (size_t i = 0; i < names_.size(); ++i) out.emplace_back(names_[i], view_of(buffer, i));
   return out;
 }
 

@@ -207,7 +207,8 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   net->set_channels_last(t.channels_last);
   // One process: the gradient exists only from backward to the optimizer step (a lower peak). Data-parallel:
   // the all-reduce buckets are views into a persistent buffer.
-  FlatParameters flat(net->named_parameters(), comm ? GradStorage::kPersistent : GradStorage::kTransient);
+  FlatParameters flat(net->named_parameters(), comm ? GradStorage::kPersistent : GradStorage::kTransient,
+                      t.channels_last);
   AdamW opt(flat, AdamWOptions{t.beta1, t.beta2, t.adam_eps, t.weight_decay});
   int64_t step = shared["step"].get<int64_t>();
   double elapsed_before = shared["elapsed"].get<double>();

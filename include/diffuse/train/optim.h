@@ -30,9 +30,11 @@ enum class GradStorage { kPersistent, kTransient };
 class FlatParameters {
  public:
   // Re-points each parameter (and, with persistent storage, its .grad) at a slice of one buffer. The
-  // parameters keep their names.
+  // parameters keep their names. channels_last: every 4-d parameter (a convolution's weight) is stored in
+  // [O, kh, kw, I] order and seen in NHWC strides, the layout the convolutions of channels-last activations want
+  // (UNet2DModelImpl::set_channels_last), so that they need no copy of the weight and its gradient each step.
   explicit FlatParameters(const torch::OrderedDict<std::string, at::Tensor>& named_parameters,
-                          GradStorage storage = GradStorage::kPersistent);
+                          GradStorage storage = GradStorage::kPersistent, bool channels_last = false);
   at::Tensor& data() { return data_; }   // [P] all parameters
   at::Tensor& grad() { return grad_; }   // [P] all gradients (transient: defined from gather_grad to zero_grad)
   int64_t numel() const { return data_.numel(); }
@@ -45,7 +47,8 @@ class FlatParameters {
   // Global L2 norm of the gradient (a 0-dim tensor; no host sync). Scales the gradient down to
   // max_norm when above it (max_norm <= 0: no clipping).
   at::Tensor clip_grad_norm(double max_norm);
-  // Named views into another buffer of the same layout (for EMA weights, optimizer moments).
+  // Named views into another buffer of the same layout (for EMA weights, optimizer moments), each in its
+  // parameter's shape and strides.
   TensorDict views(const at::Tensor& buffer) const;
   TensorDict named_data() const { return views(data_); }
   // Copies named tensors (as saved) into a buffer of this layout; every name must be present.
@@ -56,7 +59,10 @@ class FlatParameters {
   std::vector<std::vector<int64_t>> shapes_;
   std::vector<int64_t> offsets_;
   std::vector<at::Tensor> params_;
+  std::vector<bool> nhwc_;  // stored as [O, kh, kw, I]
   GradStorage storage_;
+  at::Tensor view_of(const at::Tensor& buffer, size_t i) const;  // parameter i's slice of a flat buffer
+  at::Tensor flat_of(const at::Tensor& t, size_t i) const;        // t (shaped as parameter i) in buffer order
   at::Tensor data_;
   at::Tensor grad_;
 };
