@@ -66,8 +66,9 @@ void generate_batches(const Model& m, const GenerateOptions& g,
 
   // One batch's inputs and sampler state; it stays at one address (the sampler options point into it).
   struct Batch {
-    Batch(uint64_t seed, int64_t first, int64_t count) : start(first), noise(seed, first, count) {}
-    int64_t start;
+    Batch(uint64_t seed, int64_t first_image, int64_t count, int64_t offset)
+        : start(offset), noise(seed, first_image, count) {}
+    int64_t start;  // index of its first image within the g.n
     Noise noise;
     at::Tensor x, labels;
     SamplerOptions opt;
@@ -78,8 +79,7 @@ void generate_batches(const Model& m, const GenerateOptions& g,
   // without waiting for it (diffuse::upload), so that this runs while the GPU is still busy with the batch before.
   auto prepare = [&](int64_t start) {
     const int64_t b = std::min(g.batch, g.n - start);
-    auto batch = std::make_unique<Batch>(g.seed, g.first_index + start, b);
-    batch->start = start;
+    auto batch = std::make_unique<Batch>(g.seed, g.first_index + start, b, start);
     batch->x = upload(batch->noise.randn({C, H, W}), device, at::kFloat) * sigmas.front();
     at::Tensor& labels = batch->labels;
     if (conditional) {
