@@ -70,11 +70,12 @@ TensorDict parse_safetensors_bytes(const std::string& bytes, const std::string& 
 // atomic step), then emptied, by the signal handlers too when the process is stopped on the way.
 void remove_checkpoint_folder(const std::string& dir) {
   const std::string doomed = dir + ".tmp.removing." + std::to_string(static_cast<long long>(::getpid()));
+  RemoveOnSignal guard(doomed);  // before the rename: no moment leaves the renamed folder unregistered
   if (::rename(dir.c_str(), doomed.c_str()) != 0) {
+    guard.release();
     remove_all_quietly(dir);
     return;
   }
-  RemoveOnSignal guard(doomed);
   remove_all_quietly(doomed);
 }
 

@@ -156,6 +156,8 @@ std::string read_file(const std::string& path) {
 AtomicFileWriter::AtomicFileWriter(const std::string& path) : path_(path) {
   static std::atomic<uint64_t> counter{0};
   tmp_ = path + ".tmp." + std::to_string(static_cast<long long>(::getpid())) + "." + std::to_string(counter++);
+  // Registered for removal on a signal before it is created, so that no moment leaves it behind.
+  on_signal_.emplace(tmp_);
   // O_EXCL: never write through a stale temp file or a link someone planted under that name.
   int fd = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
   if (fd < 0) {
@@ -167,7 +169,6 @@ AtomicFileWriter::AtomicFileWriter(const std::string& path) : path_(path) {
     }
     throw run_error(path + ": cannot create temporary file " + tmp_ + ": " + errno_text(err));
   }
-  on_signal_.emplace(tmp_);
   f_ = ::fdopen(fd, "wb");
   if (f_ == nullptr) {
     const int err = errno;
@@ -359,8 +360,9 @@ void write_folder(const std::string& path, const std::function<void(const std::s
   }
   const std::string tmp = path + ".tmp." + std::to_string(static_cast<long long>(::getpid()));
   remove_all_quietly(tmp);  // a leftover of an earlier process with this pid
-  make_directories(tmp);
+  // Registered before it exists: a signal between the two would otherwise leave the new folder behind.
   RemoveOnSignal guard(tmp);
+  make_directories(tmp);
   try {
     fill(tmp);
     rename_path(tmp, path);
