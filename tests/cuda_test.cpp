@@ -33,15 +33,17 @@ struct NetAndInput {
   diffuse::UNet2DModel net{nullptr};
   at::Tensor x, t;
 };
+// Untrained nets start with zeroed output convolutions; every parameter gets a seeded random value so that the
+// whole network shapes the output.
+void randomize_weights(diffuse::UNet2DModel& net, at::Generator& g) {
+  at::NoGradGuard no_grad;
+  for (auto& p : net->parameters()) p.copy_(at::randn(p.sizes(), g) * 0.2);
+}
+
 NetAndInput tiny_net_and_input() {
   diffuse::Model m = diffuse_test::untrained_model(1, false);
-  // Untrained nets start with zeroed output convolutions; give every parameter a seeded random value so
-  // that the whole network shapes the output.
   at::Generator g = at::detail::createCPUGenerator(7);
-  {
-    at::NoGradGuard no_grad;
-    for (auto& p : m.net->parameters()) p.copy_(at::randn(p.sizes(), g) * 0.2);
-  }
+  randomize_weights(m.net, g);
   return {m.net, at::randn({4, 1, 8, 8}, g), at::tensor({10.0f, 200.0f, 500.0f, 990.0f})};
 }
 
@@ -180,11 +182,8 @@ TEST(Cuda, GraphedSamplingIsTheEagerSampling) {
     EXPECT_EQ(f.graphs(), 2);
     EXPECT_LT(rel_l2(f(x3, t3, at::Tensor()), n.net->forward(x3, t3)), 1e-6);
   }
-  {
-    at::NoGradGuard no_grad;  // seeded weights for the conditional model too (untrained, its output would be zero)
-    at::Generator gen = at::detail::createCPUGenerator(8);
-    for (auto& p : m.net->parameters()) p.copy_(at::randn(p.sizes(), gen) * 0.2);
-  }
+  at::Generator gen = at::detail::createCPUGenerator(8);
+  randomize_weights(m.net, gen);  // the conditional model too
   m.net->to(at::Device("cuda"));
   diffuse::GenerateOptions g;
   g.n = 10;  // batches of 4, 4 and 2 images, each evaluated twice over (guidance)

@@ -22,73 +22,64 @@ namespace diffuse {
 
 bool cuda_graphs_built() { return true; }
 
-struct CudaGraphStep::Impl {
-  explicit Impl(c10::DeviceIndex index) : stream(c10::cuda::getStreamFromPool(false, index)), guard(stream) {}
-  c10::cuda::CUDAStream stream;
-  c10::cuda::CUDAStreamGuard guard;  // the side stream is current while this lives
-  at::cuda::CUDAGraph graph;
-  bool captured = false;
-};
-
 namespace {
+
 c10::DeviceIndex device_index(const c10::Device& device) {
   if (!device.is_cuda()) throw input_error("CUDA graphs need a CUDA device, not " + device.str());
   return device.has_index() ? device.index() : c10::cuda::current_device();
 }
-}  // namespace
 
-CudaGraphStep::CudaGraphStep(const c10::Device& device) {
-  const c10::DeviceIndex index = device_index(device);
-  torch::cuda::synchronize(index);  // the side stream starts after everything queued so far
-  impl_ = std::make_unique<Impl>(index);
+// A stream from the pool, current while this lives (capture needs a stream other than the default one, and
+// PyTorch wants the eager warm-up on that same stream). It starts after everything queued so far.
+c10::cuda::CUDAStream stream_after_queued_work(c10::DeviceIndex index) {
+  torch::cuda::synchronize(index);
+  return c10::cuda::getStreamFromPool(false, index);
 }
-
-CudaGraphStep::~CudaGraphStep() {
-  // Work queued on the side stream finishes before the default stream is current again.
-  try {
-    impl_->stream.synchronize();
-  } catch (...) {
+struct SideStream {
+  explicit SideStream(c10::DeviceIndex index) : stream(stream_after_queued_work(index)), guard(stream) {}
+  // Work queued on it finishes before the default stream is current again (called by the owners' destructors,
+  // before their graphs go).
+  void finish() noexcept {
+    try {
+      stream.synchronize();
+    } catch (...) {
+    }
   }
-}
+  c10::cuda::CUDAStream stream;
+  c10::cuda::CUDAStreamGuard guard;
+};
 
-void CudaGraphStep::capture(const std::function<void()>& body) {
-  if (impl_->captured) throw run_error("CUDA graph: the step is already captured");
-  torch::cuda::synchronize(impl_->stream.device_index());
+// Records body into graph on the current stream without running it. A failure ends the capture (a capture left
+// open breaks every later CUDA call) and throws run_error "CUDA graph capture of WHAT failed (...); INSTEAD".
+void capture_graph(at::cuda::CUDAGraph& graph, c10::DeviceIndex index, const std::function<void()>& body,
+                   const std::string& what, const std::string& instead) {
+  torch::cuda::synchronize(index);
   // Autocast's cache of cast weights would outlive the capture holding memory of the graph's pool.
   const bool cache = at::autocast::is_autocast_cache_enabled();
   at::autocast::set_autocast_cache_enabled(false);
   std::string failure;
   try {
-    impl_->graph.capture_begin();
+    graph.capture_begin();
     try {
       body();
     } catch (const std::exception& e) {
       failure = e.what();
     }
-    impl_->graph.capture_end();  // also after a failure: a capture left open breaks every later CUDA call
+    graph.capture_end();
   } catch (const std::exception& e) {
     if (failure.empty()) failure = e.what();
   }
   at::autocast::set_autocast_cache_enabled(cache);
   if (!failure.empty()) {
-    const std::string first_line = failure.substr(0, failure.find('\n'));
-    throw run_error("CUDA graph capture of the training step failed (" + first_line + "); train without --cuda-graph");
+    throw run_error("CUDA graph capture of " + what + " failed (" + failure.substr(0, failure.find('\n')) + "); " +
+                    instead);
   }
-  impl_->captured = true;
-  // The eager warm-up steps' blocks sit cached in the allocator's general pool; the graph replays in its own
-  // pool. Handing them back keeps the device memory a graphed run holds near one step's.
-  torch::cuda::synchronize(impl_->stream.device_index());
+  // The eager warm-up's blocks sit cached in the allocator's general pool; the graph replays in its own pool.
+  // Handing them back keeps the device memory a graphed run holds near one graph's.
+  torch::cuda::synchronize(index);
   c10::cuda::CUDACachingAllocator::emptyCache();
 }
 
-bool CudaGraphStep::captured() const { return impl_->captured; }
-
-void CudaGraphStep::replay() {
-  if (!impl_->captured) throw run_error("CUDA graph: replay before capture");
-  impl_->graph.replay();
-}
-
-namespace {
 // Inputs that select a graph: each tensor's sizes and dtype (an undefined one: empty).
 using ShapeKey = std::vector<std::tuple<std::vector<int64_t>, int, bool>>;
 ShapeKey shape_key(std::initializer_list<const at::Tensor*> ts) {
@@ -102,11 +93,36 @@ ShapeKey shape_key(std::initializer_list<const at::Tensor*> ts) {
   }
   return k;
 }
+
 }  // namespace
 
+struct CudaGraphStep::Impl {
+  explicit Impl(c10::DeviceIndex index) : side(index) {}
+  SideStream side;
+  at::cuda::CUDAGraph graph;
+  bool captured = false;
+};
+
+CudaGraphStep::CudaGraphStep(const c10::Device& device) : impl_(std::make_unique<Impl>(device_index(device))) {}
+
+CudaGraphStep::~CudaGraphStep() { impl_->side.finish(); }
+
+void CudaGraphStep::capture(const std::function<void()>& body) {
+  if (impl_->captured) throw run_error("CUDA graph: the step is already captured");
+  capture_graph(impl_->graph, impl_->side.stream.device_index(), body, "the training step",
+                "train without --cuda-graph");
+  impl_->captured = true;
+}
+
+bool CudaGraphStep::captured() const { return impl_->captured; }
+
+void CudaGraphStep::replay() {
+  if (!impl_->captured) throw run_error("CUDA graph: replay before capture");
+  impl_->graph.replay();
+}
+
 struct CudaGraphFunction::Impl {
-  Impl(Fn f, c10::DeviceIndex index, int64_t w)
-      : fn(std::move(f)), warmup(w), stream(c10::cuda::getStreamFromPool(false, index)), guard(stream) {}
+  Impl(Fn f, c10::DeviceIndex index, int64_t w) : fn(std::move(f)), warmup(w), side(index) {}
   struct Entry {
     int64_t eager_calls = 0;
     at::Tensor x, c, labels, out;  // the graph's fixed input buffers and its output
@@ -114,8 +130,7 @@ struct CudaGraphFunction::Impl {
   };
   Fn fn;
   int64_t warmup;
-  c10::cuda::CUDAStream stream;
-  c10::cuda::CUDAStreamGuard guard;
+  SideStream side;
   std::map<ShapeKey, Entry> entries;
   int64_t replays = 0;
 };
@@ -123,16 +138,10 @@ struct CudaGraphFunction::Impl {
 CudaGraphFunction::CudaGraphFunction(Fn fn, const c10::Device& device, int64_t warmup) {
   const c10::DeviceIndex index = device_index(device);
   if (!fn) throw input_error("CudaGraphFunction: no function");
-  torch::cuda::synchronize(index);  // the side stream starts after everything queued so far
   impl_ = std::make_unique<Impl>(std::move(fn), index, std::max<int64_t>(warmup, 0));
 }
 
-CudaGraphFunction::~CudaGraphFunction() {
-  try {
-    impl_->stream.synchronize();
-  } catch (...) {
-  }
-}
+CudaGraphFunction::~CudaGraphFunction() { impl_->side.finish(); }
 
 at::Tensor CudaGraphFunction::operator()(const at::Tensor& x, const at::Tensor& c, const at::Tensor& labels) {
   Impl& m = *impl_;
@@ -146,31 +155,14 @@ at::Tensor CudaGraphFunction::operator()(const at::Tensor& x, const at::Tensor& 
     e.c = c.clone();
     if (labels.defined()) e.labels = labels.clone();
     auto graph = std::make_unique<at::cuda::CUDAGraph>();
-    torch::cuda::synchronize(m.stream.device_index());
-    const bool cache = at::autocast::is_autocast_cache_enabled();
-    at::autocast::set_autocast_cache_enabled(false);
-    std::string failure;
     try {
-      graph->capture_begin();
-      try {
-        e.out = m.fn(e.x, e.c, e.labels);
-      } catch (const std::exception& ex) {
-        failure = ex.what();
-      }
-      graph->capture_end();
-    } catch (const std::exception& ex) {
-      if (failure.empty()) failure = ex.what();
-    }
-    at::autocast::set_autocast_cache_enabled(cache);
-    if (!failure.empty()) {
+      capture_graph(*graph, m.side.stream.device_index(), [&] { e.out = m.fn(e.x, e.c, e.labels); },
+                    "the network evaluation", "sample without --cuda-graph");
+    } catch (...) {
       m.entries.clear();
-      throw run_error("CUDA graph capture of the network evaluation failed (" + failure.substr(0, failure.find('\n')) +
-                      "); sample without --cuda-graph");
+      throw;
     }
     e.graph = std::move(graph);
-    // The warm-up's cached blocks go back to the device; the graph keeps its own pool.
-    torch::cuda::synchronize(m.stream.device_index());
-    c10::cuda::CUDACachingAllocator::emptyCache();
   } else {
     e.x.copy_(x);
     e.c.copy_(c);
