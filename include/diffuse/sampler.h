@@ -101,6 +101,8 @@ at::Tensor sample_dpmpp_2m(const DenoiseFn& d, const at::Tensor& x, const std::v
 at::Tensor sample_dpmpp_2m_sde(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);
 at::Tensor sample_dpmpp_3m(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);
 at::Tensor sample_dpmpp_3m_sde(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);
+at::Tensor sample_unipc(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);
+at::Tensor sample_unipc_3m(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);
 at::Tensor sample_pc(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);
 at::Tensor sample_rk45(const DenoiseFn& d, const at::Tensor& x, const std::vector<double>& sigmas, const SamplerOptions& o);
 
