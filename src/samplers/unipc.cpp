@@ -62,6 +62,28 @@ std::vector<double> unipc_weights(const std::vector<double>& r, double h, bool b
   return solve_small(rows, rhs);
 }
 
+// B(h) sum_k a_k D_k over history entries 1..count-1 (newest first, relative to entry 0 at lambda[0]), plus, when
+// `newest` is defined, the corrector's point r = 1 at lambda[0] + h. Undefined when there is no term.
+at::Tensor unipc_update(const std::vector<at::Tensor>& history, const std::vector<double>& lambda, int64_t count,
+                        const at::Tensor& newest, double h, bool bh2) {
+  std::vector<double> r;
+  std::vector<at::Tensor> diffs;
+  for (size_t k = 1; k < static_cast<size_t>(count); ++k) {
+    r.push_back((lambda[k] - lambda[0]) / h);
+    diffs.push_back((history[k] - history[0]) / r.back());
+  }
+  if (newest.defined()) {
+    r.push_back(1.0);
+    diffs.push_back(newest - history[0]);
+  }
+  if (diffs.empty()) return {};
+  const std::vector<double> a = unipc_weights(r, h, bh2);
+  const double b_h = bh2 ? std::expm1(-h) : -h;
+  at::Tensor sum = diffs[0] * (a[0] * b_h);
+  for (size_t k = 1; k < diffs.size(); ++k) sum = sum + diffs[k] * (a[k] * b_h);
+  return sum;
+}
+
 at::Tensor unipc(const char* name, const DenoiseFn& d, const at::Tensor& x_in, const std::vector<double>& sigmas,
                  const SamplerOptions& o, int64_t order, bool bh2) {
   detail::check_sampler_args(name, x_in, sigmas);
@@ -69,10 +91,10 @@ at::Tensor unipc(const char* name, const DenoiseFn& d, const at::Tensor& x_in, c
   detail::CountedDenoiser denoise{d};
   const int64_t n = static_cast<int64_t>(sigmas.size()) - 1;
   at::Tensor x = x_in;
-  // Evaluations of the steps before the current one, newest first, with their lambdas.
+  // Evaluations of this step and the ones before, newest first, with their lambdas (at most `order`).
   std::vector<at::Tensor> history;
   std::vector<double> history_lambda;
-  // The last step's start point, its evaluation and order: what the corrector rebuilds x from.
+  // The last step's start point and order: what the corrector redoes that step from.
   at::Tensor x_prev;
   int64_t prev_order = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -87,21 +109,9 @@ at::Tensor unipc(const char* name, const DenoiseFn& d, const at::Tensor& x_in, c
     }
     if (i > 0) {
       // UniC: redo the last step from x_prev with the new evaluation as one more point (r = 1).
-      const double lambda_prev = history_lambda[0];
-      const double h = lambda - lambda_prev;
-      std::vector<double> r;
-      std::vector<at::Tensor> diffs;
-      for (int64_t k = 1; k < prev_order; ++k) {
-        r.push_back((history_lambda[static_cast<size_t>(k)] - lambda_prev) / h);
-        diffs.push_back((history[static_cast<size_t>(k)] - history[0]) / r.back());
-      }
-      r.push_back(1.0);
-      diffs.push_back(denoised - history[0]);
-      const std::vector<double> a = unipc_weights(r, h, bh2);
-      const double b_h = bh2 ? std::expm1(-h) : -h;
-      at::Tensor correction = diffs[0] * a[0];
-      for (size_t k = 1; k < diffs.size(); ++k) correction = correction + diffs[k] * a[k];
-      x = x_prev * std::exp(-h) - history[0] * std::expm1(-h) - correction * b_h;
+      const double h = lambda - history_lambda[0];
+      x = x_prev * std::exp(-h) - history[0] * std::expm1(-h) -
+          unipc_update(history, history_lambda, prev_order, denoised, h, bh2);
     }
     history.insert(history.begin(), denoised);
     history_lambda.insert(history_lambda.begin(), lambda);
@@ -113,17 +123,8 @@ at::Tensor unipc(const char* name, const DenoiseFn& d, const at::Tensor& x_in, c
     const int64_t step_order = std::min({order, i + 1, n - i});
     const double h = std::log(sigma) - std::log(sigma_next);
     at::Tensor x_next = x * (sigma_next / sigma) - denoised * std::expm1(-h);
-    if (step_order >= 2) {
-      std::vector<double> r;
-      std::vector<at::Tensor> diffs;
-      for (int64_t k = 1; k < step_order; ++k) {
-        r.push_back((history_lambda[static_cast<size_t>(k)] - lambda) / h);
-        diffs.push_back((history[static_cast<size_t>(k)] - denoised) / r.back());
-      }
-      const std::vector<double> a = unipc_weights(r, h, bh2);
-      const double b_h = bh2 ? std::expm1(-h) : -h;
-      for (size_t k = 0; k < diffs.size(); ++k) x_next = x_next - diffs[k] * (a[k] * b_h);
-    }
+    const at::Tensor update = unipc_update(history, history_lambda, step_order, at::Tensor(), h, bh2);
+    if (update.defined()) x_next = x_next - update;
     x_prev = x;
     prev_order = step_order;
     x = x_next;
