@@ -1,11 +1,10 @@
 // `diffuse train --nproc N`: a local launcher in the manner of torchrun. It re-runs this program's command
-// line (without --nproc) as N children with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1 and a free
-// MASTER_PORT, forwards SIGINT/SIGTERM/SIGHUP to them, and when one fails stops the others.
-#include <arpa/inet.h>
-#include <netinet/in.h>
+// line (without --nproc) as N children with RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1 and MASTER_PORT,
+// the port of the rendezvous store it serves itself (diffuse::LauncherStore: bound before the children start, so
+// no other process can take it in between), forwards SIGINT/SIGTERM/SIGHUP to them, and when one fails stops the
+// others.
 #include <signal.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -21,6 +20,7 @@
 
 #include "cli.h"
 #include "diffuse/common.h"
+#include "diffuse/train/distributed.h"
 
 namespace diffuse::cli {
 namespace {
@@ -50,23 +50,6 @@ std::vector<std::string> own_command_line() {
   }
   if (args.empty()) throw run_error("--nproc: cannot read this program's command line from /proc/self/cmdline");
   return args;
-}
-
-// A TCP port that is free on the loopback interface now (the kernel's choice).
-int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) throw run_error(std::string("--nproc: socket: ") + std::strerror(errno));
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  socklen_t len = sizeof(a);
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 || ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
-    ::close(fd);
-    throw run_error(std::string("--nproc: no free port: ") + std::strerror(errno));
-  }
-  ::close(fd);
-  return ntohs(a.sin_port);
 }
 
 std::string describe(int status) {
@@ -101,7 +84,33 @@ int launch_ranks(int64_t nproc) {
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
-  const std::string port = std::to_string(free_port());
+  const LauncherStore store(nproc);
+  // Each child's environment is built here: between fork and exec (the store's server thread runs in this
+  // process) the child calls only async-signal-safe functions.
+  std::vector<std::vector<std::string>> envs(static_cast<size_t>(nproc));
+  std::vector<std::vector<char*>> envps(static_cast<size_t>(nproc));
+  for (int64_t r = 0; r < nproc; ++r) {
+    const std::vector<std::pair<std::string, std::string>> vars = {
+        {"RANK", std::to_string(r)},
+        {"LOCAL_RANK", std::to_string(r)},
+        {"WORLD_SIZE", std::to_string(nproc)},
+        {"LOCAL_WORLD_SIZE", std::to_string(nproc)},
+        {"MASTER_ADDR", "127.0.0.1"},
+        {"MASTER_PORT", std::to_string(store.port())},
+        {"TORCHELASTIC_USE_AGENT_STORE", "True"},
+        {"DIFFUSE_NPROC_CHILD", "1"}};
+    std::vector<std::string>& env = envs[static_cast<size_t>(r)];
+    for (char** e = environ; *e != nullptr; ++e) {
+      const std::string entry = *e;
+      const std::string name = entry.substr(0, entry.find('='));
+      bool replaced = false;
+      for (const auto& v : vars) replaced = replaced || v.first == name;
+      if (!replaced) env.push_back(entry);
+    }
+    for (const auto& v : vars) env.push_back(v.first + "=" + v.second);
+    for (std::string& entry : env) envps[static_cast<size_t>(r)].push_back(entry.data());
+    envps[static_cast<size_t>(r)].push_back(nullptr);
+  }
 
   std::cout.flush();
   std::cerr.flush();
@@ -123,15 +132,9 @@ int launch_ranks(int64_t nproc) {
       struct sigaction dfl {};
       dfl.sa_handler = SIG_DFL;
       for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaction(sig, &dfl, nullptr);
-      ::setenv("RANK", std::to_string(r).c_str(), 1);
-      ::setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
-      ::setenv("WORLD_SIZE", std::to_string(nproc).c_str(), 1);
-      ::setenv("LOCAL_WORLD_SIZE", std::to_string(nproc).c_str(), 1);
-      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-      ::setenv("MASTER_PORT", port.c_str(), 1);
-      ::setenv("DIFFUSE_NPROC_CHILD", "1", 1);
-      ::execv("/proc/self/exe", argv.data());
-      std::fprintf(stderr, "error: --nproc: cannot run %s: %s\n", argv[0], std::strerror(errno));
+      ::execve("/proc/self/exe", argv.data(), envps[static_cast<size_t>(r)].data());
+      static const char msg[] = "error: --nproc: cannot run this program again (/proc/self/exe)\n";
+      (void)!::write(2, msg, sizeof(msg) - 1);
       ::_exit(kExitFailure);
     }
     g_children[static_cast<size_t>(r)] = pid;

@@ -317,3 +317,51 @@ TEST(Dist, BucketsLaunchDuringBackward) {
     EXPECT_TRUE(at::equal(flat.grad(), plain));
   }
 }
+
+// `--nproc`'s rendezvous store is served by the launcher on a port it holds from the start (so no other process can
+// take it before the ranks start), and ranks meet through it as clients (TORCHELASTIC_USE_AGENT_STORE=True).
+TEST(Dist, LauncherStoreHoldsItsPortAndRanksMeetThroughIt) {
+  if (!have_c10d()) GTEST_SKIP() << "built without c10d";
+  const diffuse::LauncherStore store(2);
+  ASSERT_GT(store.port(), 0);
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<uint16_t>(store.port()));
+  const int bound = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  const int bind_errno = errno;
+  ::close(fd);
+  EXPECT_NE(bound, 0) << "port " << store.port() << " was free";
+  EXPECT_EQ(bind_errno, EADDRINUSE);
+
+  ::setenv("TORCHELASTIC_USE_AGENT_STORE", "True", 1);
+  std::vector<at::Tensor> sums(2);
+  std::vector<std::string> errors(2);
+  std::vector<std::thread> ranks;
+  for (int64_t r = 0; r < 2; ++r) {
+    ranks.emplace_back([&, r] {
+      try {
+        diffuse::DistOptions d;
+        d.rank = r;
+        d.world_size = 2;
+        d.master_addr = "127.0.0.1";
+        d.master_port = store.port();
+        d.timeout_s = 30;
+        auto comm = diffuse::Communicator::connect(d, at::Device(at::kCPU));
+        at::Tensor t = at::full({3}, static_cast<double>(r + 1), at::kFloat);
+        comm->all_reduce_sum(t);
+        sums[static_cast<size_t>(r)] = t;
+      } catch (const std::exception& e) {
+        errors[static_cast<size_t>(r)] = e.what();
+      }
+    });
+  }
+  for (auto& t : ranks) t.join();
+  ::unsetenv("TORCHELASTIC_USE_AGENT_STORE");
+  for (size_t r = 0; r < 2; ++r) {
+    ASSERT_TRUE(errors[r].empty()) << "rank " << r << ": " << errors[r];
+    EXPECT_TRUE(at::equal(sums[r], at::full({3}, 3.0, at::kFloat))) << "rank " << r;
+  }
+}

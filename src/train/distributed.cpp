@@ -133,6 +133,28 @@ Communicator::~Communicator() {
   }
 }
 
+struct LauncherStore::Impl {
+  c10::intrusive_ptr<c10d::TCPStore> store;
+};
+
+LauncherStore::LauncherStore(int64_t world_size) : impl_(std::make_unique<Impl>()) {
+  try {
+    c10d::TCPStoreOptions so;
+    so.port = 0;  // the kernel picks a free one
+    so.isServer = true;
+    so.numWorkers = static_cast<size_t>(world_size);
+    so.waitWorkers = false;  // the ranks are not started yet
+    impl_->store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", so);
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    throw run_error("--nproc: cannot serve the rendezvous store on 127.0.0.1: " + what.substr(0, what.find('\n')));
+  }
+}
+
+LauncherStore::~LauncherStore() = default;
+
+int LauncherStore::port() const { return impl_->store->getPort(); }
+
 std::unique_ptr<Communicator> Communicator::connect(const DistOptions& options, const c10::Device& device) {
   if (!(options.timeout_s > 0)) throw input_error("--dist-timeout must be positive");
   auto impl = std::make_unique<Impl>();
@@ -372,6 +394,13 @@ bool distributed_available() { return false; }
 
 struct Communicator::Impl {};
 struct GradReducer::State {};
+struct LauncherStore::Impl {};
+
+LauncherStore::LauncherStore(int64_t) {
+  throw input_error("distributed: this build of diffuse has no c10d (install libgloo-dev and rebuild); run one process");
+}
+LauncherStore::~LauncherStore() = default;
+int LauncherStore::port() const { return 0; }
 
 Communicator::Communicator(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Communicator::~Communicator() = default;

@@ -38,6 +38,21 @@ DistOptions dist_options_from_env();
 // Whether this build has c10d (ProcessGroupGloo); without it, connect() throws input_error.
 bool distributed_available();
 
+// The rendezvous store of a local launcher (`diffuse train --nproc N`), served by the launcher itself on a port of
+// 127.0.0.1 that it binds as it starts (the kernel's choice, so no other process can take it in between). Its
+// ranks run with MASTER_PORT = port() and TORCHELASTIC_USE_AGENT_STORE=True, as under torchrun's agent: every
+// rank is a client. Throws input_error without c10d, run_error when no port can be bound.
+class LauncherStore {
+ public:
+  explicit LauncherStore(int64_t world_size);
+  ~LauncherStore();
+  int port() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
 // One process group and the store it met through. Every collective waits at most options.timeout_s and
 // then throws run_error (exit 1) with one line; so does a peer that died (its sockets close).
 class Communicator {
