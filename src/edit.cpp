@@ -80,6 +80,13 @@ at::Tensor sample_constrained(const SamplerInfo& sampler, const DenoiseFn& d, co
   const int64_t n = static_cast<int64_t>(sigmas.size()) - 1;
   const std::vector<int64_t> schedule = repaint_schedule(n, resample.jump, resample.resample);
   Noise& noise = *o.noise;
+  if (resample.resample == 1) {
+    // Straight down the grid: one run of the sampler with the constraint after each step, so that a multistep
+    // sampler keeps its history (one step at a time it would restart at first order at every step).
+    SamplerOptions whole = o;
+    whole.after_step = [&constraint, &noise](const at::Tensor& x, double sigma) { return constraint(x, sigma, noise); };
+    return sampler.fn(d, constraint(x_in, sigmas[0], noise), sigmas, whole);
+  }
 
   SamplerOptions step = o;
   int64_t step_nfe = 0, nfe = 0;

@@ -73,6 +73,63 @@ TEST(EditLoop, SingleStepsComposeToTheFullGrid) {
   EXPECT_THROW(sampler_step(find_sampler("euler"), d, x, 5.0, 80.0, o), Error);
 }
 
+// Constrained sampling without resampling is one run of the sampler: with a constraint that changes nothing it
+// is the plain sampler exactly, multistep ones included (one step at a time they would restart at first order:
+// dpmpp_2m would be DDIM). With the inpainting constraint, a one-step sampler gives what the step-by-step loop
+// (sampler_step, then the constraint) gives, draw for draw.
+TEST(EditLoop, ConstrainedSamplingKeepsTheSamplersHistory) {
+  // Gaussian data N(0.3, 0.5^2) per pixel, D = mu + (x - mu) s^2 / (s^2 + sigma^2): the result depends on the
+  // path continuously (a two-point denoiser would end every path on the same point).
+  const at::Tensor v = random_pattern({1, 8, 8}, 0.7, 1);
+  const DenoiseFn d = [](const at::Tensor& x, const at::Tensor& sigma) {
+    const at::Tensor s2 = sigma.to(x.device(), x.scalar_type()).view({-1, 1, 1, 1}).pow(2);
+    return 0.3 + (x - 0.3) * (0.25 / (s2 + 0.25));
+  };
+  Noise start(3, 0, 4);
+  const at::Tensor x = start.randn({1, 8, 8}) * 80.0;
+  const auto sigmas = karras(10);
+  const ConstraintFn identity = [](const at::Tensor& x, double, Noise&) { return x; };
+  for (const char* name : {"dpmpp_2m", "unipc", "dpmpp_2m_sde", "heun"}) {
+    const SamplerInfo& s = find_sampler(name);
+    Noise n1(5, 0, 4), n2(5, 0, 4);
+    SamplerOptions o1, o2;
+    o1.noise = &n1;
+    o2.noise = &n2;
+    int64_t steps = 0;
+    o2.callback = [&](const StepInfo&) { ++steps; };
+    const at::Tensor plain = s.fn(d, x, sigmas, o1);
+    EXPECT_TRUE(at::equal(sample_constrained(s, d, x, sigmas, identity, o2), plain)) << name;
+    EXPECT_EQ(steps, 10) << name;
+  }
+  // dpmpp_2m is not DDIM on this grid: the history matters.
+  {
+    Noise n1(5, 0, 4), n2(5, 0, 4);
+    SamplerOptions o1, o2;
+    o1.noise = &n1;
+    o2.noise = &n2;
+    EXPECT_GT(max_abs(find_sampler("dpmpp_2m").fn(d, x, sigmas, o1) - find_sampler("ddim").fn(d, x, sigmas, o2)), 1e-3);
+  }
+  at::Tensor known = at::zeros({1, 1, 8, 8});
+  known.narrow(3, 0, 4).copy_(v.unsqueeze(0).narrow(3, 0, 4));
+  at::Tensor mask = at::zeros({1, 1, 8, 8});
+  mask.narrow(3, 0, 4).fill_(1.0);
+  const ConstraintFn inpaint = inpaint_constraint(known, mask);
+  for (const char* name : {"ddim", "euler", "euler_a", "pc"}) {
+    const SamplerInfo& s = find_sampler(name);
+    Noise n1(5, 0, 4), n2(5, 0, 4);
+    SamplerOptions o1, o2;
+    o1.noise = &n1;
+    o2.noise = &n2;
+    const at::Tensor whole = sample_constrained(s, d, x, sigmas, inpaint, o1);
+    at::Tensor stepped = inpaint(x, sigmas[0], n2);
+    for (size_t i = 0; i + 1 < sigmas.size(); ++i) {
+      stepped = sampler_step(s, d, stepped, sigmas[i], sigmas[i + 1], o2);
+      stepped = inpaint(stepped, sigmas[i + 1], n2);
+    }
+    EXPECT_TRUE(at::equal(whole, stepped)) << name << ": " << max_abs(whole - stepped);
+  }
+}
+
 TEST(EditLoop, RepaintScheduleGoesDownWithJumpsBackUp) {
   struct Case {
     int64_t n, jump, resample;

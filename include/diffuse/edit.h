@@ -47,9 +47,11 @@ at::Tensor sampler_step(const SamplerInfo& sampler, const DenoiseFn& d, const at
                         double sigma_to, const SamplerOptions& o, at::Tensor* denoised = nullptr);
 
 // Samples like sampler.fn(d, x, sigmas, o), calling `constraint` after every step (and on x at
-// sigmas[0]). Each interval [sigmas[i], sigmas[i+1]] is one sampler_step, so multistep samplers run at
-// first order here. o.noise is required (the constraint and the resampling draw from it); o.callback sees
-// the steps of the whole schedule; churn (o.s_churn) is scaled as on the whole grid.
+// sigmas[0]). Without resampling this is one run of the sampler (SamplerOptions::after_step), so multistep
+// samplers keep their history; with RePaint's resampling each interval [sigmas[i], sigmas[i+1]] is one
+// sampler_step, and multistep samplers run at first order. o.noise is required (the constraint and the
+// resampling draw from it); o.callback sees the steps of the whole schedule; churn (o.s_churn) is scaled as on
+// the whole grid.
 at::Tensor sample_constrained(const SamplerInfo& sampler, const DenoiseFn& d, const at::Tensor& x,
                               const std::vector<double>& sigmas, const ConstraintFn& constraint,
                               const SamplerOptions& o, const ResampleOptions& resample = {});

@@ -69,6 +69,10 @@ struct SamplerOptions {
   double atol = 1e-5;
   std::function<void(const StepInfo&)> callback;
   int64_t* nfe = nullptr;  // when set, receives the number of denoiser evaluations used
+  // When set, x <- after_step(x, sigma) at the end of every step (sigma: the one x has reached), before the
+  // callback; a multistep sampler keeps its history of evaluations. Editing's constraints (sample_constrained).
+  // Fixed-step samplers only: rk45 ignores it.
+  std::function<at::Tensor(const at::Tensor& x, double sigma)> after_step;
 };
 
 using SamplerFn = std::function<at::Tensor(const DenoiseFn& denoise, const at::Tensor& x,

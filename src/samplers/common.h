@@ -70,4 +70,11 @@ inline void report_step(const SamplerOptions& o, int64_t step, int64_t num_steps
   o.callback(info);
 }
 
+// The end of a fixed-step sampler's step: o.after_step (editing's constraint) replaces x, then report_step.
+inline void step_done(const SamplerOptions& o, int64_t step, int64_t num_steps, double sigma_from, double sigma,
+                      at::Tensor& x, const at::Tensor& denoised, int64_t nfe) {
+  if (o.after_step) x = o.after_step(x, sigma);
+  report_step(o, step, num_steps, sigma_from, sigma, x, denoised, nfe);
+}
+
 }  // namespace diffuse::detail

@@ -18,7 +18,7 @@ at::Tensor sample_ddim(const DenoiseFn& d, const at::Tensor& x_in, const std::ve
     const at::Tensor denoised = denoise(x, s_from);
     if (s_to == 0.0) {
       x = denoised;
-      detail::report_step(o, i, n, s_from, s_to, x, denoised, denoise.nfe);
+      detail::step_done(o, i, n, s_from, s_to, x, denoised, denoise.nfe);
       continue;
     }
     const double ab_from = 1.0 / (1.0 + s_from * s_from), ab_to = 1.0 / (1.0 + s_to * s_to);
@@ -32,7 +32,7 @@ at::Tensor sample_ddim(const DenoiseFn& d, const at::Tensor& x_in, const std::ve
     const double inv_s_to = 1.0 / std::sqrt(ab_to);
     x = denoised + eps * (std::sqrt(std::max(one_minus_ab_to - var_eta, 0.0)) * inv_s_to);
     if (var_eta > 0.0) x = x + noise->randn_like(x) * (std::sqrt(var_eta) * inv_s_to);
-    detail::report_step(o, i, n, s_from, s_to, x, denoised, denoise.nfe);
+    detail::step_done(o, i, n, s_from, s_to, x, denoised, denoise.nfe);
   }
   return x;
 }

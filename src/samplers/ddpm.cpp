@@ -26,7 +26,7 @@ at::Tensor sample_ddpm(const DenoiseFn& d, const at::Tensor& x_in, const std::ve
     // The last step (t = 1 in Ho et al.) adds no noise; its posterior mean is the predicted x0.
     if (s_to == 0.0) {
       x = denoised;
-      detail::report_step(o, i, n, s_from, s_to, x, denoised, denoise.nfe);
+      detail::step_done(o, i, n, s_from, s_to, x, denoised, denoise.nfe);
       continue;
     }
     // alpha_bar, 1 - alpha_bar and the step's beta = 1 - alpha_bar_from / alpha_bar_to, without cancellation.
@@ -52,7 +52,7 @@ at::Tensor sample_ddpm(const DenoiseFn& d, const at::Tensor& x_in, const std::ve
     } else {
       x = x + z * (std::sqrt(variance) * inv_s_to);
     }
-    detail::report_step(o, i, n, s_from, s_to, x, denoised, denoise.nfe);
+    detail::step_done(o, i, n, s_from, s_to, x, denoised, denoise.nfe);
   }
   return x;
 }

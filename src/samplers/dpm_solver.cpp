@@ -30,7 +30,7 @@ at::Tensor sample_dpmpp_2m(const DenoiseFn& d, const at::Tensor& x_in, const std
       x = x * (sigma_next / sigma) - denoised_d * std::expm1(-h);
     }
     old_denoised = denoised;
-    detail::report_step(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
+    detail::step_done(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
   }
   return x;
 }
@@ -67,7 +67,7 @@ at::Tensor sample_dpmpp_2m_sde(const DenoiseFn& d, const at::Tensor& x_in, const
       h_last = h;
     }
     old_denoised = denoised;
-    detail::report_step(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
+    detail::step_done(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
   }
   return x;
 }
@@ -121,7 +121,7 @@ at::Tensor dpmpp_3m(const char* name, const DenoiseFn& d, const at::Tensor& x_in
     denoised_1 = denoised;
     h_2 = h_1;
     h_1 = h;
-    detail::report_step(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
+    detail::step_done(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
   }
   return x;
 }

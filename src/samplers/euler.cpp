@@ -16,7 +16,7 @@ at::Tensor sample_euler(const DenoiseFn& d, const at::Tensor& x_in, const std::v
     const at::Tensor denoised = denoise(x, sigma_hat);
     const at::Tensor d_x = (x - denoised) / sigma_hat;
     x = x + d_x * (sigmas[i + 1] - sigma_hat);
-    detail::report_step(o, i, n, sigmas[i], sigmas[i + 1], x, denoised, denoise.nfe);
+    detail::step_done(o, i, n, sigmas[i], sigmas[i + 1], x, denoised, denoise.nfe);
   }
   return x;
 }
@@ -41,7 +41,7 @@ at::Tensor sample_euler_ancestral(const DenoiseFn& d, const at::Tensor& x_in, co
     // Euler step to sigma_down, then the noise up to sigma_next.
     x = x + (x - denoised) / sigma * (sigma_down - sigma);
     if (sigma_up > 0.0) x = x + noise->randn_like(x) * (o.s_noise * sigma_up);
-    detail::report_step(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
+    detail::step_done(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
   }
   return x;
 }

@@ -20,7 +20,7 @@ at::Tensor sample_heun(const DenoiseFn& d, const at::Tensor& x_in, const std::ve
     const double dt = sigma_next - sigma_hat;
     if (sigma_next == 0.0) {
       x = x + d_x * dt;
-      detail::report_step(o, i, n, sigmas[i], sigma_next, x, denoised, denoise.nfe);
+      detail::step_done(o, i, n, sigmas[i], sigma_next, x, denoised, denoise.nfe);
       continue;
     }
     // Apply the 2nd-order correction (lines 9-11).
@@ -28,7 +28,7 @@ at::Tensor sample_heun(const DenoiseFn& d, const at::Tensor& x_in, const std::ve
     const at::Tensor denoised_next = denoise(x_next, sigma_next);
     const at::Tensor d_next = (x_next - denoised_next) / sigma_next;
     x = x + (d_x + d_next) * (0.5 * dt);
-    detail::report_step(o, i, n, sigmas[i], sigma_next, x, denoised_next, denoise.nfe);
+    detail::step_done(o, i, n, sigmas[i], sigma_next, x, denoised_next, denoise.nfe);
   }
   return x;
 }

@@ -23,7 +23,7 @@ at::Tensor sample_pc(const DenoiseFn& d, const at::Tensor& x_in, const std::vect
     if (sigma_next == 0.0) {
       // Last step: the denoised mean (Tweedie), as Song et al.'s final noise removal.
       x = denoised;
-      detail::report_step(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
+      detail::step_done(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
       continue;
     }
     // Reverse-diffusion predictor (eq. 46): x += (sigma^2 - sigma_next^2) score + sqrt(sigma^2 - sigma_next^2) z.
@@ -39,7 +39,7 @@ at::Tensor sample_pc(const DenoiseFn& d, const at::Tensor& x_in, const std::vect
       const at::Tensor step = (2.0 * (o.snr * z_norm / score_norm).pow(2)).view(per_image);
       x = x + step * score + (2.0 * step).sqrt() * z;
     }
-    detail::report_step(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
+    detail::step_done(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
   }
   return x;
 }

@@ -104,7 +104,7 @@ at::Tensor unipc(const char* name, const DenoiseFn& d, const at::Tensor& x_in, c
     if (sigma_next == 0.0) {
       // The final step to sigma 0 is x = D; a correction of x here would not change D(x).
       x = denoised;
-      detail::report_step(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
+      detail::step_done(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
       break;
     }
     if (i > 0) {
@@ -112,6 +112,8 @@ at::Tensor unipc(const char* name, const DenoiseFn& d, const at::Tensor& x_in, c
       const double h = lambda - history_lambda[0];
       x = x_prev * std::exp(-h) - history[0] * std::expm1(-h) -
           unipc_update(history, history_lambda, prev_order, denoised, h, bh2);
+      // The corrected point replaces the one the constraint was applied to: apply it again.
+      if (o.after_step) x = o.after_step(x, sigma);
     }
     history.insert(history.begin(), denoised);
     history_lambda.insert(history_lambda.begin(), lambda);
@@ -128,7 +130,7 @@ at::Tensor unipc(const char* name, const DenoiseFn& d, const at::Tensor& x_in, c
     x_prev = x;
     prev_order = step_order;
     x = x_next;
-    detail::report_step(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
+    detail::step_done(o, i, n, sigma, sigma_next, x, denoised, denoise.nfe);
   }
   return x;
 }
