@@ -139,17 +139,28 @@ constexpr double kTol = 2e-5;
 
 bool have_c10d() { return diffuse::distributed_available(); }
 
-// A loopback TCP port that is free now.
-int free_port() {
+// Binds a TCP socket to 127.0.0.1:port (0: the kernel's choice) and closes it again: 0, or bind's errno. The port
+// bound goes to *bound.
+int try_bind_loopback(int port, int* bound = nullptr) {
   int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return errno;
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  a.sin_port = htons(static_cast<uint16_t>(port));
   socklen_t len = sizeof(a);
-  EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
-  EXPECT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  int err = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 ? 0 : errno;
+  if (err == 0 && ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) err = errno;
   ::close(fd);
-  return ntohs(a.sin_port);
+  if (bound != nullptr) *bound = ntohs(a.sin_port);
+  return err;
+}
+
+// A loopback TCP port that is free now.
+int free_port() {
+  int port = 0;
+  EXPECT_EQ(try_bind_loopback(0, &port), 0);
+  return port;
 }
 
 }  // namespace
@@ -324,17 +335,7 @@ TEST(Dist, LauncherStoreHoldsItsPortAndRanksMeetThroughIt) {
   if (!have_c10d()) GTEST_SKIP() << "built without c10d";
   const diffuse::LauncherStore store(2);
   ASSERT_GT(store.port(), 0);
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  ASSERT_GE(fd, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = htons(static_cast<uint16_t>(store.port()));
-  const int bound = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  const int bind_errno = errno;
-  ::close(fd);
-  EXPECT_NE(bound, 0) << "port " << store.port() << " was free";
-  EXPECT_EQ(bind_errno, EADDRINUSE);
+  EXPECT_EQ(try_bind_loopback(store.port()), EADDRINUSE) << "port " << store.port();
 
   ::setenv("TORCHELASTIC_USE_AGENT_STORE", "True", 1);
   std::vector<at::Tensor> sums(2);

@@ -39,6 +39,18 @@ std::vector<double> karras(int64_t n) { return grid_karras(n, 0.002, 80.0, 7.0);
 
 double max_abs(const at::Tensor& t) { return t.abs().max().item<double>(); }
 
+// Two sampler options with equal, separate noise streams: the same draws for two runs that are compared.
+struct TwinOptions {
+  Noise n1{5, 0, 4}, n2{5, 0, 4};
+  SamplerOptions o1, o2;
+  TwinOptions() {
+    o1.noise = &n1;
+    o2.noise = &n2;
+  }
+  TwinOptions(const TwinOptions&) = delete;
+  TwinOptions& operator=(const TwinOptions&) = delete;
+};
+
 std::string temp_dir(const std::string& name) {
   fs::path p = diffuse_test::temp_root() / ("diffuse_edit_test_" + name + "_" + std::to_string(::getpid()));
   diffuse_test::remove_tree(p);
@@ -91,23 +103,18 @@ TEST(EditLoop, ConstrainedSamplingKeepsTheSamplersHistory) {
   const ConstraintFn identity = [](const at::Tensor& x, double, Noise&) { return x; };
   for (const char* name : {"dpmpp_2m", "unipc", "dpmpp_2m_sde", "heun"}) {
     const SamplerInfo& s = find_sampler(name);
-    Noise n1(5, 0, 4), n2(5, 0, 4);
-    SamplerOptions o1, o2;
-    o1.noise = &n1;
-    o2.noise = &n2;
+    TwinOptions t;
     int64_t steps = 0;
-    o2.callback = [&](const StepInfo&) { ++steps; };
-    const at::Tensor plain = s.fn(d, x, sigmas, o1);
-    EXPECT_TRUE(at::equal(sample_constrained(s, d, x, sigmas, identity, o2), plain)) << name;
+    t.o2.callback = [&](const StepInfo&) { ++steps; };
+    const at::Tensor plain = s.fn(d, x, sigmas, t.o1);
+    EXPECT_TRUE(at::equal(sample_constrained(s, d, x, sigmas, identity, t.o2), plain)) << name;
     EXPECT_EQ(steps, 10) << name;
   }
   // dpmpp_2m is not DDIM on this grid: the history matters.
   {
-    Noise n1(5, 0, 4), n2(5, 0, 4);
-    SamplerOptions o1, o2;
-    o1.noise = &n1;
-    o2.noise = &n2;
-    EXPECT_GT(max_abs(find_sampler("dpmpp_2m").fn(d, x, sigmas, o1) - find_sampler("ddim").fn(d, x, sigmas, o2)), 1e-3);
+    TwinOptions t;
+    EXPECT_GT(max_abs(find_sampler("dpmpp_2m").fn(d, x, sigmas, t.o1) - find_sampler("ddim").fn(d, x, sigmas, t.o2)),
+              1e-3);
   }
   at::Tensor known = at::zeros({1, 1, 8, 8});
   known.narrow(3, 0, 4).copy_(v.unsqueeze(0).narrow(3, 0, 4));
@@ -116,15 +123,12 @@ TEST(EditLoop, ConstrainedSamplingKeepsTheSamplersHistory) {
   const ConstraintFn inpaint = inpaint_constraint(known, mask);
   for (const char* name : {"ddim", "euler", "euler_a", "pc"}) {
     const SamplerInfo& s = find_sampler(name);
-    Noise n1(5, 0, 4), n2(5, 0, 4);
-    SamplerOptions o1, o2;
-    o1.noise = &n1;
-    o2.noise = &n2;
-    const at::Tensor whole = sample_constrained(s, d, x, sigmas, inpaint, o1);
-    at::Tensor stepped = inpaint(x, sigmas[0], n2);
+    TwinOptions t;
+    const at::Tensor whole = sample_constrained(s, d, x, sigmas, inpaint, t.o1);
+    at::Tensor stepped = inpaint(x, sigmas[0], t.n2);
     for (size_t i = 0; i + 1 < sigmas.size(); ++i) {
-      stepped = sampler_step(s, d, stepped, sigmas[i], sigmas[i + 1], o2);
-      stepped = inpaint(stepped, sigmas[i + 1], n2);
+      stepped = sampler_step(s, d, stepped, sigmas[i], sigmas[i + 1], t.o2);
+      stepped = inpaint(stepped, sigmas[i + 1], t.n2);
     }
     EXPECT_TRUE(at::equal(whole, stepped)) << name << ": " << max_abs(whole - stepped);
   }
