@@ -67,6 +67,14 @@ int main(int argc, char** argv) {
   // keeps LibTorch's direct convolution (the arithmetic of diffusers to ~1e-6, for comparisons).
   const char* winograd = std::getenv("DIFFUSE_CPU_WINOGRAD");
   diffuse::set_cpu_winograd(!(winograd && std::string(winograd) == "0"));
+  // GroupNorm + SiLU through the project's fused CUDA kernels (diffuse::set_fused_norm), on CUDA in a build that
+  // has them: DIFFUSE_CUDA_FUSED_NORM=1. Off by default until measured on a GPU; elsewhere it changes nothing.
+  const char* fused = std::getenv("DIFFUSE_CUDA_FUSED_NORM");
+  if (fused && *fused && std::string(fused) != "0" && std::string(fused) != "1") {
+    std::cerr << "error: DIFFUSE_CUDA_FUSED_NORM must be 0 or 1, got '" << fused << "'\n";
+    return diffuse::kExitBadInput;
+  }
+  diffuse::set_fused_norm(fused && std::string(fused) == "1");
   // Ctrl-C, kill or a closed terminal while an output is being written leaves no half-written file.
   diffuse::remove_temporaries_on_signals();
   CLI::App app{"diffuse: train, sample, edit and measure image diffusion models (LibTorch)"};

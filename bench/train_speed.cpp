@@ -9,6 +9,7 @@
 //                     [--mode train|sample|both] [--steps N] [--evals N] [--warmup N] [--data synthetic|SPEC]
 //                     [--profile PREFIX] [--cudnn-benchmark 0|1] [--cuda-graph 0|1] [--channels-last 0|1]
 //                     [--cpu-winograd 0|1] [--grad-buffer transient|persistent] [--reduced-norm 0|1]
+//                     [--fused-norm 0|1]
 // One JSON line per measurement on stdout, each followed by a human line starting with "# ".
 // --profile traces one more iteration per measurement (bench/trace_ops.py compares traces op by op).
 // --cudnn-benchmark 1 lets cuDNN time its convolution algorithms on the first call of each shape and keep the
@@ -21,6 +22,8 @@
 // on both sides.
 // --reduced-norm 1 (with --precision bf16|fp16) runs GroupNorm on the reduced-precision activations instead of in
 // float32 (diffuse::set_reduced_precision_norm), an experiment for the GPU.
+// --fused-norm 1 (CUDA, a build with the project's kernels) runs GroupNorm and the SiLU after it through the fused
+// kernels of src/nn/cuda/group_norm.cu (diffuse::set_fused_norm; the program: DIFFUSE_CUDA_FUSED_NORM=1).
 // --grad-buffer: transient (the default, as `diffuse train` in one process) frees the gradient between steps;
 // persistent keeps it allocated as the data-parallel all-reduce needs (diffuse::GradStorage).
 // Peak memory (peak_mem_mib) counts the bytes held by tensors during the timed iterations: the CUDA caching
@@ -97,6 +100,7 @@ struct Options {
                             // sample: each evaluation replayed from a graph (diffuse::CudaGraphFunction)
   std::string grad_buffer = "transient";  // train: diffuse::GradStorage
   bool reduced_norm = false;  // GroupNorm on the bf16/fp16 activations (diffuse::set_reduced_precision_norm)
+  bool fused_norm = false;    // GroupNorm + SiLU through the project's CUDA kernels (diffuse::set_fused_norm)
 };
 
 [[noreturn]] void usage(const std::string& why) {
@@ -107,7 +111,8 @@ struct Options {
       << "                         [--data synthetic|SPEC] [--seed N] [--precision fp32|bf16|fp16]\n"
       << "                         [--profile PREFIX] [--cudnn-benchmark 0|1]\n"
       << "                         [--cuda-graph 0|1] [--channels-last 0|1] [--cpu-winograd 0|1]\n"
-      << "                         [--grad-buffer transient|persistent] [--reduced-norm 0|1]\n";
+      << "                         [--grad-buffer transient|persistent] [--reduced-norm 0|1]\n"
+      << "                         [--fused-norm 0|1]\n";
   std::exit(diffuse::kExitBadInput);
 }
 
@@ -162,6 +167,9 @@ Options parse(int argc, char** argv) {
     } else if (flag == "--reduced-norm") {
       if (value != "0" && value != "1") usage("--reduced-norm: 0 or 1");
       o.reduced_norm = value == "1";
+    } else if (flag == "--fused-norm") {
+      if (value != "0" && value != "1") usage("--fused-norm: 0 or 1");
+      o.fused_norm = value == "1";
     } else if (flag == "--grad-buffer") {
       if (value != "transient" && value != "persistent") usage("--grad-buffer: transient or persistent");
       o.grad_buffer = value;
@@ -331,6 +339,7 @@ void report(const std::string& bench, const Options& o, const diffuse::RunConfig
                    {"cpu_winograd", o.cpu_winograd},
                    {"grad_buffer", bench == "train" ? o.grad_buffer : ""},
                    {"reduced_norm", o.reduced_norm},
+                   {"fused_norm", o.fused_norm},
                    {"omp_wait_policy", env_or("OMP_WAIT_POLICY", "")}};
   if (peak_mib >= 0) j["peak_mem_mib"] = peak_mib;
   if (bench == "train") j["last_loss"] = last_loss;
@@ -502,6 +511,10 @@ int main(int argc, char** argv) {
     const bool cuda = device.is_cuda();
     at::globalContext().setBenchmarkCuDNN(o.cudnn_benchmark);
     diffuse::set_reduced_precision_norm(o.reduced_norm);
+    if (o.fused_norm && !(cuda && diffuse::fused_norm_built())) {
+      usage("--fused-norm 1: needs a CUDA device and a build with the project's CUDA kernels");
+    }
+    diffuse::set_fused_norm(o.fused_norm);
     const int64_t steps = o.steps >= 0 ? o.steps : (cuda ? 50 : 10);
     const int64_t evals = o.evals >= 0 ? o.evals : (cuda ? 100 : 20);
     int64_t warmup = o.warmup >= 0 ? o.warmup : (cuda ? 10 : 2);

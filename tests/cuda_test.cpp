@@ -16,6 +16,7 @@
 #include "diffuse/nn/unet.h"
 #include "diffuse/train/cuda_graph.h"
 #include "diffuse/train/trainer.h"
+#include "fused_norm_check.h"
 #include "model_util.h"
 #include "test_util.h"
 
@@ -129,6 +130,62 @@ TEST(Cuda, ChannelsLastFollowsNchw) {
   auto [out_bf, grad_bf] = forward_backward(n.net, n.x, n.t, cuda, diffuse::Precision::kBFloat16);
   std::printf("channels-last bf16 (reduced-precision GroupNorm) vs NCHW fp32 on CUDA: output rel L2 %.3g, gradient "
               "rel L2 %.3g\n", rel_l2(out_bf, out32), rel_l2(grad_bf, grad32));
+  EXPECT_LT(rel_l2(out_bf, out32), 3e-2);
+  EXPECT_LT(rel_l2(grad_bf, grad32), 6e-2);
+}
+
+// The fused GroupNorm (+ SiLU) kernels (src/nn/cuda/group_norm.cu) against LibTorch's GroupNorm in float64, with
+// the bounds the CPU run of their block program meets (nn_fused_norm_test), and against that CPU run itself.
+TEST(Cuda, FusedGroupNormKernelsAreGroupNorm) {
+  REQUIRE_CUDA();
+  if (!diffuse::fused_norm_built()) GTEST_SKIP() << "built without the project's CUDA kernels";
+  for (const auto& k : fused_norm_check::cases()) {
+    for (bool silu : {false, true}) {
+      for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+        const auto e = fused_norm_check::errors(k, dtype, silu, at::Device("cuda"));
+        std::printf("  GroupNorm kernel %-16s G=%-2lld offset %-4g silu %d %-8s y %.2e dx %.2e dw %.2e db %.2e\n",
+                    diffuse::nn_detail::shape_str(k.shape).c_str(), static_cast<long long>(k.groups), k.offset, silu,
+                    c10::toString(dtype), e.y, e.dx, e.dw, e.db);
+        EXPECT_LT(e.y, dtype == at::kFloat ? 1e-6 : 3e-3);
+        EXPECT_LT(e.dx, dtype == at::kFloat ? 1e-6 : 3e-3);
+        EXPECT_LT(e.dw, 2e-6);
+        EXPECT_LT(e.db, 2e-6);
+      }
+    }
+  }
+  // The same block program on both devices: only the order of the block's sums differs.
+  at::manual_seed(5);
+  const at::Tensor x = at::randn({8, 64, 28, 28}), w = at::randn({64}), b = at::randn({64});
+  const at::Tensor cpu = diffuse::nn_detail::fused_group_norm(x, 32, w, b, 1e-5, true);
+  const at::Tensor gpu = diffuse::nn_detail::fused_group_norm(x.cuda(), 32, w.cuda(), b.cuda(), 1e-5, true);
+  std::printf("fused GroupNorm + SiLU, CUDA vs the CPU block program: rel L2 %.3g\n", rel_l2(gpu, cpu));
+  EXPECT_LT(rel_l2(gpu, cpu), 1e-6);
+}
+
+// DIFFUSE_CUDA_FUSED_NORM=1 / set_fused_norm(true): the U-Net with the fused kernels computes the network of
+// LibTorch's GroupNorm, in float32 and under bf16 autocast.
+TEST(Cuda, FusedNormUNetFollowsLibTorchNorm) {
+  REQUIRE_CUDA();
+  if (!diffuse::fused_norm_built()) GTEST_SKIP() << "built without the project's CUDA kernels";
+  NetAndInput n = tiny_net_and_input();
+  n.net->eval();
+  const at::Device cuda("cuda");
+  struct Off {
+    ~Off() { diffuse::set_fused_norm(false); }
+  } off;
+  auto [out32, grad32] = forward_backward(n.net, n.x, n.t, cuda, diffuse::Precision::kFloat32);
+  diffuse::set_fused_norm(true);
+  const int64_t calls = diffuse::nn_detail::fused_group_norm_calls();
+  auto [out_f, grad_f] = forward_backward(n.net, n.x, n.t, cuda, diffuse::Precision::kFloat32);
+  EXPECT_GT(diffuse::nn_detail::fused_group_norm_calls(), calls) << "the fused kernels did not run";
+  std::printf("fused-norm vs LibTorch GroupNorm on CUDA, float32: output rel L2 %.3g, gradient rel L2 %.3g\n",
+              rel_l2(out_f, out32), rel_l2(grad_f, grad32));
+  EXPECT_LT(rel_l2(out_f, out32), 1e-5);
+  EXPECT_LT(rel_l2(grad_f, grad32), 1e-4);
+  auto [out_bf, grad_bf] = forward_backward(n.net, n.x, n.t, cuda, diffuse::Precision::kBFloat16);
+  std::printf("fused-norm bf16 vs LibTorch GroupNorm fp32 on CUDA: output rel L2 %.3g, gradient rel L2 %.3g\n",
+              rel_l2(out_bf, out32), rel_l2(grad_bf, grad32));
+  EXPECT_EQ(out_bf.scalar_type(), at::kFloat);
   EXPECT_LT(rel_l2(out_bf, out32), 3e-2);
   EXPECT_LT(rel_l2(grad_bf, grad32), 6e-2);
 }
@@ -263,6 +320,19 @@ TEST(Cuda, GraphedStepIsTheEagerStep) {
   std::printf("graphed channels-last vs eager NCHW after 20 steps: parameters rel L2 %.3g; loss %.6f\n", nhwc_err,
               r_nhwc.last_loss);
   EXPECT_LT(nhwc_err, 1e-3);
+  // Graphed with the fused GroupNorm kernels (their autograd function inside the capture): the same training up to
+  // the kernels' summation order.
+  if (diffuse::fused_norm_built()) {
+    struct Off {
+      ~Off() { diffuse::set_fused_norm(false); }
+    } off;
+    diffuse::set_fused_norm(true);
+    auto [fused, r_fused] = run(true, "cuda_graphed_fused");
+    const double fused_err = rel_l2(flat(fused.model), flat(eager.model));
+    std::printf("graphed fused-norm vs eager LibTorch GroupNorm after 20 steps: parameters rel L2 %.3g; loss %.6f\n",
+                fused_err, r_fused.last_loss);
+    EXPECT_LT(fused_err, 1e-3);
+  }
 }
 
 }  // namespace

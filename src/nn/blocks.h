@@ -53,6 +53,17 @@ at::Tensor group_norm_nhwc(const at::Tensor& x, int64_t groups, const at::Tensor
                            double eps, at::ScalarType dtype, bool silu = false);
 int64_t group_norm_nhwc_calls();  // how many times group_norm_nhwc ran in this process (for tests)
 
+// GroupNorm of contiguous x [N, C, ...] (float32 or bfloat16), then SiLU with `silu`, as one autograd function over
+// the project's kernels (src/nn/fused_norm.cpp): statistics and arithmetic in float32, loads and stores in x's type,
+// the output in x's type, x and the statistics kept for the backward pass (not the pre-activation). On CUDA the kernels
+// of src/nn/cuda/group_norm.cu (a build with them: fused_norm_built()); on the CPU the same block program run
+// serially, for tests. weight and bias ([C]) may be undefined. Autocast does not apply inside.
+at::Tensor fused_group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
+                            double eps, bool silu = false);
+// Whether fused_group_norm takes x as it is on its device (type, layout, a build with the CUDA kernels).
+bool fused_group_norm_applies(const at::Tensor& x);
+int64_t fused_group_norm_calls();  // how many times fused_group_norm ran in this process (for tests)
+
 // Whether the current thread runs a U-Net forward with channels-last activations, set for its duration by
 // ChannelsLastScope (UNet2DModelImpl::forward with set_channels_last(true)).
 bool channels_last_active();

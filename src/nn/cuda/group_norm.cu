@@ -1,0 +1,117 @@
+// The fused GroupNorm (+ SiLU) kernels: one block per (image, group), the phases of group_norm_kernel.h separated
+// by block-wide sums (warp shuffles, then one warp over the warps' totals).
+#include "nn/cuda/group_norm_cuda.h"
+
+#include <cuda_runtime.h>
+
+namespace diffuse {
+namespace gn_cuda {
+namespace {
+
+using gn_kernel::Bf16;
+using gn_kernel::Group;
+using gn_kernel::Moments;
+using gn_kernel::Shape;
+
+// The sum of v over the block, returned to every thread. blockDim.x is a multiple of 32 (block_threads).
+// `scratch` holds 32 float2; the leading barrier lets the previous call's readers finish first.
+__device__ float2 block_sum(float2 v, float2* scratch) {
+  for (int o = 16; o > 0; o >>= 1) {
+    v.x += __shfl_down_sync(0xffffffffu, v.x, o);
+    v.y += __shfl_down_sync(0xffffffffu, v.y, o);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < warps ? scratch[lane] : make_float2(0.0f, 0.0f);
+    for (int o = 16; o > 0; o >>= 1) {
+      v.x += __shfl_down_sync(0xffffffffu, v.x, o);
+      v.y += __shfl_down_sync(0xffffffffu, v.y, o);
+    }
+    if (lane == 0) scratch[0] = v;
+  }
+  __syncthreads();
+  return scratch[0];
+}
+
+template <class T>
+__global__ void forward_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                               T* __restrict__ y, float* __restrict__ stats, Shape shape, float eps, bool silu) {
+  __shared__ float2 scratch[32];
+  const Group g(shape, blockIdx.x);
+  const int64_t t = threadIdx.x, threads = blockDim.x;
+  const float m0 =
+      block_sum(make_float2(gn_kernel::forward_sum(g, x, t, threads), 0.0f), scratch).x / static_cast<float>(g.d);
+  float2 centred;
+  gn_kernel::forward_centred_sums(g, x, m0, t, threads, centred.x, centred.y);
+  centred = block_sum(centred, scratch);
+  const Moments m = gn_kernel::moments_from(m0, centred.x, centred.y, g.d, eps);
+  if (t == 0) m.write(stats, g.stats);
+  gn_kernel::forward_write(g, x, w, b, m, silu, y, t, threads);
+}
+
+template <class T>
+__global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ w,
+                                const float* __restrict__ b, const float* __restrict__ stats, Shape shape, bool silu,
+                                T* __restrict__ dx, float* __restrict__ dw_part, float* __restrict__ db_part) {
+  __shared__ float2 scratch[32];
+  const Group g(shape, blockIdx.x);
+  const int64_t t = threadIdx.x, threads = blockDim.x;
+  const Moments m = Moments::read(stats, g.stats);
+  const int64_t image = blockIdx.x / shape.groups;
+  float a = 0.0f, bx = 0.0f;
+  for (int64_t k = 0; k < shape.cg(); ++k) {
+    float2 s;
+    gn_kernel::backward_channel_sums(g, x, dy, w, b, m, silu, k, t, threads, s.x, s.y);
+    s = block_sum(s, scratch);
+    const int64_t c = g.c0 + k;
+    if (t == 0) {
+      dw_part[image * shape.c + c] = s.x;
+      db_part[image * shape.c + c] = s.y;
+    }
+    bx += w[c] * s.x;
+    a += w[c] * s.y;
+  }
+  const float d = static_cast<float>(g.d);
+  gn_kernel::backward_write(g, x, dy, w, b, m, silu, a / d, bx / d, dx, t, threads);
+}
+
+const char* launched() {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+}  // namespace
+
+const char* forward(bool bf16, const void* x, const float* w, const float* b, void* y, float* stats,
+                    const Shape& shape, float eps, bool silu, void* stream) {
+  const dim3 grid(static_cast<unsigned>(shape.n * shape.groups)), block(static_cast<unsigned>(gn_kernel::block_threads(shape)));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (bf16) {
+    forward_kernel<Bf16><<<grid, block, 0, s>>>(static_cast<const Bf16*>(x), w, b, static_cast<Bf16*>(y), stats, shape,
+                                                eps, silu);
+  } else {
+    forward_kernel<float><<<grid, block, 0, s>>>(static_cast<const float*>(x), w, b, static_cast<float*>(y), stats, shape,
+                                                 eps, silu);
+  }
+  return launched();
+}
+
+const char* backward(bool bf16, const void* x, const void* dy, const float* w, const float* b, const float* stats,
+                     const Shape& shape, bool silu, void* dx, float* dw_part, float* db_part, void* stream) {
+  const dim3 grid(static_cast<unsigned>(shape.n * shape.groups)), block(static_cast<unsigned>(gn_kernel::block_threads(shape)));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (bf16) {
+    backward_kernel<Bf16><<<grid, block, 0, s>>>(static_cast<const Bf16*>(x), static_cast<const Bf16*>(dy), w, b, stats,
+                                                 shape, silu, static_cast<Bf16*>(dx), dw_part, db_part);
+  } else {
+    backward_kernel<float><<<grid, block, 0, s>>>(static_cast<const float*>(x), static_cast<const float*>(dy), w, b,
+                                                  stats, shape, silu, static_cast<float*>(dx), dw_part, db_part);
+  }
+  return launched();
+}
+
+}  // namespace gn_cuda
+}  // namespace diffuse

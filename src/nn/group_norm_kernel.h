@@ -1,0 +1,217 @@
+// The fused GroupNorm (+ SiLU) kernels' arithmetic, written once for the CUDA kernels (src/nn/cuda/group_norm.cu)
+// and for a serial run of the same block program on the CPU (src/nn/fused_norm.cpp), which is how the tests check
+// the indexing and the formulas on a machine without a GPU.
+//
+// Layout: x is NCHW and contiguous. One thread block normalizes one (image n, group g): the group's elements are
+// one contiguous run of D = (C / G) * HW values starting at (n C + g C/G) HW. Each of the block's T threads
+// takes the elements t, t + T, t + 2T, ... of that run (of one channel's HW values in the backward pass), its
+// partial sums are added up over the block, and the next phase reads the totals.
+//
+// Forward, three passes over the group: a first mean m0, then sums of x - m0 and (x - m0)^2 (centred passes instead of
+// E[x^2] - E[x]^2, so inputs whose mean is far larger than their spread keep their digits in float32), then
+// y = x^ w_c + b_c, SiLU(y) with `silu`, stored in x's type, where x^ = ((x - m0) - shift) rstd and the mean is
+// m0 + shift, kept as the two float32 numbers (Moments, [N, G, 3]): x - m0 is exact where x is near the mean, and
+// the mean's own rounding (ulp(1000) = 6e-5 for a mean of 1000) stays out of x^.
+// Backward, from x and the moments (the pre-activation recomputed, not kept): with u = dL/dy SiLU'(pre) (or dL/dy),
+// per channel c of the group dw_c^(n) = sum u x^ and db_c^(n) = sum u over its HW pixels, then
+// dx = rstd (u w_c - (sum_c w_c db_c + x^ sum_c w_c dw_c) / D).
+// All arithmetic is float32; only the loads and stores are in the tensor's type (float32 or bfloat16, the latter
+// kept as its 16 bits and rounded to nearest even like c10::BFloat16).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifdef __CUDACC__
+#define DIFFUSE_HD __host__ __device__ __forceinline__
+#else
+#define DIFFUSE_HD inline
+#endif
+
+namespace diffuse {
+namespace gn_kernel {
+
+struct Bf16 {
+  uint16_t bits;
+};
+
+DIFFUSE_HD float float_from_bits(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+DIFFUSE_HD uint32_t bits_from_float(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
+DIFFUSE_HD float load(const float* p, int64_t i) { return p[i]; }
+DIFFUSE_HD float load(const Bf16* p, int64_t i) { return float_from_bits(static_cast<uint32_t>(p[i].bits) << 16); }
+DIFFUSE_HD void store(float* p, int64_t i, float v) { p[i] = v; }
+DIFFUSE_HD void store(Bf16* p, int64_t i, float v) {
+  const uint32_t u = bits_from_float(v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) {
+    p[i].bits = 0x7fc0;  // NaN
+  } else {
+    p[i].bits = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+DIFFUSE_HD float sigmoid(float v) {
+#ifdef __CUDA_ARCH__
+  return 1.0f / (1.0f + __expf(-v));
+#else
+  return 1.0f / (1.0f + std::exp(-v));
+#endif
+}
+DIFFUSE_HD float rsqrt(float v) {
+#ifdef __CUDA_ARCH__
+  return ::rsqrtf(v);
+#else
+  return 1.0f / std::sqrt(v);
+#endif
+}
+
+// The problem, shared by every block.
+struct Shape {
+  int64_t n, c, hw, groups;
+  DIFFUSE_HD int64_t cg() const { return c / groups; }
+  DIFFUSE_HD int64_t group_size() const { return cg() * hw; }  // D
+};
+
+// One block's group: block b normalizes image b / G, group b % G.
+struct Group {
+  int64_t base;   // offset of the group's first element
+  int64_t c0;     // its first channel
+  int64_t d;      // elements in the group
+  int64_t hw;     // pixels per channel
+  int64_t stats;  // index of its Moments ([N, G])
+  DIFFUSE_HD Group(const Shape& s, int64_t block)
+      : base(block * (s.c / s.groups) * s.hw),
+        c0((block % s.groups) * (s.c / s.groups)),
+        d(s.c / s.groups * s.hw),
+        hw(s.hw),
+        stats(block) {}
+};
+
+// ---- forward ----
+template <class T>
+DIFFUSE_HD float forward_sum(const Group& g, const T* x, int64_t t, int64_t threads) {
+  float s = 0.0f;
+  for (int64_t i = t; i < g.d; i += threads) s += load(x, g.base + i);
+  return s;
+}
+// Sums of x - m0 (first) and (x - m0)^2 (second) about the first pass's mean m0, whose float32 rounding error is
+// then corrected: mean = m0 + s1 / D and var = s2 / D - (s1 / D)^2 lose no digits, as s1 is small.
+template <class T>
+DIFFUSE_HD void forward_centred_sums(const Group& g, const T* x, float m0, int64_t t, int64_t threads, float& s1,
+                                     float& s2) {
+  s1 = 0.0f;
+  s2 = 0.0f;
+  for (int64_t i = t; i < g.d; i += threads) {
+    const float v = load(x, g.base + i) - m0;
+    s1 += v;
+    s2 += v * v;
+  }
+}
+// A group's statistics, as kept between the passes and for the backward pass (three floats per group).
+struct Moments {
+  float m0, shift, rstd;
+  DIFFUSE_HD float normalize(float x) const { return ((x - m0) - shift) * rstd; }
+  DIFFUSE_HD static Moments read(const float* stats, int64_t group) {
+    return Moments{stats[3 * group], stats[3 * group + 1], stats[3 * group + 2]};
+  }
+  DIFFUSE_HD void write(float* stats, int64_t group) const {
+    stats[3 * group] = m0;
+    stats[3 * group + 1] = shift;
+    stats[3 * group + 2] = rstd;
+  }
+};
+DIFFUSE_HD Moments moments_from(float m0, float s1, float s2, int64_t d, float eps) {
+  const float shift = s1 / static_cast<float>(d);
+  const float var = s2 / static_cast<float>(d) - shift * shift;
+  return Moments{m0, shift, rsqrt((var > 0.0f ? var : 0.0f) + eps)};
+}
+
+// Walks a thread's elements t, t + T, ... of the group with their channels, without a division per element.
+struct Cursor {
+  int64_t i, k, p;  // element of the group, its channel in the group, its pixel
+  DIFFUSE_HD Cursor(const Group& g, int64_t t) : i(t), k(t / g.hw), p(t % g.hw) {}
+  DIFFUSE_HD void advance(const Group& g, int64_t threads) {
+    i += threads;
+    p += threads;
+    while (p >= g.hw) {
+      p -= g.hw;
+      ++k;
+    }
+  }
+};
+
+template <class T>
+DIFFUSE_HD void forward_write(const Group& g, const T* x, const float* w, const float* b, const Moments& m,
+                              bool silu, T* y, int64_t t, int64_t threads) {
+  for (Cursor e(g, t); e.i < g.d; e.advance(g, threads)) {
+    const int64_t c = g.c0 + e.k;
+    float v = m.normalize(load(x, g.base + e.i)) * w[c] + b[c];
+    if (silu) v *= sigmoid(v);
+    store(y, g.base + e.i, v);
+  }
+}
+
+// ---- backward ----
+// u = dL/dy SiLU'(pre) at the recomputed pre-activation, or dL/dy without silu.
+template <class T>
+DIFFUSE_HD float upstream(const T* dy, int64_t i, float xhat, float w, float b, bool silu) {
+  const float gy = load(dy, i);
+  if (!silu) return gy;
+  const float pre = xhat * w + b;
+  const float s = sigmoid(pre);
+  return gy * s * (1.0f + pre * (1.0f - s));
+}
+// Channel k of the group (0 <= k < C/G): this thread's share of sum u x^ (first) and sum u (second).
+template <class T>
+DIFFUSE_HD void backward_channel_sums(const Group& g, const T* x, const T* dy, const float* w, const float* b,
+                                      const Moments& m, bool silu, int64_t k, int64_t t, int64_t threads,
+                                      float& sum_ux, float& sum_u) {
+  const int64_t c = g.c0 + k;
+  const int64_t start = g.base + k * g.hw;
+  sum_ux = 0.0f;
+  sum_u = 0.0f;
+  for (int64_t p = t; p < g.hw; p += threads) {
+    const float xhat = m.normalize(load(x, start + p));
+    const float u = upstream(dy, start + p, xhat, w[c], b[c], silu);
+    sum_ux += u * xhat;
+    sum_u += u;
+  }
+}
+// a = sum_c w_c db_c / D and bx = sum_c w_c dw_c / D from the group's per-channel totals: dx = rstd (u w - a - x^ bx).
+template <class T>
+DIFFUSE_HD void backward_write(const Group& g, const T* x, const T* dy, const float* w, const float* b,
+                               const Moments& m, bool silu, float a, float bx, T* dx, int64_t t, int64_t threads) {
+  for (Cursor e(g, t); e.i < g.d; e.advance(g, threads)) {
+    const int64_t c = g.c0 + e.k, i = g.base + e.i;
+    const float xhat = m.normalize(load(x, i));
+    const float u = upstream(dy, i, xhat, w[c], b[c], silu);
+    store(dx, i, m.rstd * (u * w[c] - a - xhat * bx));
+  }
+}
+
+// Threads per block: whole warps, no more than the work of one channel (backward) or group needs, at most 256.
+inline int64_t block_threads(const Shape& s) {
+  int64_t t = 32;
+  while (t < 256 && t < s.hw) t *= 2;
+  return t;
+}
+
+}  // namespace gn_kernel
+}  // namespace diffuse

@@ -1,0 +1,63 @@
+// Shared by nn_fused_norm_test (the block program on the CPU) and cuda_test (the CUDA kernels): fused_group_norm
+// against LibTorch's GroupNorm (+ SiLU) in float64 on the same inputs, forward and backward.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "nn/blocks.h"
+
+namespace fused_norm_check {
+
+struct Case {
+  std::vector<int64_t> shape;  // [N, C, ...]
+  int64_t groups;
+  double offset = 0.0, spread = 1.0;  // x = offset + spread * N(0, 1)
+};
+
+struct Errors {
+  double y, dx, dw, db;  // relative L2 distances from the float64 reference
+};
+
+inline double rel_l2(const at::Tensor& a, const at::Tensor& ref) {
+  const at::Tensor r = ref.to(at::kDouble).cpu();
+  return (a.to(at::kDouble).cpu() - r).norm().item<double>() / r.norm().item<double>();
+}
+
+// x, the upstream gradient and the parameters drawn from `seed`; x and the gradient hold values of `dtype` exactly,
+// so the reference sees what the kernels see.
+inline Errors errors(const Case& k, at::ScalarType dtype, bool silu, const at::Device& device, uint64_t seed = 0) {
+  at::manual_seed(seed);
+  const int64_t c = k.shape[1];
+  const double eps = 1e-5;
+  const at::Tensor x = (at::randn(k.shape, at::kDouble) * k.spread + k.offset).to(dtype);
+  const at::Tensor gy = at::randn(k.shape).to(dtype);
+  const at::Tensor w = at::randn({c}) * 0.5 + 1.0, b = at::randn({c}) * 0.3;
+
+  const at::Tensor xd = x.to(at::kDouble).requires_grad_(), wd = w.to(at::kDouble).requires_grad_(),
+                   bd = b.to(at::kDouble).requires_grad_();
+  at::Tensor yd = at::group_norm(xd, k.groups, wd, bd, eps);
+  if (silu) yd = at::silu(yd);
+  (yd * gy.to(at::kDouble)).sum().backward();
+
+  const at::Tensor xf = x.to(device).requires_grad_(), wf = w.to(device).requires_grad_(),
+                   bf = b.to(device).requires_grad_();
+  const at::Tensor yf = diffuse::nn_detail::fused_group_norm(xf, k.groups, wf, bf, eps, silu);
+  (yf.to(at::kFloat) * gy.to(device).to(at::kFloat)).sum().backward();
+  return {rel_l2(yf.detach(), yd.detach()), rel_l2(xf.grad(), xd.grad()), rel_l2(wf.grad(), wd.grad()),
+          rel_l2(bf.grad(), bd.grad())};
+}
+
+// The shapes: fewer pixels than a block's threads (the element cursor wraps channels), the fmnist U-Net's first
+// level, a pixel count that is not a multiple of the threads, one pixel per channel (six per group: with two, x^ is
+// +-1 and dx cancels to what eps leaves, where no relative bound holds), a mean 1000 times the spread, and a
+// [N, C, L] input.
+inline std::vector<Case> cases() {
+  return {{{2, 8, 5, 7}, 4}, {{3, 64, 28, 28}, 32}, {{2, 12, 10, 30}, 3}, {{4, 6, 1, 1}, 1},
+          {{2, 16, 9, 9}, 8, 1000.0, 1.0}, {{2, 8, 17}, 2}};
+}
+
+}  // namespace fused_norm_check
