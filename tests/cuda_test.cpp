@@ -139,20 +139,7 @@ TEST(Cuda, ChannelsLastFollowsNchw) {
 TEST(Cuda, FusedGroupNormKernelsAreGroupNorm) {
   REQUIRE_CUDA();
   if (!diffuse::fused_norm_built()) GTEST_SKIP() << "built without the project's CUDA kernels";
-  for (const auto& k : fused_norm_check::cases()) {
-    for (bool silu : {false, true}) {
-      for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-        const auto e = fused_norm_check::errors(k, dtype, silu, at::Device("cuda"));
-        std::printf("  GroupNorm kernel %-16s G=%-2lld offset %-4g silu %d %-8s y %.2e dx %.2e dw %.2e db %.2e\n",
-                    diffuse::nn_detail::shape_str(k.shape).c_str(), static_cast<long long>(k.groups), k.offset, silu,
-                    c10::toString(dtype), e.y, e.dx, e.dw, e.db);
-        EXPECT_LT(e.y, dtype == at::kFloat ? 1e-6 : 3e-3);
-        EXPECT_LT(e.dx, dtype == at::kFloat ? 1e-6 : 3e-3);
-        EXPECT_LT(e.dw, 2e-6);
-        EXPECT_LT(e.db, 2e-6);
-      }
-    }
-  }
+  fused_norm_check::check_all_cases(at::Device("cuda"));
   // The same block program on both devices: only the order of the block's sums differs.
   at::manual_seed(5);
   const at::Tensor x = at::randn({8, 64, 28, 28}), w = at::randn({64}), b = at::randn({64});
