@@ -86,7 +86,6 @@ DIFFUSE_HD float rsqrt(float v) {
 struct Shape {
   int64_t n, c, hw, groups;
   DIFFUSE_HD int64_t cg() const { return c / groups; }
-  DIFFUSE_HD int64_t group_size() const { return cg() * hw; }  // D
 };
 
 // One block's group: block b normalizes image b / G, group b % G.
