@@ -258,7 +258,7 @@ at::Tensor norm_impl(nn::GroupNorm& norm, const at::Tensor& x, bool silu) {
     return group_norm_nhwc(x, norm->options.num_groups(), w, b, norm->options.eps(),
                            on_reduced || !w.defined() ? x.scalar_type() : w.scalar_type(), silu);
   }
-  if (x.is_cuda() && fused_norm() && fused_group_norm_applies(x)) {
+  if ((x.is_cuda() || fused_norm_on_cpu_for_tests()) && fused_norm() && fused_group_norm_applies(x)) {
     return fused_group_norm(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
   }
   at::Tensor y;

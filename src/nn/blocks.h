@@ -63,6 +63,20 @@ at::Tensor fused_group_norm(const at::Tensor& x, int64_t groups, const at::Tenso
 // Whether fused_group_norm takes x as it is on its device (type, layout, a build with the CUDA kernels).
 bool fused_group_norm_applies(const at::Tensor& x);
 int64_t fused_group_norm_calls();  // how many times fused_group_norm ran in this process (for tests)
+// For tests: while one lives, set_fused_norm(true) also sends the CPU activations of this thread's U-Net forwards
+// through fused_group_norm (its serial block program), so that the network's use of the fused autograd function
+// is checked where there is no GPU.
+class FusedNormOnCpuForTests {
+ public:
+  FusedNormOnCpuForTests();
+  ~FusedNormOnCpuForTests();
+  FusedNormOnCpuForTests(const FusedNormOnCpuForTests&) = delete;
+  FusedNormOnCpuForTests& operator=(const FusedNormOnCpuForTests&) = delete;
+
+ private:
+  bool before_;
+};
+bool fused_norm_on_cpu_for_tests();
 
 // Whether the current thread runs a U-Net forward with channels-last activations, set for its duration by
 // ChannelsLastScope (UNet2DModelImpl::forward with set_channels_last(true)).

@@ -31,6 +31,7 @@ using gn_kernel::Shape;
 
 std::atomic<bool> g_fused_norm{false};
 std::atomic<int64_t> g_fused_norm_calls{0};
+thread_local bool t_fused_norm_on_cpu = false;
 
 Shape shape_of(const at::Tensor& x, int64_t groups) {
   return Shape{x.size(0), x.size(1), x.numel() / (x.size(0) * x.size(1)), groups};
@@ -216,6 +217,9 @@ at::Tensor fused_group_norm(const at::Tensor& x, int64_t groups, const at::Tenso
 }
 
 int64_t fused_group_norm_calls() { return g_fused_norm_calls; }
+FusedNormOnCpuForTests::FusedNormOnCpuForTests() : before_(t_fused_norm_on_cpu) { t_fused_norm_on_cpu = true; }
+FusedNormOnCpuForTests::~FusedNormOnCpuForTests() { t_fused_norm_on_cpu = before_; }
+bool fused_norm_on_cpu_for_tests() { return t_fused_norm_on_cpu; }
 
 }  // namespace nn_detail
 
