@@ -22,7 +22,7 @@ struct Case {
 };
 
 struct Errors {
-  double y, dx, dw, db;  // relative L2 distances from the float64 reference
+  double y, dx, dw, db, da;  // relative L2 distances from the float64 reference (da: the addend's gradient, or 0)
 };
 
 inline double rel_l2(const at::Tensor& a, const at::Tensor& ref) {
@@ -31,27 +31,39 @@ inline double rel_l2(const at::Tensor& a, const at::Tensor& ref) {
 }
 
 // x, the upstream gradient and the parameters drawn from `seed`; x and the gradient hold values of `dtype` exactly,
-// so the reference sees what the kernels see.
-inline Errors errors(const Case& k, at::ScalarType dtype, bool silu, const at::Device& device, uint64_t seed = 0) {
+// so the reference sees what the kernels see. With `addend`: the normalization of x + a[:, :, None, ...] for a drawn
+// [N, C] float32 addend, whose gradient is checked too.
+inline Errors errors(const Case& k, at::ScalarType dtype, bool silu, const at::Device& device, bool addend = false,
+                     uint64_t seed = 0) {
   at::manual_seed(seed);
   const int64_t c = k.shape[1];
   const double eps = 1e-5;
   const at::Tensor x = (at::randn(k.shape, at::kDouble) * k.spread + k.offset).to(dtype);
   const at::Tensor gy = at::randn(k.shape).to(dtype);
   const at::Tensor w = at::randn({c}) * 0.5 + 1.0, b = at::randn({c}) * 0.3;
+  const at::Tensor a = addend ? at::randn({k.shape[0], c}) * k.spread : at::Tensor();
+  std::vector<int64_t> broadcast{k.shape[0], c};
+  broadcast.resize(k.shape.size(), 1);
 
-  const at::Tensor xd = x.to(at::kDouble).requires_grad_(), wd = w.to(at::kDouble).requires_grad_(),
-                   bd = b.to(at::kDouble).requires_grad_();
+  // The reference normalizes x + a as rounded once to float32, as the kernels add them (where x is 1000 times the
+  // spread, that rounding alone is ~1e-5 of the spread); its gradient goes to x as it is and, summed over the
+  // pixels, to a.
+  const at::Tensor xd = (addend ? x.to(at::kFloat) + a.view(broadcast) : x).to(at::kDouble).requires_grad_();
+  const at::Tensor wd = w.to(at::kDouble).requires_grad_(), bd = b.to(at::kDouble).requires_grad_();
   at::Tensor yd = at::group_norm(xd, k.groups, wd, bd, eps);
   if (silu) yd = at::silu(yd);
   (yd * gy.to(at::kDouble)).sum().backward();
+  std::vector<int64_t> pixels;
+  for (int64_t dim = 2; dim < static_cast<int64_t>(k.shape.size()); ++dim) pixels.push_back(dim);
+  const at::Tensor da_ref = addend ? xd.grad().sum(pixels) : at::Tensor();
 
   const at::Tensor xf = x.to(device).requires_grad_(), wf = w.to(device).requires_grad_(),
                    bf = b.to(device).requires_grad_();
-  const at::Tensor yf = diffuse::nn_detail::fused_group_norm(xf, k.groups, wf, bf, eps, silu);
+  const at::Tensor af = addend ? a.to(device).requires_grad_() : at::Tensor();
+  const at::Tensor yf = diffuse::nn_detail::fused_group_norm(xf, k.groups, wf, bf, eps, silu, af);
   (yf.to(at::kFloat) * gy.to(device).to(at::kFloat)).sum().backward();
   return {rel_l2(yf.detach(), yd.detach()), rel_l2(xf.grad(), xd.grad()), rel_l2(wf.grad(), wd.grad()),
-          rel_l2(bf.grad(), bd.grad())};
+          rel_l2(bf.grad(), bd.grad()), addend ? rel_l2(af.grad(), da_ref) : 0.0};
 }
 
 // The shapes: fewer pixels than a block's threads (the element cursor wraps channels), the fmnist U-Net's first
@@ -66,18 +78,24 @@ inline std::vector<Case> cases() {
 // Runs every case in both types, with and without SiLU, prints the distances and checks them. float32 arithmetic
 // throughout (measured on the CPU: at most 1.8e-7 for y and dx, 4.5e-7 for the parameters' gradients); in bfloat16
 // y and dx are rounded once to 8 significant bits (relative RMS ~1.6e-3), the parameters' gradients stay float32 sums.
+// With an addend, its gradient (up to 1.5e-6 on the CPU) comes from a closed form that loses a few digits where the
+// mean is 1000 times the spread.
 inline void check_all_cases(const at::Device& device) {
   for (const auto& k : cases()) {
-    for (bool silu : {false, true}) {
-      for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-        const Errors e = errors(k, dtype, silu, device);
-        std::printf("  GroupNorm %-4s %-16s G=%-2lld offset %-4g silu %d %-8s y %.2e dx %.2e dw %.2e db %.2e\n",
-                    device.str().c_str(), diffuse::nn_detail::shape_str(k.shape).c_str(),
-                    static_cast<long long>(k.groups), k.offset, silu, c10::toString(dtype), e.y, e.dx, e.dw, e.db);
-        EXPECT_LT(e.y, dtype == at::kFloat ? 1e-6 : 3e-3);
-        EXPECT_LT(e.dx, dtype == at::kFloat ? 1e-6 : 3e-3);
-        EXPECT_LT(e.dw, 2e-6);
-        EXPECT_LT(e.db, 2e-6);
+    for (bool addend : {false, true}) {
+      for (bool silu : {false, true}) {
+        for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+          const Errors e = errors(k, dtype, silu, device, addend);
+          std::printf("  GroupNorm %-4s %-16s G=%-2lld offset %-4g addend %d silu %d %-8s y %.2e dx %.2e dw %.2e db %.2e "
+                      "da %.2e\n", device.str().c_str(), diffuse::nn_detail::shape_str(k.shape).c_str(),
+                      static_cast<long long>(k.groups), k.offset, addend, silu, c10::toString(dtype), e.y, e.dx, e.dw,
+                      e.db, e.da);
+          EXPECT_LT(e.y, dtype == at::kFloat ? 1e-6 : 3e-3);
+          EXPECT_LT(e.dx, dtype == at::kFloat ? 1e-6 : 3e-3);
+          EXPECT_LT(e.dw, 2e-6);
+          EXPECT_LT(e.db, 2e-6);
+          EXPECT_LT(e.da, 5e-6);  // a closed form over the channel's sums: 1.5e-6 at the offset of 1000 here
+        }
       }
     }
   }

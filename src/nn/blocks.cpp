@@ -244,6 +244,11 @@ at::Tensor group_norm_nhwc(const at::Tensor& x, int64_t groups, const at::Tensor
 }
 
 namespace {
+// Whether this normalization goes through fused_group_norm (set_fused_norm; CUDA, or the CPU in tests).
+bool fused_norm_here(const at::Tensor& x) {
+  return (x.is_cuda() || fused_norm_on_cpu_for_tests()) && fused_norm() && fused_group_norm_applies(x);
+}
+
 at::Tensor norm_impl(nn::GroupNorm& norm, const at::Tensor& x, bool silu) {
   const at::Tensor& w = norm->weight;
   const at::Tensor& b = norm->bias;
@@ -258,9 +263,7 @@ at::Tensor norm_impl(nn::GroupNorm& norm, const at::Tensor& x, bool silu) {
     return group_norm_nhwc(x, norm->options.num_groups(), w, b, norm->options.eps(),
                            on_reduced || !w.defined() ? x.scalar_type() : w.scalar_type(), silu);
   }
-  if ((x.is_cuda() || fused_norm_on_cpu_for_tests()) && fused_norm() && fused_group_norm_applies(x)) {
-    return fused_group_norm(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
-  }
+  if (fused_norm_here(x)) return fused_group_norm(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
   at::Tensor y;
   if (on_reduced) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
@@ -275,6 +278,18 @@ at::Tensor norm_impl(nn::GroupNorm& norm, const at::Tensor& x, bool silu) {
 
 at::Tensor group_norm(nn::GroupNorm& norm, const at::Tensor& x) { return norm_impl(norm, x, false); }
 at::Tensor group_norm_silu(nn::GroupNorm& norm, const at::Tensor& x) { return norm_impl(norm, x, true); }
+
+namespace {
+// SiLU(GroupNorm(x + e[:, :, None, None])) for e [N, C]: the fused kernels add e as they read x; otherwise e is added
+// to x in place (x is a temporary whose producer's backward does not need it, such as a convolution's output).
+at::Tensor group_norm_silu_after_add(nn::GroupNorm& norm, at::Tensor x, const at::Tensor& e) {
+  if (fused_norm_here(x)) {
+    return fused_group_norm(x, norm->options.num_groups(), norm->weight, norm->bias, norm->options.eps(), true, e);
+  }
+  x.add_(e.unsqueeze(-1).unsqueeze(-1));
+  return norm_impl(norm, x, true);
+}
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------
 ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, int64_t temb_channels,
@@ -294,10 +309,9 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, 
 at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb_act) {
   at::Tensor h = group_norm_silu(norm1, x);
   h = conv3x3(conv1, h);
-  // time_embedding_norm "default": additive, broadcast over H, W. conv1's backward does not need
-  // its output, so adding in place is safe under autograd.
-  h.add_(time_emb_proj->forward(temb_act).unsqueeze(-1).unsqueeze(-1));
-  h = group_norm_silu(norm2, h);
+  // time_embedding_norm "default": additive, broadcast over H, W (inside the fused normalization, or in place: conv1's
+  // backward does not need its output).
+  h = group_norm_silu_after_add(norm2, h, time_emb_proj->forward(temb_act));
   if (dropout_p_ > 0.0 && is_training()) h = nn_detail::dropout(h, dropout_p_);
   h = conv3x3(conv2, h);
   h.add_(conv_shortcut ? keep_layout(conv_shortcut->forward(x)) : x);

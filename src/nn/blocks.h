@@ -58,8 +58,10 @@ int64_t group_norm_nhwc_calls();  // how many times group_norm_nhwc ran in this 
 // the output in x's type, x and the statistics kept for the backward pass (not the pre-activation). On CUDA the kernels
 // of src/nn/cuda/group_norm.cu (a build with them: fused_norm_built()); on the CPU the same block program run
 // serially, for tests. weight and bias ([C]) may be undefined. Autocast does not apply inside.
+// With `addend` ([N, C], any floating type, differentiable): the normalization of x + addend[:, :, None, None]
+// (ResnetBlock2D's time embedding, added inside the kernels instead of by a pass of its own).
 at::Tensor fused_group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
-                            double eps, bool silu = false);
+                            double eps, bool silu = false, const at::Tensor& addend = at::Tensor());
 // Whether fused_group_norm takes x as it is on its device (type, layout, a build with the CUDA kernels).
 bool fused_group_norm_applies(const at::Tensor& x);
 int64_t fused_group_norm_calls();  // how many times fused_group_norm ran in this process (for tests)

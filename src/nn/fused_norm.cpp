@@ -28,6 +28,7 @@ using gn_kernel::Bf16;
 using gn_kernel::Group;
 using gn_kernel::Moments;
 using gn_kernel::Shape;
+using gn_kernel::Source;
 
 std::atomic<bool> g_fused_norm{false};
 std::atomic<int64_t> g_fused_norm_calls{0};
@@ -39,55 +40,63 @@ Shape shape_of(const at::Tensor& x, int64_t groups) {
 
 // ---- the block program on the CPU: blocks in parallel, each block's threads one after another ----
 template <class T>
-void forward_serial(const T* x, const float* w, const float* b, T* y, float* stats, const Shape& s, float eps,
-                    bool silu) {
+void forward_serial(const Source<T>& src, const float* w, const float* b, T* y, float* stats, float eps, bool silu) {
+  const Shape& s = src.shape;
   const int64_t threads = gn_kernel::block_threads(s);
   at::parallel_for(0, s.n * s.groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const Group g(s, block);
       float sum = 0.0f, s1 = 0.0f, s2 = 0.0f;
-      for (int64_t t = 0; t < threads; ++t) sum += gn_kernel::forward_sum(g, x, t, threads);
+      for (int64_t t = 0; t < threads; ++t) sum += gn_kernel::forward_sum(g, src, t, threads);
       const float m0 = sum / static_cast<float>(g.d);
       for (int64_t t = 0; t < threads; ++t) {
         float a, b2;
-        gn_kernel::forward_centred_sums(g, x, m0, t, threads, a, b2);
+        gn_kernel::forward_centred_sums(g, src, m0, t, threads, a, b2);
         s1 += a;
         s2 += b2;
       }
       const Moments m = gn_kernel::moments_from(m0, s1, s2, g.d, eps);
       m.write(stats, g.stats);
-      for (int64_t t = 0; t < threads; ++t) gn_kernel::forward_write(g, x, w, b, m, silu, y, t, threads);
+      for (int64_t t = 0; t < threads; ++t) gn_kernel::forward_write(g, src, w, b, m, silu, y, t, threads);
     }
   });
 }
 
 template <class T>
-void backward_serial(const T* x, const T* dy, const float* w, const float* b, const float* stats, const Shape& s,
-                     bool silu, T* dx, float* dw_part, float* db_part) {
+void backward_serial(const Source<T>& src, const T* dy, const float* w, const float* b, const float* stats, bool silu,
+                     T* dx, float* dw_part, float* db_part, float* d_addend) {
+  const Shape& s = src.shape;
   const int64_t threads = gn_kernel::block_threads(s);
   at::parallel_for(0, s.n * s.groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const Group g(s, block);
-      const int64_t image = block / s.groups;
       const Moments m = Moments::read(stats, g.stats);
       float a = 0.0f, bx = 0.0f;
       for (int64_t k = 0; k < s.cg(); ++k) {
-        float sum_ux = 0.0f, sum_u = 0.0f;
+        float sum_ux = 0.0f, sum_u = 0.0f, sum_x = 0.0f;
         for (int64_t t = 0; t < threads; ++t) {
-          float ux, u;
-          gn_kernel::backward_channel_sums(g, x, dy, w, b, m, silu, k, t, threads, ux, u);
+          float ux, u, xs;
+          gn_kernel::backward_channel_sums(g, src, dy, w, b, m, silu, k, t, threads, ux, u, xs);
           sum_ux += ux;
           sum_u += u;
+          sum_x += xs;
         }
-        const int64_t c = g.c0 + k;
-        dw_part[image * s.c + c] = sum_ux;
-        db_part[image * s.c + c] = sum_u;
+        const int64_t c = g.c0 + k, nc = g.per_channel(s, k);
+        dw_part[nc] = sum_ux;
+        db_part[nc] = sum_u;
+        if (d_addend) d_addend[nc] = sum_x;  // until a and bx are known
         bx += w[c] * sum_ux;
         a += w[c] * sum_u;
       }
       const float d = static_cast<float>(g.d);
+      if (d_addend) {
+        for (int64_t k = 0; k < s.cg(); ++k) {
+          const int64_t nc = g.per_channel(s, k);
+          d_addend[nc] = gn_kernel::addend_gradient(g, m, w[g.c0 + k], db_part[nc], d_addend[nc], a / d, bx / d);
+        }
+      }
       for (int64_t t = 0; t < threads; ++t) {
-        gn_kernel::backward_write(g, x, dy, w, b, m, silu, a / d, bx / d, dx, t, threads);
+        gn_kernel::backward_write(g, src, dy, w, b, m, silu, a / d, bx / d, dx, t, threads);
       }
     }
   });
@@ -104,15 +113,22 @@ void check_launch(const char* error, const char* what) {
 }
 #endif
 
-void run_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& y,
-                 const at::Tensor& stats, int64_t groups, double eps, bool silu) {
+// An empty tensor stands for "none" (LibTorch 1.x's autograd functions take no undefined inputs).
+template <class T>
+T* maybe_ptr(const at::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? ptr<T>(t) : nullptr;
+}
+
+void run_forward(const at::Tensor& x, const at::Tensor& addend, const at::Tensor& w, const at::Tensor& b,
+                 const at::Tensor& y, const at::Tensor& stats, int64_t groups, double eps, bool silu) {
   const Shape s = shape_of(x, groups);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const float e = static_cast<float>(eps);
   if (x.is_cuda()) {
 #ifdef DIFFUSE_FUSED_NORM_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    check_launch(gn_cuda::forward(bf16, x.data_ptr(), ptr<float>(w), ptr<float>(b), y.data_ptr(), ptr<float>(stats), s,
-                                  static_cast<float>(eps), silu,
+    check_launch(gn_cuda::forward(bf16, x.data_ptr(), maybe_ptr<float>(addend), ptr<float>(w), ptr<float>(b),
+                                  y.data_ptr(), ptr<float>(stats), s, e, silu,
                                   c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
                  "forward");
     return;
@@ -121,24 +137,25 @@ void run_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, 
 #endif
   }
   if (bf16) {
-    forward_serial(ptr<Bf16>(x), ptr<float>(w), ptr<float>(b), ptr<Bf16>(y), ptr<float>(stats), s,
-                   static_cast<float>(eps), silu);
+    forward_serial(Source<Bf16>{ptr<Bf16>(x), maybe_ptr<float>(addend), s}, ptr<float>(w), ptr<float>(b), ptr<Bf16>(y),
+                   ptr<float>(stats), e, silu);
   } else {
-    forward_serial(ptr<float>(x), ptr<float>(w), ptr<float>(b), ptr<float>(y), ptr<float>(stats), s,
-                   static_cast<float>(eps), silu);
+    forward_serial(Source<float>{ptr<float>(x), maybe_ptr<float>(addend), s}, ptr<float>(w), ptr<float>(b),
+                   ptr<float>(y), ptr<float>(stats), e, silu);
   }
 }
 
-void run_backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& w, const at::Tensor& b,
-                  const at::Tensor& stats, int64_t groups, bool silu, const at::Tensor& dx, const at::Tensor& dw_part,
-                  const at::Tensor& db_part) {
+void run_backward(const at::Tensor& x, const at::Tensor& addend, const at::Tensor& dy, const at::Tensor& w,
+                  const at::Tensor& b, const at::Tensor& stats, int64_t groups, bool silu, const at::Tensor& dx,
+                  const at::Tensor& dw_part, const at::Tensor& db_part, const at::Tensor& d_addend) {
   const Shape s = shape_of(x, groups);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (x.is_cuda()) {
 #ifdef DIFFUSE_FUSED_NORM_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    check_launch(gn_cuda::backward(bf16, x.data_ptr(), dy.data_ptr(), ptr<float>(w), ptr<float>(b), ptr<float>(stats),
-                                   s, silu, dx.data_ptr(), ptr<float>(dw_part), ptr<float>(db_part),
+    check_launch(gn_cuda::backward(bf16, x.data_ptr(), maybe_ptr<float>(addend), dy.data_ptr(), ptr<float>(w),
+                                   ptr<float>(b), ptr<float>(stats), s, silu, dx.data_ptr(), ptr<float>(dw_part),
+                                   ptr<float>(db_part), maybe_ptr<float>(d_addend),
                                    c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
                  "backward");
     return;
@@ -147,23 +164,26 @@ void run_backward(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& w
 #endif
   }
   if (bf16) {
-    backward_serial(ptr<Bf16>(x), ptr<Bf16>(dy), ptr<float>(w), ptr<float>(b), ptr<float>(stats), s, silu,
-                    ptr<Bf16>(dx), ptr<float>(dw_part), ptr<float>(db_part));
+    backward_serial(Source<Bf16>{ptr<Bf16>(x), maybe_ptr<float>(addend), s}, ptr<Bf16>(dy), ptr<float>(w),
+                    ptr<float>(b), ptr<float>(stats), silu, ptr<Bf16>(dx), ptr<float>(dw_part), ptr<float>(db_part),
+                    maybe_ptr<float>(d_addend));
   } else {
-    backward_serial(ptr<float>(x), ptr<float>(dy), ptr<float>(w), ptr<float>(b), ptr<float>(stats), s, silu,
-                    ptr<float>(dx), ptr<float>(dw_part), ptr<float>(db_part));
+    backward_serial(Source<float>{ptr<float>(x), maybe_ptr<float>(addend), s}, ptr<float>(dy), ptr<float>(w),
+                    ptr<float>(b), ptr<float>(stats), silu, ptr<float>(dx), ptr<float>(dw_part), ptr<float>(db_part),
+                    maybe_ptr<float>(d_addend));
   }
 }
 
-// x: contiguous [N, C, ...] float32 or bfloat16; weight, bias: contiguous float32 [C]. Keeps x and the moments.
+// x: contiguous [N, C, ...] float32 or bfloat16; addend: contiguous float32 [N, C] or empty; weight, bias:
+// contiguous float32 [C]. Keeps x, the addend and the moments.
 struct FusedGroupNormFn : public torch::autograd::Function<FusedGroupNormFn> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& bias, int64_t groups, double eps, bool silu) {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& addend,
+                            const at::Tensor& weight, const at::Tensor& bias, int64_t groups, double eps, bool silu) {
     const at::TensorOptions f32 = x.options().dtype(at::kFloat);
     at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
     at::Tensor stats = at::empty({x.size(0), groups, 3}, f32);  // gn_kernel::Moments
-    run_forward(x, weight, bias, y, stats, groups, eps, silu);
-    ctx->save_for_backward({x, weight, bias, stats});
+    run_forward(x, addend, weight, bias, y, stats, groups, eps, silu);
+    ctx->save_for_backward({x, addend, weight, bias, stats});
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["silu"] = silu;
     return y;
@@ -172,15 +192,23 @@ struct FusedGroupNormFn : public torch::autograd::Function<FusedGroupNormFn> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &stats = saved[3];
+    const at::Tensor &x = saved[0], &addend = saved[1], &weight = saved[2], &bias = saved[3], &stats = saved[4];
     const int64_t groups = ctx->saved_data["groups"].toInt();
     const at::Tensor dy = grads[0].to(x.scalar_type()).contiguous();
     const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+    const std::vector<int64_t> nc{x.size(0), x.size(1)};
     at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
-    at::Tensor dw_part = at::empty({x.size(0), x.size(1)}, f32), db_part = at::empty({x.size(0), x.size(1)}, f32);
-    run_backward(x, dy, weight, bias, stats, groups, ctx->saved_data["silu"].toBool(), dx, dw_part, db_part);
-    return {ctx->needs_input_grad(0) ? dx : at::Tensor(), ctx->needs_input_grad(1) ? dw_part.sum(0) : at::Tensor(),
-            ctx->needs_input_grad(2) ? db_part.sum(0) : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    at::Tensor dw_part = at::empty(nc, f32), db_part = at::empty(nc, f32);
+    at::Tensor d_addend = addend.numel() > 0 ? at::empty(nc, f32) : at::Tensor();
+    run_backward(x, addend, dy, weight, bias, stats, groups, ctx->saved_data["silu"].toBool(), dx, dw_part, db_part,
+                 d_addend);
+    return {ctx->needs_input_grad(0) ? dx : at::Tensor(),
+            addend.numel() > 0 && ctx->needs_input_grad(1) ? d_addend : at::Tensor(),
+            ctx->needs_input_grad(2) ? dw_part.sum(0) : at::Tensor(),
+            ctx->needs_input_grad(3) ? db_part.sum(0) : at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -192,7 +220,7 @@ bool fused_group_norm_applies(const at::Tensor& x) {
 }
 
 at::Tensor fused_group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
-                            double eps, bool silu) {
+                            double eps, bool silu, const at::Tensor& addend) {
   if (x.dim() < 2 || groups <= 0 || x.size(1) % groups != 0 || x.numel() == 0) {
     throw input_error("fused GroupNorm: expected a non-empty [N, C, ...] with C divisible by " +
                       std::to_string(groups) + " groups, got " + shape_str(x.sizes()));
@@ -207,13 +235,19 @@ at::Tensor fused_group_norm(const at::Tensor& x, int64_t groups, const at::Tenso
                         shape_str(p->sizes()));
     }
   }
+  if (addend.defined() && (addend.dim() != 2 || addend.size(0) != x.size(0) || addend.size(1) != c ||
+                           !addend.is_floating_point())) {
+    throw input_error("fused GroupNorm: the addend must be a floating-point [" + std::to_string(x.size(0)) + ", " +
+                      std::to_string(c) + "], got " + shape_str(addend.sizes()));
+  }
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA}));
   ++g_fused_norm_calls;
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
-  return FusedGroupNormFn::apply(x.contiguous(), weight.defined() ? weight.to(at::kFloat).contiguous() : at::ones({c}, f32),
-                                 bias.defined() ? bias.to(at::kFloat).contiguous() : at::zeros({c}, f32), groups, eps,
-                                 silu);
+  return FusedGroupNormFn::apply(
+      x.contiguous(), addend.defined() ? addend.to(at::kFloat).contiguous() : at::empty({0}, f32),
+      weight.defined() ? weight.to(at::kFloat).contiguous() : at::ones({c}, f32),
+      bias.defined() ? bias.to(at::kFloat).contiguous() : at::zeros({c}, f32), groups, eps, silu);
 }
 
 int64_t fused_group_norm_calls() { return g_fused_norm_calls; }

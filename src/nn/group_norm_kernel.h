@@ -15,6 +15,9 @@
 // Backward, from x and the moments (the pre-activation recomputed, not kept): with u = dL/dy SiLU'(pre) (or dL/dy),
 // per channel c of the group dw_c^(n) = sum u x^ and db_c^(n) = sum u over its HW pixels, then
 // dx = rstd (u w_c - (sum_c w_c db_c + x^ sum_c w_c dw_c) / D).
+// Optionally x is read as x + a_{n,c} for an addend a [N, C] (ResnetBlock2D's time embedding, which would otherwise
+// take a pass of its own forward and a reduction backward); a's gradient, dx summed over the channel's pixels, is
+// rstd (w_c db_c - HW (sum_c w_c db_c) / D - (sum_c w_c dw_c) / D sum x^), from one more per-channel sum.
 // All arithmetic is float32; only the loads and stores are in the tensor's type (float32 or bfloat16, the latter
 // kept as its 16 bits and rounded to nearest even like c10::BFloat16).
 #pragma once
@@ -95,30 +98,60 @@ struct Group {
   int64_t d;      // elements in the group
   int64_t hw;     // pixels per channel
   int64_t stats;  // index of its Moments ([N, G])
+  int64_t image;  // n
   DIFFUSE_HD Group(const Shape& s, int64_t block)
       : base(block * (s.c / s.groups) * s.hw),
         c0((block % s.groups) * (s.c / s.groups)),
         d(s.c / s.groups * s.hw),
         hw(s.hw),
-        stats(block) {}
+        stats(block),
+        image(block / s.groups) {}
+  DIFFUSE_HD int64_t per_channel(const Shape& s, int64_t k) const { return image * s.c + c0 + k; }  // into [N, C]
+};
+
+// The normalized input: x [N, C, HW], plus a per-(image, channel) addend [N, C] (float32) when `addend` is set
+// (a time embedding added to the activations just before the normalization, fused into it).
+template <class T>
+struct Source {
+  const T* x;
+  const float* addend;
+  Shape shape;
+  DIFFUSE_HD float channel_addend(const Group& g, int64_t k) const {
+    return addend ? addend[g.per_channel(shape, k)] : 0.0f;
+  }
+  DIFFUSE_HD float at(const Group& g, int64_t i, int64_t k) const { return load(x, g.base + i) + channel_addend(g, k); }
 };
 
 // ---- forward ----
+// Walks a thread's elements t, t + T, ... of the group with their channels, without a division per element.
+struct Cursor {
+  int64_t i, k, p;  // element of the group, its channel in the group, its pixel
+  DIFFUSE_HD Cursor(const Group& g, int64_t t) : i(t), k(t / g.hw), p(t % g.hw) {}
+  DIFFUSE_HD void advance(const Group& g, int64_t threads) {
+    i += threads;
+    p += threads;
+    while (p >= g.hw) {
+      p -= g.hw;
+      ++k;
+    }
+  }
+};
+
 template <class T>
-DIFFUSE_HD float forward_sum(const Group& g, const T* x, int64_t t, int64_t threads) {
+DIFFUSE_HD float forward_sum(const Group& g, const Source<T>& src, int64_t t, int64_t threads) {
   float s = 0.0f;
-  for (int64_t i = t; i < g.d; i += threads) s += load(x, g.base + i);
+  for (Cursor e(g, t); e.i < g.d; e.advance(g, threads)) s += src.at(g, e.i, e.k);
   return s;
 }
 // Sums of x - m0 (first) and (x - m0)^2 (second) about the first pass's mean m0, whose float32 rounding error is
 // then corrected: mean = m0 + s1 / D and var = s2 / D - (s1 / D)^2 lose no digits, as s1 is small.
 template <class T>
-DIFFUSE_HD void forward_centred_sums(const Group& g, const T* x, float m0, int64_t t, int64_t threads, float& s1,
-                                     float& s2) {
+DIFFUSE_HD void forward_centred_sums(const Group& g, const Source<T>& src, float m0, int64_t t, int64_t threads,
+                                     float& s1, float& s2) {
   s1 = 0.0f;
   s2 = 0.0f;
-  for (int64_t i = t; i < g.d; i += threads) {
-    const float v = load(x, g.base + i) - m0;
+  for (Cursor e(g, t); e.i < g.d; e.advance(g, threads)) {
+    const float v = src.at(g, e.i, e.k) - m0;
     s1 += v;
     s2 += v * v;
   }
@@ -142,26 +175,12 @@ DIFFUSE_HD Moments moments_from(float m0, float s1, float s2, int64_t d, float e
   return Moments{m0, shift, rsqrt((var > 0.0f ? var : 0.0f) + eps)};
 }
 
-// Walks a thread's elements t, t + T, ... of the group with their channels, without a division per element.
-struct Cursor {
-  int64_t i, k, p;  // element of the group, its channel in the group, its pixel
-  DIFFUSE_HD Cursor(const Group& g, int64_t t) : i(t), k(t / g.hw), p(t % g.hw) {}
-  DIFFUSE_HD void advance(const Group& g, int64_t threads) {
-    i += threads;
-    p += threads;
-    while (p >= g.hw) {
-      p -= g.hw;
-      ++k;
-    }
-  }
-};
-
 template <class T>
-DIFFUSE_HD void forward_write(const Group& g, const T* x, const float* w, const float* b, const Moments& m,
+DIFFUSE_HD void forward_write(const Group& g, const Source<T>& src, const float* w, const float* b, const Moments& m,
                               bool silu, T* y, int64_t t, int64_t threads) {
   for (Cursor e(g, t); e.i < g.d; e.advance(g, threads)) {
     const int64_t c = g.c0 + e.k;
-    float v = m.normalize(load(x, g.base + e.i)) * w[c] + b[c];
+    float v = m.normalize(src.at(g, e.i, e.k)) * w[c] + b[c];
     if (silu) v *= sigmoid(v);
     store(y, g.base + e.i, v);
   }
@@ -177,32 +196,39 @@ DIFFUSE_HD float upstream(const T* dy, int64_t i, float xhat, float w, float b, 
   const float s = sigmoid(pre);
   return gy * s * (1.0f + pre * (1.0f - s));
 }
-// Channel k of the group (0 <= k < C/G): this thread's share of sum u x^ (first) and sum u (second).
+// Channel k of the group (0 <= k < C/G): this thread's share of sum u x^, sum u and sum x^ over its pixels.
 template <class T>
-DIFFUSE_HD void backward_channel_sums(const Group& g, const T* x, const T* dy, const float* w, const float* b,
-                                      const Moments& m, bool silu, int64_t k, int64_t t, int64_t threads,
-                                      float& sum_ux, float& sum_u) {
+DIFFUSE_HD void backward_channel_sums(const Group& g, const Source<T>& src, const T* dy, const float* w,
+                                      const float* b, const Moments& m, bool silu, int64_t k, int64_t t,
+                                      int64_t threads, float& sum_ux, float& sum_u, float& sum_x) {
   const int64_t c = g.c0 + k;
   const int64_t start = g.base + k * g.hw;
+  const float add = src.channel_addend(g, k);
   sum_ux = 0.0f;
   sum_u = 0.0f;
+  sum_x = 0.0f;
   for (int64_t p = t; p < g.hw; p += threads) {
-    const float xhat = m.normalize(load(x, start + p));
+    const float xhat = m.normalize(load(src.x, start + p) + add);
     const float u = upstream(dy, start + p, xhat, w[c], b[c], silu);
     sum_ux += u * xhat;
     sum_u += u;
+    sum_x += xhat;
   }
 }
 // a = sum_c w_c db_c / D and bx = sum_c w_c dw_c / D from the group's per-channel totals: dx = rstd (u w - a - x^ bx).
 template <class T>
-DIFFUSE_HD void backward_write(const Group& g, const T* x, const T* dy, const float* w, const float* b,
+DIFFUSE_HD void backward_write(const Group& g, const Source<T>& src, const T* dy, const float* w, const float* b,
                                const Moments& m, bool silu, float a, float bx, T* dx, int64_t t, int64_t threads) {
   for (Cursor e(g, t); e.i < g.d; e.advance(g, threads)) {
     const int64_t c = g.c0 + e.k, i = g.base + e.i;
-    const float xhat = m.normalize(load(x, i));
+    const float xhat = m.normalize(src.at(g, e.i, e.k));
     const float u = upstream(dy, i, xhat, w[c], b[c], silu);
     store(dx, i, m.rstd * (u * w[c] - a - xhat * bx));
   }
+}
+// The addend's gradient for channel c: dx summed over its HW pixels, rstd (w_c db_c - HW a - bx sum x^).
+DIFFUSE_HD float addend_gradient(const Group& g, const Moments& m, float w, float db, float sum_x, float a, float bx) {
+  return m.rstd * (w * db - static_cast<float>(g.hw) * a - bx * sum_x);
 }
 
 // Threads per block: whole warps, no more than the work of one channel (backward) or group needs, at most 256.

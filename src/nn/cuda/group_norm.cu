@@ -12,6 +12,7 @@ using gn_kernel::Bf16;
 using gn_kernel::Group;
 using gn_kernel::Moments;
 using gn_kernel::Shape;
+using gn_kernel::Source;
 
 // The sum of v over the block, returned to every thread. blockDim.x is a multiple of 32 (block_threads).
 // `scratch` holds 32 float2; the leading barrier lets the previous call's readers finish first.
@@ -37,45 +38,57 @@ __device__ float2 block_sum(float2 v, float2* scratch) {
 }
 
 template <class T>
-__global__ void forward_kernel(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-                               T* __restrict__ y, float* __restrict__ stats, Shape shape, float eps, bool silu) {
+__global__ void forward_kernel(const T* __restrict__ x, const float* __restrict__ addend, const float* __restrict__ w,
+                               const float* __restrict__ b, T* __restrict__ y, float* __restrict__ stats, Shape shape,
+                               float eps, bool silu) {
   __shared__ float2 scratch[32];
   const Group g(shape, blockIdx.x);
+  const Source<T> src{x, addend, shape};
   const int64_t t = threadIdx.x, threads = blockDim.x;
   const float m0 =
-      block_sum(make_float2(gn_kernel::forward_sum(g, x, t, threads), 0.0f), scratch).x / static_cast<float>(g.d);
+      block_sum(make_float2(gn_kernel::forward_sum(g, src, t, threads), 0.0f), scratch).x / static_cast<float>(g.d);
   float2 centred;
-  gn_kernel::forward_centred_sums(g, x, m0, t, threads, centred.x, centred.y);
+  gn_kernel::forward_centred_sums(g, src, m0, t, threads, centred.x, centred.y);
   centred = block_sum(centred, scratch);
   const Moments m = gn_kernel::moments_from(m0, centred.x, centred.y, g.d, eps);
   if (t == 0) m.write(stats, g.stats);
-  gn_kernel::forward_write(g, x, w, b, m, silu, y, t, threads);
+  gn_kernel::forward_write(g, src, w, b, m, silu, y, t, threads);
 }
 
 template <class T>
-__global__ void backward_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ w,
-                                const float* __restrict__ b, const float* __restrict__ stats, Shape shape, bool silu,
-                                T* __restrict__ dx, float* __restrict__ dw_part, float* __restrict__ db_part) {
+__global__ void backward_kernel(const T* __restrict__ x, const float* __restrict__ addend, const T* __restrict__ dy,
+                                const float* __restrict__ w, const float* __restrict__ b,
+                                const float* __restrict__ stats, Shape shape, bool silu, T* __restrict__ dx,
+                                float* __restrict__ dw_part, float* __restrict__ db_part, float* __restrict__ d_addend) {
   __shared__ float2 scratch[32];
   const Group g(shape, blockIdx.x);
+  const Source<T> src{x, addend, shape};
   const int64_t t = threadIdx.x, threads = blockDim.x;
   const Moments m = Moments::read(stats, g.stats);
-  const int64_t image = blockIdx.x / shape.groups;
   float a = 0.0f, bx = 0.0f;
   for (int64_t k = 0; k < shape.cg(); ++k) {
     float2 s;
-    gn_kernel::backward_channel_sums(g, x, dy, w, b, m, silu, k, t, threads, s.x, s.y);
+    float sum_x;
+    gn_kernel::backward_channel_sums(g, src, dy, w, b, m, silu, k, t, threads, s.x, s.y, sum_x);
     s = block_sum(s, scratch);
-    const int64_t c = g.c0 + k;
+    const int64_t c = g.c0 + k, nc = g.per_channel(shape, k);
+    if (d_addend) sum_x = block_sum(make_float2(sum_x, 0.0f), scratch).x;
     if (t == 0) {
-      dw_part[image * shape.c + c] = s.x;
-      db_part[image * shape.c + c] = s.y;
+      dw_part[nc] = s.x;
+      db_part[nc] = s.y;
+      if (d_addend) d_addend[nc] = sum_x;  // until a and bx are known
     }
     bx += w[c] * s.x;
     a += w[c] * s.y;
   }
   const float d = static_cast<float>(g.d);
-  gn_kernel::backward_write(g, x, dy, w, b, m, silu, a / d, bx / d, dx, t, threads);
+  if (d_addend && t == 0) {
+    for (int64_t k = 0; k < shape.cg(); ++k) {
+      const int64_t nc = g.per_channel(shape, k);
+      d_addend[nc] = gn_kernel::addend_gradient(g, m, w[g.c0 + k], db_part[nc], d_addend[nc], a / d, bx / d);
+    }
+  }
+  gn_kernel::backward_write(g, src, dy, w, b, m, silu, a / d, bx / d, dx, t, threads);
 }
 
 const char* launched() {
@@ -85,30 +98,35 @@ const char* launched() {
 
 }  // namespace
 
-const char* forward(bool bf16, const void* x, const float* w, const float* b, void* y, float* stats,
-                    const Shape& shape, float eps, bool silu, void* stream) {
-  const dim3 grid(static_cast<unsigned>(shape.n * shape.groups)), block(static_cast<unsigned>(gn_kernel::block_threads(shape)));
+const char* forward(bool bf16, const void* x, const float* addend, const float* w, const float* b, void* y,
+                    float* stats, const Shape& shape, float eps, bool silu, void* stream) {
+  const dim3 grid(static_cast<unsigned>(shape.n * shape.groups));
+  const dim3 block(static_cast<unsigned>(gn_kernel::block_threads(shape)));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (bf16) {
-    forward_kernel<Bf16><<<grid, block, 0, s>>>(static_cast<const Bf16*>(x), w, b, static_cast<Bf16*>(y), stats, shape,
-                                                eps, silu);
+    forward_kernel<Bf16><<<grid, block, 0, s>>>(static_cast<const Bf16*>(x), addend, w, b, static_cast<Bf16*>(y), stats,
+                                                shape, eps, silu);
   } else {
-    forward_kernel<float><<<grid, block, 0, s>>>(static_cast<const float*>(x), w, b, static_cast<float*>(y), stats, shape,
-                                                 eps, silu);
+    forward_kernel<float><<<grid, block, 0, s>>>(static_cast<const float*>(x), addend, w, b, static_cast<float*>(y),
+                                                 stats, shape, eps, silu);
   }
   return launched();
 }
 
-const char* backward(bool bf16, const void* x, const void* dy, const float* w, const float* b, const float* stats,
-                     const Shape& shape, bool silu, void* dx, float* dw_part, float* db_part, void* stream) {
-  const dim3 grid(static_cast<unsigned>(shape.n * shape.groups)), block(static_cast<unsigned>(gn_kernel::block_threads(shape)));
+const char* backward(bool bf16, const void* x, const float* addend, const void* dy, const float* w, const float* b,
+                     const float* stats, const Shape& shape, bool silu, void* dx, float* dw_part, float* db_part,
+                     float* d_addend, void* stream) {
+  const dim3 grid(static_cast<unsigned>(shape.n * shape.groups));
+  const dim3 block(static_cast<unsigned>(gn_kernel::block_threads(shape)));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (bf16) {
-    backward_kernel<Bf16><<<grid, block, 0, s>>>(static_cast<const Bf16*>(x), static_cast<const Bf16*>(dy), w, b, stats,
-                                                 shape, silu, static_cast<Bf16*>(dx), dw_part, db_part);
+    backward_kernel<Bf16><<<grid, block, 0, s>>>(static_cast<const Bf16*>(x), addend, static_cast<const Bf16*>(dy), w,
+                                                 b, stats, shape, silu, static_cast<Bf16*>(dx), dw_part, db_part,
+                                                 d_addend);
   } else {
-    backward_kernel<float><<<grid, block, 0, s>>>(static_cast<const float*>(x), static_cast<const float*>(dy), w, b,
-                                                  stats, shape, silu, static_cast<float*>(dx), dw_part, db_part);
+    backward_kernel<float><<<grid, block, 0, s>>>(static_cast<const float*>(x), addend, static_cast<const float*>(dy),
+                                                  w, b, stats, shape, silu, static_cast<float*>(dx), dw_part, db_part,
+                                                  d_addend);
   }
   return launched();
 }
