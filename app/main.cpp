@@ -86,7 +86,7 @@ int main(int argc, char** argv) {
     }
     return "error: " + what + " (see --help)\n";
   });
-  app.set_version_flag("--version", diffuse::version());
+  app.set_version_flag("--version", diffuse::build_description());
   app.require_subcommand(1);
   diffuse::cli::Common common;
   diffuse::cli::register_train(app, common);

@@ -2,6 +2,7 @@
 // into one line on stderr with exit code 2 — never a crash.
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <torch/version.h>
 
 #include <sys/wait.h>
 #include <signal.h>
@@ -20,6 +21,10 @@
 #include "diffuse/eval/evaluate.h"
 #include "diffuse/io/checkpoint.h"
 #include "diffuse/io/file.h"
+#include "diffuse/nn/unet.h"
+#include "diffuse/train/cuda_graph.h"
+#include "diffuse/train/distributed.h"
+#include "diffuse/version.h"
 
 #include "cli_util.h"
 #include "test_util.h"
@@ -56,6 +61,20 @@ TEST(Cli, HelpListsSubcommands) {
   EXPECT_EQ(r.code, 0);
   for (const char* sub : {"train", "sample", "info", "convert", "samplers"}) {
     EXPECT_NE(r.out.find(sub), std::string::npos) << sub;
+  }
+}
+
+// --version names the LibTorch and the optional parts this build has (gpu-check's summary quotes it).
+TEST(Cli, VersionSaysWhatTheBuildHolds) {
+  CliRun r = run_cli("--version");
+  EXPECT_EQ(r.code, 0);
+  EXPECT_EQ(r.out.rfind(std::string("diffuse ") + diffuse::version() + " (LibTorch " + TORCH_VERSION, 0), 0u) << r.out;
+  for (const auto& [part, built] : std::vector<std::pair<std::string, bool>>{
+           {"CPU Winograd", diffuse::cpu_winograd_built()},
+           {"c10d", diffuse::distributed_available()},
+           {"CUDA graphs", diffuse::cuda_graphs_built()},
+           {"fused CUDA kernels", diffuse::fused_norm_built()}}) {
+    EXPECT_NE(r.out.find(part + ": " + (built ? "yes" : "no")), std::string::npos) << part << " in " << r.out;
   }
 }
 
