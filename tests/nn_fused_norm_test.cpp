@@ -34,6 +34,11 @@ TEST(FusedNorm, RefusesWhatItCannotNormalize) {
   EXPECT_THROW(fused_group_norm(x.to(at::kDouble), 3, at::Tensor(), at::Tensor(), 1e-5), diffuse::Error);
   EXPECT_THROW(fused_group_norm(x, 3, at::ones({5}), at::Tensor(), 1e-5), diffuse::Error);
   EXPECT_THROW(fused_group_norm(at::randn({0, 6, 4, 4}), 3, at::Tensor(), at::Tensor(), 1e-5), diffuse::Error);
+  EXPECT_THROW(fused_group_norm(x, 3, at::Tensor(), at::Tensor(), 1e-5, false, at::randn({2, 5})), diffuse::Error);
+  EXPECT_THROW(fused_group_norm(x, 3, at::Tensor(), at::Tensor(), 1e-5, false, at::ones({2, 6}, at::kInt)),
+               diffuse::Error);
+  EXPECT_THROW(fused_group_norm(x, 3, at::ones({6}, at::TensorOptions().device(at::kMeta)), at::Tensor(), 1e-5),
+               diffuse::Error);  // a parameter on another device
   EXPECT_FALSE(diffuse::nn_detail::fused_group_norm_applies(x.to(at::kHalf)));
   EXPECT_FALSE(diffuse::nn_detail::fused_group_norm_applies(x.permute({0, 2, 3, 1})));
   EXPECT_TRUE(diffuse::nn_detail::fused_group_norm_applies(x));

@@ -240,6 +240,12 @@ at::Tensor fused_group_norm(const at::Tensor& x, int64_t groups, const at::Tenso
     throw input_error("fused GroupNorm: the addend must be a floating-point [" + std::to_string(x.size(0)) + ", " +
                       std::to_string(c) + "], got " + shape_str(addend.sizes()));
   }
+  for (const at::Tensor* p : {&weight, &bias, &addend}) {
+    if (p->defined() && p->device() != x.device()) {
+      throw input_error("fused GroupNorm: the input is on " + x.device().str() + ", a parameter or the addend on " +
+                        p->device().str());
+    }
+  }
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA}));
   ++g_fused_norm_calls;
