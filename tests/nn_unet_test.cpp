@@ -485,6 +485,33 @@ UNet2DModel random_fmnist_unet(uint64_t seed) {
   return net;
 }
 
+int64_t group_norm_count(UNet2DModel& net) {
+  int64_t norms = 0;
+  for (const auto& m : net->modules(/*include_self=*/false)) norms += m->as<torch::nn::GroupNorm>() != nullptr;
+  return norms;
+}
+
+// One training-mode forward of `net` (dropout drawn from `seed`) and the backward pass of sum(y * r): the output, the
+// input's gradient followed by every parameter's flattened into one tensor, and how far `calls` (a path's call
+// counter) moved during the forward.
+struct TrainingPass {
+  at::Tensor y, grads;
+  int64_t calls;
+};
+TrainingPass training_pass(UNet2DModel& net, const at::Tensor& x, const at::Tensor& t, const at::Tensor& r,
+                           uint64_t seed, int64_t (*calls)()) {
+  net->zero_grad();
+  torch::manual_seed(seed);
+  const at::Tensor xi = x.clone().requires_grad_(true);
+  const int64_t before = calls();
+  const at::Tensor y = net->forward(xi, t);
+  const int64_t moved = calls() - before;
+  (y * r).sum().backward();
+  std::vector<at::Tensor> grads{xi.grad().flatten()};
+  for (auto& p : net->parameters()) grads.push_back(p.grad().flatten().clone());
+  return {y.detach(), at::cat(grads), moved};
+}
+
 // Turns the process-wide Winograd switch off again when a test ends (passed, failed or skipped).
 struct WinogradOffAtExit {
   ~WinogradOffAtExit() { diffuse::set_cpu_winograd(false); }
@@ -500,8 +527,7 @@ TEST(UNet, FusedNormIsTheSameFunctionInTraining) {
   net->train();
   const at::Tensor x = at::randn({2, 1, 28, 28}), t = at::tensor({30.0f, 700.0f});
   const at::Tensor r = at::randn({2, 1, 28, 28});
-  int64_t norms = 0;
-  for (const auto& m : net->modules(/*include_self=*/false)) norms += m->as<torch::nn::GroupNorm>() != nullptr;
+  const int64_t norms = group_norm_count(net);
   struct Reset {
     UNet2DModel net;
     ~Reset() {
@@ -513,32 +539,24 @@ TEST(UNet, FusedNormIsTheSameFunctionInTraining) {
   auto pass = [&](bool fused, diffuse::Precision precision) {
     diffuse::set_fused_norm(fused);
     net->set_precision(precision);
-    net->zero_grad();
-    torch::manual_seed(5);  // the same dropout masks
-    const at::Tensor xi = x.clone().requires_grad_(true);
-    const int64_t before = diffuse::nn_detail::fused_group_norm_calls();
-    const at::Tensor y = net->forward(xi, t);
-    EXPECT_EQ(diffuse::nn_detail::fused_group_norm_calls() - before, fused ? norms : 0);
-    EXPECT_EQ(y.scalar_type(), at::kFloat);
-    (y * r).sum().backward();
-    std::vector<at::Tensor> grads{xi.grad().flatten()};
-    for (auto& p : net->parameters()) grads.push_back(p.grad().flatten().clone());
-    return std::make_pair(y.detach(), at::cat(grads));
+    TrainingPass p = training_pass(net, x, t, r, 5, diffuse::nn_detail::fused_group_norm_calls);
+    EXPECT_EQ(p.calls, fused ? norms : 0);
+    EXPECT_EQ(p.y.scalar_type(), at::kFloat);
+    return std::make_pair(p.y, p.grads);
   };
-  auto rel = [](const at::Tensor& a, const at::Tensor& b) { return ((a - b).norm() / b.norm()).item<double>(); };
   const auto [y_ref, g_ref] = pass(false, diffuse::Precision::kFloat32);
   const auto [y_fused, g_fused] = pass(true, diffuse::Precision::kFloat32);
   const auto [y_ref16, g_ref16] = pass(false, diffuse::Precision::kBFloat16);
   const auto [y_fused16, g_fused16] = pass(true, diffuse::Precision::kBFloat16);
   std::printf("fused norm vs LibTorch's, float32: output rel L2 %.3g, gradients %.3g; bf16 vs float32: fused %.3g / "
-              "%.3g, LibTorch %.3g / %.3g\n", rel(y_fused, y_ref), rel(g_fused, g_ref), rel(y_fused16, y_ref),
-              rel(g_fused16, g_ref), rel(y_ref16, y_ref), rel(g_ref16, g_ref));
+              "%.3g, LibTorch %.3g / %.3g\n", rel_l2(y_fused, y_ref), rel_l2(g_fused, g_ref), rel_l2(y_fused16, y_ref),
+              rel_l2(g_fused16, g_ref), rel_l2(y_ref16, y_ref), rel_l2(g_ref16, g_ref));
   EXPECT_GT(norms, 20);
   // Measured: 1.8e-7 and 5.0e-7 in float32; in bf16 2.5% and 0.7% further than LibTorch's path.
-  EXPECT_LT(rel(y_fused, y_ref), 2e-6);
-  EXPECT_LT(rel(g_fused, g_ref), 5e-6);
-  EXPECT_LT(rel(y_fused16, y_ref), 1.15 * rel(y_ref16, y_ref));
-  EXPECT_LT(rel(g_fused16, g_ref), 1.15 * rel(g_ref16, g_ref));
+  EXPECT_LT(rel_l2(y_fused, y_ref), 2e-6);
+  EXPECT_LT(rel_l2(g_fused, g_ref), 5e-6);
+  EXPECT_LT(rel_l2(y_fused16, y_ref), 1.15 * rel_l2(y_ref16, y_ref));
+  EXPECT_LT(rel_l2(g_fused16, g_ref), 1.15 * rel_l2(g_ref16, g_ref));
 }
 
 // CPU inference through oneDNN's Winograd convolutions (set_cpu_winograd) computes the direct convolution's
@@ -673,8 +691,7 @@ TEST(UNet, ChannelsLastIsTheSameFunction) {
   net->train();
   const at::Tensor x = at::randn({3, 1, 28, 28}), t = at::tensor({3.0f, 400.0f, 999.0f});
   const at::Tensor r = at::randn({3, 1, 28, 28});
-  int64_t norms = 0;
-  for (const auto& m : net->modules(/*include_self=*/false)) norms += m->as<torch::nn::GroupNorm>() != nullptr;
+  const int64_t norms = group_norm_count(net);
   struct Reset {
     UNet2DModel net;
     ~Reset() {
@@ -686,20 +703,13 @@ TEST(UNet, ChannelsLastIsTheSameFunction) {
   auto pass = [&](bool channels_last, diffuse::Precision precision) {
     net->set_channels_last(channels_last);
     net->set_precision(precision);
-    net->zero_grad();
-    torch::manual_seed(99);  // the same dropout masks
-    const at::Tensor xi = x.clone().requires_grad_(true);
-    const int64_t before = diffuse::nn_detail::group_norm_nhwc_calls();
-    const at::Tensor y = net->forward(xi, t);
-    EXPECT_EQ(diffuse::nn_detail::group_norm_nhwc_calls() - before, channels_last ? norms : 0);
-    EXPECT_TRUE(y.is_contiguous());
-    EXPECT_EQ(y.scalar_type(), at::kFloat);
-    (y * r).sum().backward();
-    std::vector<at::Tensor> grads{xi.grad().flatten()};
-    for (auto& p : net->parameters()) grads.push_back(p.grad().flatten().clone());
-    return std::make_pair(y.detach(), at::cat(grads));
+    TrainingPass p = training_pass(net, x, t, r, 99, diffuse::nn_detail::group_norm_nhwc_calls);
+    EXPECT_EQ(p.calls, channels_last ? norms : 0);
+    EXPECT_TRUE(p.y.is_contiguous());
+    EXPECT_EQ(p.y.scalar_type(), at::kFloat);
+    return std::make_pair(p.y, p.grads);
   };
-  auto rel = [](const at::Tensor& a, const at::Tensor& b) { return ((a - b).norm() / b.norm()).item<double>(); };
+  const auto rel = rel_l2;
   const auto [y_nchw, g_nchw] = pass(false, diffuse::Precision::kFloat32);
   const auto [y_nhwc, g_nhwc] = pass(true, diffuse::Precision::kFloat32);
   std::printf("channels-last vs NCHW, float32: output rel L2 %.3g, gradients rel L2 %.3g\n", rel(y_nhwc, y_nchw),

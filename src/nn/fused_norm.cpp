@@ -107,9 +107,30 @@ T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr());
 }
 
+// The CPU block program in x's element type: f(T{}) with T float or Bf16.
+template <class F>
+void in_element_type(const at::Tensor& x, F&& f) {
+  if (x.scalar_type() == at::kBFloat16) {
+    f(Bf16{});
+  } else {
+    f(float{});
+  }
+}
+
 #ifdef DIFFUSE_FUSED_NORM_CUDA
+// For one launch: x's device made current, and that device's current stream.
+struct CudaLaunch {
+  explicit CudaLaunch(const at::Tensor& x)
+      : guard(x.device()), stream(c10::cuda::getCurrentCUDAStream(x.device().index()).stream()) {}
+  c10::cuda::CUDAGuard guard;
+  void* stream;
+};
 void check_launch(const char* error, const char* what) {
   if (error != nullptr) throw run_error(std::string("fused GroupNorm: the CUDA ") + what + " kernel failed: " + error);
+}
+#else
+[[noreturn]] void no_cuda_kernels() {
+  throw input_error("fused GroupNorm: this build has no CUDA kernels (-DDIFFUSE_CUDA_KERNELS=ON with nvcc)");
 }
 #endif
 
@@ -122,56 +143,49 @@ T* maybe_ptr(const at::Tensor& t) {
 void run_forward(const at::Tensor& x, const at::Tensor& addend, const at::Tensor& w, const at::Tensor& b,
                  const at::Tensor& y, const at::Tensor& stats, int64_t groups, double eps, bool silu) {
   const Shape s = shape_of(x, groups);
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
   const float e = static_cast<float>(eps);
   if (x.is_cuda()) {
 #ifdef DIFFUSE_FUSED_NORM_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    check_launch(gn_cuda::forward(bf16, x.data_ptr(), maybe_ptr<float>(addend), ptr<float>(w), ptr<float>(b),
-                                  y.data_ptr(), ptr<float>(stats), s, e, silu,
-                                  c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
+    const CudaLaunch launch(x);
+    check_launch(gn_cuda::forward(x.scalar_type() == at::kBFloat16, x.data_ptr(), maybe_ptr<float>(addend),
+                                  ptr<float>(w), ptr<float>(b), y.data_ptr(), ptr<float>(stats), s, e, silu,
+                                  launch.stream),
                  "forward");
     return;
 #else
-    throw input_error("fused GroupNorm: this build has no CUDA kernels (-DDIFFUSE_CUDA_KERNELS=ON with nvcc)");
+    no_cuda_kernels();
 #endif
   }
-  if (bf16) {
-    forward_serial(Source<Bf16>{ptr<Bf16>(x), maybe_ptr<float>(addend), s}, ptr<float>(w), ptr<float>(b), ptr<Bf16>(y),
+  in_element_type(x, [&](auto type) {
+    using T = decltype(type);
+    forward_serial(Source<T>{ptr<T>(x), maybe_ptr<float>(addend), s}, ptr<float>(w), ptr<float>(b), ptr<T>(y),
                    ptr<float>(stats), e, silu);
-  } else {
-    forward_serial(Source<float>{ptr<float>(x), maybe_ptr<float>(addend), s}, ptr<float>(w), ptr<float>(b),
-                   ptr<float>(y), ptr<float>(stats), e, silu);
-  }
+  });
 }
 
 void run_backward(const at::Tensor& x, const at::Tensor& addend, const at::Tensor& dy, const at::Tensor& w,
                   const at::Tensor& b, const at::Tensor& stats, int64_t groups, bool silu, const at::Tensor& dx,
                   const at::Tensor& dw_part, const at::Tensor& db_part, const at::Tensor& d_addend) {
   const Shape s = shape_of(x, groups);
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (x.is_cuda()) {
 #ifdef DIFFUSE_FUSED_NORM_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    check_launch(gn_cuda::backward(bf16, x.data_ptr(), maybe_ptr<float>(addend), dy.data_ptr(), ptr<float>(w),
-                                   ptr<float>(b), ptr<float>(stats), s, silu, dx.data_ptr(), ptr<float>(dw_part),
-                                   ptr<float>(db_part), maybe_ptr<float>(d_addend),
-                                   c10::cuda::getCurrentCUDAStream(x.device().index()).stream()),
+    const CudaLaunch launch(x);
+    check_launch(gn_cuda::backward(x.scalar_type() == at::kBFloat16, x.data_ptr(), maybe_ptr<float>(addend),
+                                   dy.data_ptr(), ptr<float>(w), ptr<float>(b), ptr<float>(stats), s, silu,
+                                   dx.data_ptr(), ptr<float>(dw_part), ptr<float>(db_part),
+                                   maybe_ptr<float>(d_addend), launch.stream),
                  "backward");
     return;
 #else
-    throw input_error("fused GroupNorm: this build has no CUDA kernels (-DDIFFUSE_CUDA_KERNELS=ON with nvcc)");
+    no_cuda_kernels();
 #endif
   }
-  if (bf16) {
-    backward_serial(Source<Bf16>{ptr<Bf16>(x), maybe_ptr<float>(addend), s}, ptr<Bf16>(dy), ptr<float>(w),
-                    ptr<float>(b), ptr<float>(stats), silu, ptr<Bf16>(dx), ptr<float>(dw_part), ptr<float>(db_part),
+  in_element_type(x, [&](auto type) {
+    using T = decltype(type);
+    backward_serial(Source<T>{ptr<T>(x), maybe_ptr<float>(addend), s}, ptr<T>(dy), ptr<float>(w), ptr<float>(b),
+                    ptr<float>(stats), silu, ptr<T>(dx), ptr<float>(dw_part), ptr<float>(db_part),
                     maybe_ptr<float>(d_addend));
-  } else {
-    backward_serial(Source<float>{ptr<float>(x), maybe_ptr<float>(addend), s}, ptr<float>(dy), ptr<float>(w),
-                    ptr<float>(b), ptr<float>(stats), silu, ptr<float>(dx), ptr<float>(dw_part), ptr<float>(db_part),
-                    maybe_ptr<float>(d_addend));
-  }
+  });
 }
 
 // x: contiguous [N, C, ...] float32 or bfloat16; addend: contiguous float32 [N, C] or empty; weight, bias:

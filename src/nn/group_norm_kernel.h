@@ -100,9 +100,9 @@ struct Group {
   int64_t stats;  // index of its Moments ([N, G])
   int64_t image;  // n
   DIFFUSE_HD Group(const Shape& s, int64_t block)
-      : base(block * (s.c / s.groups) * s.hw),
-        c0((block % s.groups) * (s.c / s.groups)),
-        d(s.c / s.groups * s.hw),
+      : base(block * s.cg() * s.hw),
+        c0((block % s.groups) * s.cg()),
+        d(s.cg() * s.hw),
         hw(s.hw),
         stats(block),
         image(block / s.groups) {}
