@@ -95,6 +95,29 @@ using Group = c10d::ProcessGroup;
 #endif
 using WorkPtr = c10::intrusive_ptr<c10d::Work>;
 using ms = std::chrono::milliseconds;
+
+// LibTorch 2.4 and later serve and reach the store through libuv unless told otherwise (TCPStoreOptions::useLibUV,
+// true by default); a LibTorch built without libuv (Debian's 2.6) then refuses to make a store at all. The other
+// backend speaks the same protocol, so each side picks on its own. Older LibTorch has no such option.
+template <typename O>
+auto without_libuv(O& o, int) -> decltype(o.useLibUV = false, bool()) {
+  if (!o.useLibUV) return false;
+  o.useLibUV = false;
+  return true;
+}
+template <typename O>
+bool without_libuv(O&, long) {
+  return false;
+}
+
+c10::intrusive_ptr<c10d::TCPStore> make_store(const std::string& host, c10d::TCPStoreOptions options) {
+  try {
+    return c10::make_intrusive<c10d::TCPStore>(host, options);
+  } catch (const std::exception& e) {
+    if (std::string(e.what()).find("libuv") == std::string::npos || !without_libuv(options, 0)) throw;
+  }
+  return c10::make_intrusive<c10d::TCPStore>(host, options);
+}
 }  // namespace
 
 bool distributed_available() { return true; }
@@ -144,7 +167,7 @@ LauncherStore::LauncherStore(int64_t world_size) : impl_(std::make_unique<Impl>(
     so.isServer = true;
     so.numWorkers = static_cast<size_t>(world_size);
     so.waitWorkers = false;  // the ranks are not started yet
-    impl_->store = c10::make_intrusive<c10d::TCPStore>("127.0.0.1", so);
+    impl_->store = make_store("127.0.0.1", so);
   } catch (const std::exception& e) {
     const std::string what = e.what();
     throw run_error("--nproc: cannot serve the rendezvous store on 127.0.0.1: " + what.substr(0, what.find('\n')));
@@ -170,7 +193,7 @@ std::unique_ptr<Communicator> Communicator::connect(const DistOptions& options, 
     so.numWorkers = static_cast<size_t>(options.world_size);
     so.waitWorkers = true;
     so.timeout = impl->timeout();
-    impl->store = c10::make_intrusive<c10d::TCPStore>(options.master_addr, so);
+    impl->store = make_store(options.master_addr, so);
   } catch (const std::exception& e) {
     impl->fail("the rendezvous at " + where, e);
   }
