@@ -155,6 +155,21 @@ TEST(Idx, GzipBombsStopEarly) {
       std::string::npos);
 }
 
+TEST(Idx, ZeroDimensionDoesNotHideHugeOnes) {
+  // fuzz_idx found this header against LibTorch 2.6: 0 x 4294967042 x 4278454398 holds no element, so the size
+  // check passes, but the strides of such a tensor overflow int64 and LibTorch 2 throws its own error from
+  // at::empty. It is refused by the parser instead; a zero dimension with sane ones stays an empty tensor.
+  const std::string huge("\x00\x00\x08\x03\x00\x00\x00\x00\xff\xff\xff\x02\xff\x04\x08\x7e", 16);
+  EXPECT_NE(error_of([&] { parse(huge); }).find("0 x 4294967042 x 4278454398: too large for a tensor"),
+            std::string::npos);
+  const std::string empty("\x00\x00\x08\x03\x00\x00\x00\x00\x00\x00\x00\x1c\x00\x00\x00\x1c", 16);
+  EXPECT_EQ(parse(empty).sizes(), (std::vector<int64_t>{0, 28, 28}));
+  EXPECT_TRUE(diffuse::strides_fit_int64({0, 28, 28}));
+  EXPECT_TRUE(diffuse::strides_fit_int64({int64_t{1} << 62, 0, 1}));
+  EXPECT_FALSE(diffuse::strides_fit_int64({0, int64_t{1} << 32, int64_t{1} << 32}));
+  EXPECT_FALSE(diffuse::strides_fit_int64({3, -1}));
+}
+
 // A small fuzz: prefixes, byte flips and noise around valid raw and gzip files only ever raise
 // diffuse::Error.
 TEST(Idx, ArbitraryBytesOnlyRaiseInputErrors) {

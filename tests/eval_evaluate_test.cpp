@@ -68,6 +68,10 @@ TEST(Npy, RejectsMalformedFiles) {
   EXPECT_THROW(parse(npy_bytes("{'descr': '|u1', 'fortran_order': False, 'shape': (6, 4), }", 24)), diffuse::Error);
   EXPECT_THROW(parse(npy_bytes("{'descr': '|u1', 'fortran_order': False, 'shape': (99999999999999, 3, 4), }", 24)), diffuse::Error);
   EXPECT_THROW(parse(npy_bytes("{'descr': '|u1', 'fortran_order': False, }", 24)), diffuse::Error);
+  // No element, but strides beyond int64 (LibTorch 2 would throw its own error making it).
+  EXPECT_THROW(parse(npy_bytes("{'descr': '|u1', 'fortran_order': False, 'shape': (0, 4294967296, 4294967296), }", 0)),
+               diffuse::Error);
+  EXPECT_EQ(parse(npy_bytes("{'descr': '|u1', 'fortran_order': False, 'shape': (0, 3, 4), }", 0)).size(0), 0);
   std::string truncated = npy_bytes("{'descr': '|u1', 'fortran_order': False, 'shape': (2, 3, 4), }", 24).substr(0, 40);
   EXPECT_THROW(parse(truncated), diffuse::Error);
 }

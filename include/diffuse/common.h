@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace diffuse {
 
@@ -42,5 +43,10 @@ void set_threads(int64_t n);
 // within +-9e15 (nlohmann's own conversion of a float is unchecked, undefined beyond the type's range); anything
 // else is input_error("<what> must be an integer, got <value>").
 int64_t json_int64(const nlohmann::json& v, const std::string& what);
+
+// Whether LibTorch can make a contiguous tensor of these (non-negative) sizes: the product of max(d, 1), its largest
+// stride, fits in int64. A zero dimension makes the element count 0 but does not shrink the strides; LibTorch 2
+// refuses such sizes ("Stride calculation overflowed"), so file parsers check announced shapes with this first.
+bool strides_fit_int64(const std::vector<int64_t>& sizes);
 
 }  // namespace diffuse

@@ -165,6 +165,8 @@ at::Tensor idx_parse_raw(const uint8_t* data, size_t size, const std::string& co
                       announced + " bytes but the file holds " + std::to_string(payload) +
                       (overflow || total > payload ? " (truncated)" : " (trailing bytes)"));
   }
+  if (!strides_fit_int64(dims))
+    throw input_error(context + ": IDX header announces " + shape_string(dims) + ": too large for a tensor");
   at::Tensor out = at::empty(dims, at::TensorOptions().dtype(at::kByte));
   if (payload > 0) std::memcpy(out.data_ptr<uint8_t>(), data + header, payload);
   return out;

@@ -87,6 +87,7 @@ at::Tensor npy_parse_uint8(const uint8_t* data, size_t size, const std::string& 
     count *= static_cast<uint64_t>(d);
     if (count > (uint64_t(1) << 40)) throw input_error(context + ": array too large");
   }
+  if (!strides_fit_int64(shape)) throw input_error(context + ": shape too large for a tensor");
   if (count != size - data_start) {
     throw input_error(context + ": data holds " + std::to_string(size - data_start) + " bytes, shape needs " + std::to_string(count));
   }

@@ -18,6 +18,14 @@ void set_threads(int64_t n) {
   at::set_num_threads(static_cast<int>(n));
 }
 
+bool strides_fit_int64(const std::vector<int64_t>& sizes) {
+  int64_t span = 1;
+  for (int64_t d : sizes) {
+    if (d < 0 || __builtin_mul_overflow(span, std::max<int64_t>(d, 1), &span)) return false;
+  }
+  return true;
+}
+
 int64_t json_int64(const nlohmann::json& v, const std::string& what) {
   if (v.is_number_integer()) return v.get<int64_t>();
   if (v.is_number_unsigned()) {
