@@ -179,25 +179,23 @@ Entry parse_entry(const std::string& name, const json& value, uint64_t data_size
     throw input_error(where + ": unknown dtype " + json_quote(dtype.get_ref<const std::string&>()) +
                       " (supported: F64 F32 F16 BF16 I64 I32 I16 I8 U8 BOOL)");
 
-  // numel = prod(shape), overflow-checked. The product of max(d, 1) is checked too, so that LibTorch's
-  // contiguous strides cannot overflow int64 when a zero dimension hides huge ones.
+  // numel = prod(shape), overflow-checked through the strides: LibTorch's contiguous strides must fit in int64
+  // even when a zero dimension hides huge ones.
   const json& shape = value["shape"];
   if (!shape.is_array()) throw input_error(where + ": \"shape\" is not an array");
-  uint64_t numel = 1;
-  uint64_t span = 1;
-  constexpr uint64_t kMaxDim = static_cast<uint64_t>(std::numeric_limits<int64_t>::max());
+  const auto too_many = [&] { return input_error(where + ": shape " + brief(shape) + " has too many elements"); };
+  uint64_t numel = 1;  // exact once strides_fit_int64 holds: numel <= the product of max(d, 1)
   for (const json& d : shape) {
     if (d.is_number_integer() && !d.is_number_unsigned())
       throw input_error(where + ": negative dimension " + brief(d) + " in shape");
     if (!d.is_number_unsigned())
       throw input_error(where + ": shape entry " + brief(d) + " is not an integer");
     const uint64_t n = d.get<uint64_t>();
-    const uint64_t m = std::max<uint64_t>(n, 1);
-    if (span > kMaxDim / m) throw input_error(where + ": shape " + brief(shape) + " has too many elements");
-    span *= m;
+    if (n > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) throw too_many();
     numel *= n;
     entry.shape.push_back(static_cast<int64_t>(n));
   }
+  if (!strides_fit_int64(entry.shape)) throw too_many();
 
   const json& offsets = value["data_offsets"];
   if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
