@@ -62,11 +62,19 @@ int main(int argc, char** argv) {
 #endif
   // A write past `ulimit -f` fails with EFBIG and a one-line error instead of killing the process.
   std::signal(SIGXFSZ, SIG_IGN);
-  // CPU float32 3x3 convolutions through oneDNN's Winograd kernels where this build and CPU have them (see
-  // diffuse::set_cpu_winograd): training, sampling, evaluation and editing on a CPU. DIFFUSE_CPU_WINOGRAD=0
-  // keeps LibTorch's direct convolution (the arithmetic of diffusers to ~1e-6, for comparisons).
-  const char* winograd = std::getenv("DIFFUSE_CPU_WINOGRAD");
-  diffuse::set_cpu_winograd(!(winograd && std::string(winograd) == "0"));
+  // CPU float32 3x3 convolutions through Winograd kernels (see diffuse::set_cpu_winograd): oneDNN 2's where this
+  // build and CPU have them, else the project's own; training, sampling, evaluation and editing on a CPU.
+  // DIFFUSE_CPU_WINOGRAD=0 keeps LibTorch's direct convolution (the arithmetic of diffusers to ~1e-6, for
+  // comparisons); =own or =onednn takes only that set of kernels.
+  const std::string winograd = std::getenv("DIFFUSE_CPU_WINOGRAD") ? std::getenv("DIFFUSE_CPU_WINOGRAD") : "";
+  if (!winograd.empty() && winograd != "0" && winograd != "1" && winograd != "own" && winograd != "onednn") {
+    std::cerr << "error: DIFFUSE_CPU_WINOGRAD must be 0, 1, own or onednn, got '" << winograd << "'\n";
+    return diffuse::kExitBadInput;
+  }
+  diffuse::set_cpu_winograd(winograd != "0");
+  diffuse::set_cpu_winograd_kernel(winograd == "own"      ? diffuse::CpuWinogradKernel::kOwn
+                                   : winograd == "onednn" ? diffuse::CpuWinogradKernel::kOneDnn
+                                                          : diffuse::CpuWinogradKernel::kAuto);
   // GroupNorm + SiLU through the project's fused CUDA kernels (diffuse::set_fused_norm), on CUDA in a build that
   // has them: DIFFUSE_CUDA_FUSED_NORM=1. Off by default until measured on a GPU; elsewhere it changes nothing.
   const char* fused = std::getenv("DIFFUSE_CUDA_FUSED_NORM");

@@ -17,9 +17,10 @@
 // --cuda-graph 1 (train, CUDA) runs the trainer's step as it does under `diffuse train --cuda-graph`: captured
 // once after its eager warm-up steps, then replayed (the warm-up iterations include the capture); in sample mode
 // each evaluation is replayed as under `diffuse sample --cuda-graph` (diffuse::CudaGraphFunction).
-// --cpu-winograd 1 computes the 3x3 convolutions of CPU float32 training and inference with oneDNN's Winograd
-// kernels, as the `diffuse` program does (diffuse::set_cpu_winograd); 0, the default, keeps LibTorch's convolution
-// on both sides.
+// --cpu-winograd 1 computes the 3x3 convolutions of CPU float32 training and inference with Winograd kernels, as
+// the `diffuse` program does (diffuse::set_cpu_winograd: oneDNN 2's where it has them, else the project's own);
+// `own` or `onednn` takes only that set (diffuse::set_cpu_winograd_kernel); 0, the default, keeps LibTorch's
+// convolution on both sides.
 // --reduced-norm 1 (with --precision bf16|fp16) runs GroupNorm on the reduced-precision activations instead of in
 // float32 (diffuse::set_reduced_precision_norm), an experiment for the GPU.
 // --fused-norm 1 (CUDA, a build with the project's kernels) runs GroupNorm and the SiLU after it through the fused
@@ -94,7 +95,8 @@ struct Options {
   std::string precision = "fp32";  // fp32 | bf16 | fp16 (nn/precision.h)
   std::string profile;  // when set: one more iteration traced to <profile>-train.trace / -sample.trace
   bool cudnn_benchmark = false;
-  bool cpu_winograd = false;  // CPU float32: 3x3 convolutions through oneDNN's Winograd (as the program does)
+  bool cpu_winograd = false;  // CPU float32: 3x3 convolutions through Winograd kernels (as the program does)
+  std::string cpu_winograd_kernel = "auto";  // whose: auto, own, onednn
   bool channels_last = false;  // NHWC activations (diffuse::UNet2DModelImpl::set_channels_last)
   bool cuda_graph = false;  // train: the step captured as a CUDA graph after the warm-up (the trainer's --cuda-graph);
                             // sample: each evaluation replayed from a graph (diffuse::CudaGraphFunction)
@@ -103,6 +105,13 @@ struct Options {
   bool fused_norm = false;    // GroupNorm + SiLU through the project's CUDA kernels (diffuse::set_fused_norm)
 };
 
+void set_winograd(const Options& o) {
+  diffuse::set_cpu_winograd(o.cpu_winograd);
+  diffuse::set_cpu_winograd_kernel(o.cpu_winograd_kernel == "own"      ? diffuse::CpuWinogradKernel::kOwn
+                                   : o.cpu_winograd_kernel == "onednn" ? diffuse::CpuWinogradKernel::kOneDnn
+                                                                       : diffuse::CpuWinogradKernel::kAuto);
+}
+
 [[noreturn]] void usage(const std::string& why) {
   std::cerr
       << "bench_train_speed: " << why << "\n"
@@ -110,7 +119,7 @@ struct Options {
       << "                         [--mode train|sample|both] [--steps N] [--evals N] [--warmup N]\n"
       << "                         [--data synthetic|SPEC] [--seed N] [--precision fp32|bf16|fp16]\n"
       << "                         [--profile PREFIX] [--cudnn-benchmark 0|1]\n"
-      << "                         [--cuda-graph 0|1] [--channels-last 0|1] [--cpu-winograd 0|1]\n"
+      << "                         [--cuda-graph 0|1] [--channels-last 0|1] [--cpu-winograd 0|1|own|onednn]\n"
       << "                         [--grad-buffer transient|persistent] [--reduced-norm 0|1]\n"
       << "                         [--fused-norm 0|1]\n";
   std::exit(diffuse::kExitBadInput);
@@ -156,8 +165,9 @@ Options parse(int argc, char** argv) {
       if (value != "0" && value != "1") usage("--cudnn-benchmark: 0 or 1");
       o.cudnn_benchmark = value == "1";
     } else if (flag == "--cpu-winograd") {
-      if (value != "0" && value != "1") usage("--cpu-winograd: 0 or 1");
-      o.cpu_winograd = value == "1";
+      if (value != "0" && value != "1" && value != "own" && value != "onednn") usage("--cpu-winograd: 0, 1, own or onednn");
+      o.cpu_winograd = value != "0";
+      o.cpu_winograd_kernel = value == "own" || value == "onednn" ? value : "auto";
     } else if (flag == "--channels-last") {
       if (value != "0" && value != "1") usage("--channels-last: 0 or 1");
       o.channels_last = value == "1";
@@ -337,6 +347,7 @@ void report(const std::string& bench, const Options& o, const diffuse::RunConfig
                    {"cuda_graph", o.cuda_graph},
                    {"channels_last", o.channels_last},
                    {"cpu_winograd", o.cpu_winograd},
+                   {"cpu_winograd_kernel", o.cpu_winograd_kernel},
                    {"grad_buffer", bench == "train" ? o.grad_buffer : ""},
                    {"reduced_norm", o.reduced_norm},
                    {"fused_norm", o.fused_norm},
@@ -379,7 +390,7 @@ void bench_train(const Options& o, const diffuse::RunConfig& cfg, const at::Devi
   net->train();
   net->set_precision(diffuse::parse_precision(o.precision));
   net->set_channels_last(o.channels_last);
-  diffuse::set_cpu_winograd(o.cpu_winograd);
+  set_winograd(o);
   diffuse::FlatParameters flat(net->named_parameters(),
                                o.grad_buffer == "persistent" ? diffuse::GradStorage::kPersistent
                                                              : diffuse::GradStorage::kTransient,
@@ -463,7 +474,7 @@ void bench_sample(const Options& o, const diffuse::RunConfig& cfg, const at::Dev
   const int64_t s = cfg.model.sample_size;
   at::Generator g = cpu_generator(o.seed + 9);
   net->set_channels_last(o.channels_last);
-  diffuse::set_cpu_winograd(o.cpu_winograd);
+  set_winograd(o);
   const at::Tensor x = at::randn({o.batch, cfg.model.in_channels, s, s}, g).to(device);
   const at::Tensor t = (at::rand({o.batch}, g) * cfg.process.num_timesteps).floor().to(device);
   const at::Tensor y = cfg.model.num_class_embeds

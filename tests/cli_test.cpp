@@ -70,12 +70,13 @@ TEST(Cli, VersionSaysWhatTheBuildHolds) {
   EXPECT_EQ(r.code, 0);
   EXPECT_EQ(r.out.rfind(std::string("diffuse ") + diffuse::version() + " (LibTorch " + TORCH_VERSION, 0), 0u) << r.out;
   for (const auto& [part, built] : std::vector<std::pair<std::string, bool>>{
-           {"CPU Winograd", diffuse::cpu_winograd_built()},
            {"c10d", diffuse::distributed_available()},
            {"CUDA graphs", diffuse::cuda_graphs_built()},
            {"fused CUDA kernels", diffuse::fused_norm_built()}}) {
     EXPECT_NE(r.out.find(part + ": " + (built ? "yes" : "no")), std::string::npos) << part << " in " << r.out;
   }
+  const std::string winograd = diffuse::cpu_winograd_built() ? "oneDNN 2 + own" : "own";
+  EXPECT_NE(r.out.find("CPU Winograd: " + winograd + ","), std::string::npos) << r.out;
 }
 
 TEST(Cli, InfoOnFashionMnistTrain) {

@@ -514,7 +514,10 @@ TrainingPass training_pass(UNet2DModel& net, const at::Tensor& x, const at::Tens
 
 // Turns the process-wide Winograd switch off again when a test ends (passed, failed or skipped).
 struct WinogradOffAtExit {
-  ~WinogradOffAtExit() { diffuse::set_cpu_winograd(false); }
+  ~WinogradOffAtExit() {
+    diffuse::set_cpu_winograd(false);
+    diffuse::set_cpu_winograd_kernel(diffuse::CpuWinogradKernel::kAuto);
+  }
 };
 
 }  // namespace
@@ -559,13 +562,14 @@ TEST(UNet, FusedNormIsTheSameFunctionInTraining) {
   EXPECT_LT(rel_l2(g_fused16, g_ref), 1.15 * rel_l2(g_ref16, g_ref));
 }
 
-// CPU inference through oneDNN's Winograd convolutions (set_cpu_winograd) computes the direct convolution's
-// function: the fmnist preset's U-Net (channels 64/128, attention at 14x14) with random weights, batch 4.
-TEST(UNet, WinogradInferenceMatchesTheDirectConvolution) {
-  if (!diffuse::cpu_winograd_built()) GTEST_SKIP() << "built without oneDNN's headers (libdnnl-dev)";
+// CPU inference through Winograd convolutions (set_cpu_winograd; oneDNN's or the project's own kernels) computes
+// the direct convolution's function: the fmnist preset's U-Net (channels 64/128, attention at 14x14) with random
+// weights, batch 4.
+static void expect_winograd_inference_matches(diffuse::CpuWinogradKernel kernel) {
   UNet2DModel net = random_fmnist_unet(11);
   const at::Tensor x = at::randn({4, 1, 28, 28}), t = at::tensor({3.0f, 250.0f, 600.0f, 999.0f});
   WinogradOffAtExit off;
+  diffuse::set_cpu_winograd_kernel(kernel);
   at::Tensor direct, winograd;
   {
     torch::NoGradGuard no_grad;
@@ -584,14 +588,14 @@ TEST(UNet, WinogradInferenceMatchesTheDirectConvolution) {
   EXPECT_LT(rel, 1e-5);
 }
 
-// Training through the Winograd autograd function: the output, the input's gradient and every parameter's
+// Training through the Winograd autograd functions: the output, the input's gradient and every parameter's
 // gradient against LibTorch's direct convolution.
-TEST(UNet, WinogradTrainingMatchesTheDirectConvolution) {
-  if (!diffuse::cpu_winograd_built()) GTEST_SKIP() << "built without oneDNN's headers (libdnnl-dev)";
+static void expect_winograd_training_matches(diffuse::CpuWinogradKernel kernel) {
   UNet2DModel net = random_fmnist_unet(12);  // eval mode, no dropout: both passes see the same network
   const at::Tensor x = at::randn({3, 1, 28, 28}), t = at::tensor({3.0f, 400.0f, 999.0f});
   const at::Tensor r = at::randn({3, 1, 28, 28});
   WinogradOffAtExit off;
+  diffuse::set_cpu_winograd_kernel(kernel);
   auto pass = [&](bool winograd, int64_t* calls) {
     diffuse::set_cpu_winograd(winograd);
     net->zero_grad();
@@ -616,6 +620,25 @@ TEST(UNet, WinogradTrainingMatchesTheDirectConvolution) {
   EXPECT_GT(g_direct.abs().max().item<double>(), 1e-3);
   EXPECT_LT(rel_y, 1e-5);
   EXPECT_LT(rel_g, 1e-5);
+}
+
+TEST(UNet, WinogradInferenceMatchesTheDirectConvolution) {
+  if (!diffuse::cpu_winograd_built()) GTEST_SKIP() << "built without oneDNN 2's headers (libdnnl-dev)";
+  expect_winograd_inference_matches(diffuse::CpuWinogradKernel::kOneDnn);
+}
+
+TEST(UNet, WinogradTrainingMatchesTheDirectConvolution) {
+  if (!diffuse::cpu_winograd_built()) GTEST_SKIP() << "built without oneDNN 2's headers (libdnnl-dev)";
+  expect_winograd_training_matches(diffuse::CpuWinogradKernel::kOneDnn);
+}
+
+// The project's own kernels: on every build and CPU.
+TEST(UNet, OwnWinogradInferenceMatchesTheDirectConvolution) {
+  expect_winograd_inference_matches(diffuse::CpuWinogradKernel::kOwn);
+}
+
+TEST(UNet, OwnWinogradTrainingMatchesTheDirectConvolution) {
+  expect_winograd_training_matches(diffuse::CpuWinogradKernel::kOwn);
 }
 
 // GroupNorm composed for channels-last activations computes LibTorch's GroupNorm, output and gradients, and keeps

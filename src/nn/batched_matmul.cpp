@@ -125,6 +125,29 @@ struct ScaledBmm : public torch::autograd::Function<ScaledBmm> {
 
 bool has_fast_cpu_gemm() { return onednn().sgemm != nullptr; }
 
+SingleThreadedGemm::SingleThreadedGemm() {
+  const OneDnn& lib = onednn();
+  if (lib.sgemm) {
+    threads_ = lib.omp_get_max_threads();
+    lib.omp_set_num_threads(1);
+  }
+}
+
+SingleThreadedGemm::~SingleThreadedGemm() {
+  if (threads_ > 0) onednn().omp_set_num_threads(threads_);
+}
+
+void SingleThreadedGemm::operator()(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                                    int64_t ldb, float* c, int64_t ldc) const {
+  const OneDnn& lib = onednn();
+  if (lib.sgemm && lib.sgemm('N', 'N', m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc) == 0) return;
+  // No oneDNN sgemm (or it refused): LibTorch's, which runs on this thread inside a parallel region.
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, f32);
+  at::mm_out(out, at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, f32),
+             at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, f32));
+}
+
 at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b, double alpha) {
   const bool fast = a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1) &&
                     a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&

@@ -20,11 +20,16 @@
 namespace diffuse {
 namespace nn_detail {
 
-// A 3x3 convolution with stride 1 and padding 1 (the module's): on a CPU in float32 through oneDNN's Winograd
-// kernels (inference, or training through an autograd function) when set_cpu_winograd(true) and this build and
-// CPU have them, else the module's own forward (src/nn/winograd.cpp). In a channels-last forward: the module's
+// A 3x3 convolution with stride 1 and padding 1 (the module's): on a CPU in float32 with set_cpu_winograd(true)
+// through Winograd kernels (inference, or training through an autograd function; set_cpu_winograd_kernel says
+// whose), else the module's own forward (src/nn/winograd.cpp). In a channels-last forward: the module's
 // forward, its output in NHWC memory.
 at::Tensor conv3x3(torch::nn::Conv2d conv, const at::Tensor& x);
+
+// The project's own Winograd F(4x4, 3x3) convolution (src/nn/winograd_f43.cpp): stride 1, padding 1, float32 on
+// the CPU, at least 16 input and 16 output channels. Differentiable: an autograd function when autograd records.
+bool f43_applies(const at::Tensor& x, const at::Tensor& w);
+at::Tensor conv3x3_f43(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 
 // "[2, 3, 4]": a shape for error messages.
 std::string shape_str(at::IntArrayRef sizes);
@@ -236,6 +241,21 @@ TORCH_MODULE(MidBlock);
 // the sgemm of the oneDNN library LibTorch loads (when present); everything else through at::bmm/baddbmm.
 at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b, double alpha);
 bool has_fast_cpu_gemm();
+// Row-major float32 products c = a b (a: m x k, b: k x n, leading dimensions lda, ldb, ldc) computed on the calling
+// thread: oneDNN's sgemm with OpenMP held at one thread while the object lives (as inside at::parallel_for), else
+// LibTorch's at::mm.
+class SingleThreadedGemm {
+ public:
+  SingleThreadedGemm();
+  ~SingleThreadedGemm();
+  SingleThreadedGemm(const SingleThreadedGemm&) = delete;
+  SingleThreadedGemm& operator=(const SingleThreadedGemm&) = delete;
+  void operator()(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                  int64_t ldc) const;
+
+ private:
+  int threads_ = 0;
+};
 // Scaled dot-product attention on [B, L, d] without autograd on the CPU, in cache-sized chunks; [B, Lq, dv].
 at::Tensor attention_inference_cpu(const at::Tensor& q3, const at::Tensor& k3, const at::Tensor& v3, double scale);
 // out = alpha * a @ b into a contiguous [B, M, N] of the operands' type, without autograd.

@@ -6,6 +6,8 @@
 // Training: an autograd function with oneDNN's Winograd forward_training, backward-data and backward-weights
 // kernels (1.1-1.5x faster than its direct ones on the fmnist U-Net's shapes, reorders included); the weights
 // change every step and are reordered on every call.
+// Where oneDNN 2 has no kernel (other builds, other CPUs, other shapes), conv3x3 takes the project's own F(4x4, 3x3)
+// kernels (src/nn/winograd_f43.cpp); set_cpu_winograd_kernel picks one side for comparisons.
 #include "nn/blocks.h"
 
 #include <torch/csrc/autograd/custom_function.h>
@@ -29,10 +31,13 @@ namespace diffuse {
 
 namespace {
 std::atomic<bool> g_winograd{false};
+std::atomic<CpuWinogradKernel> g_kernel{CpuWinogradKernel::kAuto};
 std::atomic<int64_t> g_winograd_calls{0};
 }  // namespace
 
 void set_cpu_winograd(bool on) { g_winograd = on; }
+void set_cpu_winograd_kernel(CpuWinogradKernel kernel) { g_kernel = kernel; }
+CpuWinogradKernel cpu_winograd_kernel() { return g_kernel; }
 bool cpu_winograd() { return g_winograd; }
 int64_t cpu_winograd_calls() { return g_winograd_calls; }
 
@@ -398,12 +403,20 @@ namespace nn_detail {
 at::Tensor conv3x3(torch::nn::Conv2d conv, const at::Tensor& x) {
   // Channels-last activations take LibTorch's convolution (oneDNN/cuDNN in NHWC); the Winograd path is NCHW.
   if (channels_last_active()) return keep_layout(conv->forward(x));
-  if (winograd_applies(x, conv->weight)) {
-    at::Tensor y = conv3x3_winograd(x, conv->weight, conv->bias);
-    if (y.defined()) return y;
-  } else if (winograd_training_applies(x, conv->weight)) {
-    at::Tensor y = conv3x3_winograd_training(x, conv->weight, conv->bias);
-    if (y.defined()) return y;
+  if (!g_winograd) return conv->forward(x);
+  const CpuWinogradKernel kernel = g_kernel;
+  if (kernel != CpuWinogradKernel::kOwn) {
+    if (winograd_applies(x, conv->weight)) {
+      at::Tensor y = conv3x3_winograd(x, conv->weight, conv->bias);
+      if (y.defined()) return y;
+    } else if (winograd_training_applies(x, conv->weight)) {
+      at::Tensor y = conv3x3_winograd_training(x, conv->weight, conv->bias);
+      if (y.defined()) return y;
+    }
+  }
+  if (kernel != CpuWinogradKernel::kOneDnn && f43_applies(x, conv->weight)) {
+    ++g_winograd_calls;
+    return conv3x3_f43(x, conv->weight, conv->bias);
   }
   return conv->forward(x);
 }

@@ -102,15 +102,24 @@ void unet_load_state_dict(UNet2DModelImpl& net, const TensorDict& tensors, const
 UNet2DModel load_diffusers_unet(const std::string& dir);
 void save_diffusers_unet(UNet2DModelImpl& net, const std::string& dir);
 
-// CPU float32 (no autocast): 3x3 convolutions through oneDNN's Winograd kernels, which LibTorch's convolution
-// never selects. Inference (no autograd): 1.3-2.3x faster per convolution on the fmnist U-Net, relative error
-// ~2e-6. Training (autograd recording): forward, backward-data and backward-weights kernels in an autograd
-// function, the fmnist training step ~1.13x faster, gradients within ~1e-6 relative L2. Off by default (the library then computes what diffusers computes to ~1e-6); the `diffuse` program
-// turns it on. Needs oneDNN 2.x's headers at build time (Debian: libdnnl-dev) and a CPU with its kernels
-// (AVX-512); elsewhere the direct convolution runs. cpu_winograd_calls counts the convolutions it computed.
+// CPU float32 (no autocast): 3x3 convolutions by Winograd's F(4x4, 3x3) instead of LibTorch's direct convolution;
+// off by default (the library then computes what diffusers computes to ~1e-6), the `diffuse` program turns it on.
+// Two sets of kernels (set_cpu_winograd_kernel):
+// - oneDNN 2.x's, which LibTorch's convolution never selects. Inference 1.3-2.3x faster per convolution on the
+//   fmnist U-Net, relative error ~2e-6; training through its forward, backward-data and backward-weights kernels
+//   in an autograd function, the fmnist training step ~1.13x faster, gradients within ~1e-6 relative L2. They
+//   need oneDNN 2's headers at build time (Debian 12: libdnnl-dev; cpu_winograd_built()) and AVX-512.
+// - the project's own (src/nn/winograd_f43.cpp), on any CPU and LibTorch (oneDNN 3.x, in every LibTorch 2.x, has
+//   no Winograd kernels): inference, and in training the forward and input-gradient convolutions (the filters'
+//   gradient stays LibTorch's). Relative error ~3e-6.
+// kAuto takes oneDNN's where this build and CPU have them for the shape, else the own ones. cpu_winograd_calls
+// counts the convolutions either computed.
+enum class CpuWinogradKernel { kAuto, kOneDnn, kOwn };
 void set_cpu_winograd(bool on);
 bool cpu_winograd();
-bool cpu_winograd_built();
+void set_cpu_winograd_kernel(CpuWinogradKernel kernel);
+CpuWinogradKernel cpu_winograd_kernel();
+bool cpu_winograd_built();  // oneDNN 2's Winograd kernels; the own ones are always built
 int64_t cpu_winograd_calls();
 
 // Mixed precision (autocast to bf16 or fp16): GroupNorm on the reduced-precision activations, its output in that

@@ -1,0 +1,364 @@
+// 3x3 convolutions (stride 1, padding 1) on the CPU in float32 by Winograd's minimal filtering F(4x4, 3x3)
+// (Lavin & Gray 2016): each 4x4 output tile comes from its 6x6 input tile with 36 multiplications per pair of
+// input and output channels instead of the direct method's 144. The project's own kernel, for the LibTorch builds
+// whose oneDNN has none (oneDNN 3.x, so every LibTorch 2.x) and for CPUs without AVX-512, where oneDNN 2's
+// Winograd kernels do not run (src/nn/winograd.cpp).
+//
+// The work is split into blocks of tile rows, about kTargetTiles tiles each, so that a block's operands stay in
+// cache; the blocks run in parallel. Per block:
+//   pack        the block's input rows, NCHW -> zero-padded [row][column][channel]
+//   transform   V[xi][tile][c] = (B^T d B)[xi] for each 6x6 input tile d, vectorized over the channels
+//   multiply    M[xi] = V[xi] U[xi] for the 36 positions xi: [tiles x C] times [C x K], one sgemm each
+//   transform   each 4x4 output tile A^T M A, plus the bias, then written to the NCHW output
+// with U[xi] = (G g G^T)[xi] from the filters g: computed on every training call, cached per weight tensor (and
+// its version) for inference. The gradient of the input is the same convolution of the output's gradient with the
+// flipped, transposed filters; the filters' gradient is LibTorch's.
+#include <ATen/Parallel.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <array>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "diffuse/nn/precision.h"
+#include "nn/blocks.h"
+
+// Each hot loop is compiled for AVX-512, AVX2 and the baseline; the loader picks one for the CPU it runs on.
+// Not under AddressSanitizer (whose run-time does not expect ifunc resolvers) and not off x86-64.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__)
+#define DIFFUSE_F43_CLONES 1
+#endif
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#undef DIFFUSE_F43_CLONES
+#endif
+#endif
+#ifdef DIFFUSE_F43_CLONES
+#define DIFFUSE_VECTORIZED __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DIFFUSE_VECTORIZED
+#endif
+
+namespace diffuse {
+namespace nn_detail {
+
+namespace {
+
+constexpr int64_t kTargetTiles = 128;  // rows of each block's products
+constexpr int64_t kChunk = 64;         // channels per pass of a transform (its temporaries stay in L1)
+
+// One tile row's input: rows row0 .. row0 + 5 of a C x H x W image (zero outside it) into p[i][col][c], col = 0 ..
+// wp - 1 standing for image columns -1 .. wp - 2.
+DIFFUSE_VECTORIZED void pack_tile_row(const float* __restrict__ img, int64_t c_in, int64_t h_in, int64_t w_in,
+                                      int64_t row0, int64_t wp, float* __restrict__ p) {
+  for (int64_t i = 0; i < 6; ++i) {
+    float* row = p + i * wp * c_in;
+    const int64_t h = row0 + i;
+    if (h < 0 || h >= h_in) {
+      std::fill(row, row + wp * c_in, 0.0f);
+      continue;
+    }
+    std::fill(row, row + c_in, 0.0f);
+    std::fill(row + (w_in + 1) * c_in, row + wp * c_in, 0.0f);
+    // 16 channels at a time: each column's 16 values are one cache line of the output.
+    for (int64_t c0 = 0; c0 < c_in; c0 += 16) {
+      const int64_t cn = std::min<int64_t>(16, c_in - c0);
+      const float* src = img + c0 * h_in * w_in + h * w_in;
+      float* dst = row + c_in + c0;
+      for (int64_t w = 0; w < w_in; ++w)
+        for (int64_t c = 0; c < cn; ++c) dst[w * c_in + c] = src[c * h_in * w_in + w];
+    }
+  }
+}
+
+// V[xi][t0 + j][c] = (B^T d B)[xi] for the tw tiles of one packed tile row (d: 6 rows of p starting at column 4j);
+// xi stride vs.
+DIFFUSE_VECTORIZED void input_transform_row(const float* __restrict__ p, int64_t wp, int64_t c_in, int64_t tw,
+                                            float* __restrict__ v, int64_t vs) {
+  float tmp[6][6][kChunk];
+  const int64_t rs = wp * c_in;
+  for (int64_t j = 0; j < tw; ++j) {
+    const float* d = p + 4 * j * c_in;
+    float* out = v + j * c_in;
+    for (int64_t c0 = 0; c0 < c_in; c0 += kChunk) {
+      const int64_t cn = std::min(kChunk, c_in - c0);
+      // Columns: tmp[.][col] = B^T d[.][col].
+      for (int col = 0; col < 6; ++col) {
+        const float* d0 = d + col * c_in + c0;
+        const float *d1 = d0 + rs, *d2 = d0 + 2 * rs, *d3 = d0 + 3 * rs, *d4 = d0 + 4 * rs, *d5 = d0 + 5 * rs;
+        for (int64_t c = 0; c < cn; ++c) {
+          tmp[0][col][c] = 4.0f * d0[c] - 5.0f * d2[c] + d4[c];
+          tmp[1][col][c] = -4.0f * (d1[c] + d2[c]) + d3[c] + d4[c];
+          tmp[2][col][c] = 4.0f * (d1[c] - d2[c]) - d3[c] + d4[c];
+          tmp[3][col][c] = 2.0f * (d3[c] - d1[c]) - d2[c] + d4[c];
+          tmp[4][col][c] = 2.0f * (d1[c] - d3[c]) - d2[c] + d4[c];
+          tmp[5][col][c] = 4.0f * d1[c] - 5.0f * d3[c] + d5[c];
+        }
+      }
+      // Rows: V[i][.] = tmp[i][.] B.
+      for (int i = 0; i < 6; ++i) {
+        const float *t0 = tmp[i][0], *t1 = tmp[i][1], *t2 = tmp[i][2], *t3 = tmp[i][3], *t4 = tmp[i][4],
+                    *t5 = tmp[i][5];
+        float* o = out + (i * 6) * vs + c0;
+        for (int64_t c = 0; c < cn; ++c) {
+          o[c] = 4.0f * t0[c] - 5.0f * t2[c] + t4[c];
+          o[vs + c] = -4.0f * (t1[c] + t2[c]) + t3[c] + t4[c];
+          o[2 * vs + c] = 4.0f * (t1[c] - t2[c]) - t3[c] + t4[c];
+          o[3 * vs + c] = 2.0f * (t3[c] - t1[c]) - t2[c] + t4[c];
+          o[4 * vs + c] = 2.0f * (t1[c] - t3[c]) - t2[c] + t4[c];
+          o[5 * vs + c] = 4.0f * t1[c] - 5.0f * t3[c] + t5[c];
+        }
+      }
+    }
+  }
+}
+
+// The tw output tiles of one tile row, A^T M[.][t0 + j] A + bias, into q[a][4j + b][k] (4 rows of 4 tw columns);
+// M's xi stride ms.
+DIFFUSE_VECTORIZED void output_transform_row(const float* __restrict__ m, int64_t ms, int64_t k_out, int64_t tw,
+                                             const float* __restrict__ bias, float* __restrict__ q) {
+  float tmp[4][6][kChunk];
+  const int64_t qs = 4 * tw * k_out;  // q's row stride
+  for (int64_t j = 0; j < tw; ++j) {
+    const float* in = m + j * k_out;
+    for (int64_t k0 = 0; k0 < k_out; k0 += kChunk) {
+      const int64_t kn = std::min(kChunk, k_out - k0);
+      // Columns: tmp[.][col] = A^T M[.][col].
+      for (int col = 0; col < 6; ++col) {
+        const float* m0 = in + col * ms + k0;
+        const float *m1 = m0 + 6 * ms, *m2 = m0 + 12 * ms, *m3 = m0 + 18 * ms, *m4 = m0 + 24 * ms, *m5 = m0 + 30 * ms;
+        for (int64_t k = 0; k < kn; ++k) {
+          const float s12 = m1[k] + m2[k], d12 = m1[k] - m2[k], s34 = m3[k] + m4[k], d34 = m3[k] - m4[k];
+          tmp[0][col][k] = m0[k] + s12 + s34;
+          tmp[1][col][k] = d12 + 2.0f * d34;
+          tmp[2][col][k] = s12 + 4.0f * s34;
+          tmp[3][col][k] = d12 + 8.0f * d34 + m5[k];
+        }
+      }
+      // Rows: Y[a][.] = tmp[a][.] A, plus the bias.
+      for (int a = 0; a < 4; ++a) {
+        const float *t0 = tmp[a][0], *t1 = tmp[a][1], *t2 = tmp[a][2], *t3 = tmp[a][3], *t4 = tmp[a][4],
+                    *t5 = tmp[a][5];
+        float* o = q + a * qs + 4 * j * k_out + k0;
+        const float* b = bias + k0;
+        for (int64_t k = 0; k < kn; ++k) {
+          const float s12 = t1[k] + t2[k], d12 = t1[k] - t2[k], s34 = t3[k] + t4[k], d34 = t3[k] - t4[k];
+          o[k] = t0[k] + s12 + s34 + b[k];
+          o[k_out + k] = d12 + 2.0f * d34 + b[k];
+          o[2 * k_out + k] = s12 + 4.0f * s34 + b[k];
+          o[3 * k_out + k] = d12 + 8.0f * d34 + t5[k] + b[k];
+        }
+      }
+    }
+  }
+}
+
+// rows x w_out of q[a][col][k] (row length q_cols) into the NCHW image y (its row `row0`), 16 columns at a time.
+DIFFUSE_VECTORIZED void unpack_rows(const float* __restrict__ q, int64_t k_out, int64_t q_cols, int64_t rows,
+                                    int64_t h_out, int64_t w_out, int64_t row0, float* __restrict__ y) {
+  for (int64_t a = 0; a < rows; ++a) {
+    const float* qa = q + a * q_cols * k_out;
+    float* ya = y + (row0 + a) * w_out;
+    for (int64_t w0 = 0; w0 < w_out; w0 += 16) {
+      const int64_t wn = std::min<int64_t>(16, w_out - w0);
+      for (int64_t k = 0; k < k_out; ++k)
+        for (int64_t w = 0; w < wn; ++w) ya[k * h_out * w_out + w0 + w] = qa[(w0 + w) * k_out + k];
+    }
+  }
+}
+
+// A thread's working memory, kept between calls: a fresh allocation of megabytes would be page-faulted in again
+// on every convolution.
+struct Workspace {
+  std::unique_ptr<float[]> data;
+  int64_t size = 0;
+  float* get(int64_t n) {
+    if (n > size) {
+      data.reset();
+      data.reset(new float[n]);
+      size = n;
+    }
+    return data.get();
+  }
+};
+
+// y = x * g + bias for x [N, C, H, W] contiguous, u = the filters' transform [36, C, K]; bias may be undefined.
+at::Tensor f43_forward(const at::Tensor& x, const at::Tensor& u, const at::Tensor& bias) {
+  const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3), k_out = u.size(2);
+  at::Tensor y = at::empty({n, k_out, h, w}, x.options());
+  if (y.numel() == 0) return y;
+  const int64_t th = (h + 3) / 4, tw = (w + 3) / 4, wp = 4 * tw + 2;
+  const int64_t tile_rows = n * th;
+  // Tile rows per block: about kTargetTiles tiles, and at least one block per thread.
+  int64_t per_block = std::max<int64_t>(1, (kTargetTiles + tw - 1) / tw);
+  per_block = std::min(per_block, std::max<int64_t>(1, (tile_rows + at::get_num_threads() - 1) / at::get_num_threads()));
+  const int64_t blocks = (tile_rows + per_block - 1) / per_block;
+  const int64_t tiles = per_block * tw;  // a block's tile capacity: V's and M's xi stride in rows
+  std::vector<float> zero_bias;
+  const float* pb = nullptr;
+  at::Tensor bias_c;
+  if (bias.defined()) {
+    bias_c = bias.contiguous();
+    pb = bias_c.data_ptr<float>();
+  } else {
+    zero_bias.assign(static_cast<size_t>(k_out), 0.0f);
+    pb = zero_bias.data();
+  }
+  const float* px = x.data_ptr<float>();
+  const float* pu = u.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
+    const SingleThreadedGemm gemm;
+    thread_local Workspace workspace;
+    const int64_t p_size = per_block * 6 * wp * c_in, v_size = 36 * tiles * c_in, m_size = 36 * tiles * k_out;
+    float* const base = workspace.get(p_size + v_size + m_size + 4 * 4 * tw * k_out);
+    float* const p = base;
+    float* const v = p + p_size;
+    float* const m = v + v_size;
+    float* const q = m + m_size;
+    for (int64_t blk = b_begin; blk < b_end; ++blk) {
+      const int64_t r_begin = blk * per_block, r_end = std::min(tile_rows, r_begin + per_block);
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const int64_t img = r / th, row = r % th;
+        float* pr = p + (r - r_begin) * 6 * wp * c_in;
+        pack_tile_row(px + img * c_in * h * w, c_in, h, w, 4 * row - 1, wp, pr);
+        input_transform_row(pr, wp, c_in, tw, v + (r - r_begin) * tw * c_in, tiles * c_in);
+      }
+      const int64_t rows_tiles = (r_end - r_begin) * tw;
+      for (int64_t xi = 0; xi < 36; ++xi) {
+        gemm(rows_tiles, k_out, c_in, v + xi * tiles * c_in, c_in, pu + xi * c_in * k_out, k_out,
+             m + xi * tiles * k_out, k_out);
+      }
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const int64_t img = r / th, row = r % th;
+        output_transform_row(m + (r - r_begin) * tw * k_out, tiles * k_out, k_out, tw, pb, q);
+        unpack_rows(q, k_out, 4 * tw, std::min<int64_t>(4, h - 4 * row), h, w, 4 * row,
+                    py + img * k_out * h * w);
+      }
+    }
+  });
+  return y;
+}
+
+// G (6 x 3) of F(4x4, 3x3); the filter transform of a tap (a, b) at position (i, j) is G[i][a] G[j][b].
+constexpr double kG[6][3] = {{0.25, 0.0, 0.0},
+                             {-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0},
+                             {-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0},
+                             {1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0},
+                             {1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0},
+                             {0.0, 0.0, 1.0}};
+
+// U [36, C, K] = (G g G^T) for filters g [K, C, 3, 3] (any strides): one [36 x 9] times [9 x C K] product.
+at::Tensor f43_filters(const at::Tensor& g) {
+  static const std::array<float, 36 * 9> kron = [] {
+    std::array<float, 36 * 9> k{};
+    for (int i = 0; i < 6; ++i)
+      for (int j = 0; j < 6; ++j)
+        for (int a = 0; a < 3; ++a)
+          for (int b = 0; b < 3; ++b) k[(i * 6 + j) * 9 + a * 3 + b] = static_cast<float>(kG[i][a] * kG[j][b]);
+    return k;
+  }();
+  const int64_t k_out = g.size(0), c_in = g.size(1);
+  const at::Tensor taps = g.detach().permute({2, 3, 1, 0}).contiguous();  // [3, 3, C, K]
+  at::Tensor u = at::empty({36, c_in, k_out}, taps.options());
+  const SingleThreadedGemm gemm;
+  gemm(36, c_in * k_out, 9, kron.data(), 9, taps.data_ptr<float>(), c_in * k_out, u.data_ptr<float>(), c_in * k_out);
+  return u;
+}
+
+// Inference: the transformed filters of each weight tensor, kept while the tensor lives and its version (bumped by
+// every in-place change) is the same. A weak reference: a dead tensor's entry is dropped, and its address cannot
+// be reused by a new tensor while the entry holds it.
+class FilterCache {
+ public:
+  at::Tensor get(const at::Tensor& w) {
+    if (w.is_inference()) return f43_filters(w);  // no version counter
+    std::lock_guard<std::mutex> lock(mutex_);
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [](const Entry& e) { return e.weight.expired(); }),
+                   entries_.end());
+    for (Entry& e : entries_) {
+      if (e.weight._unsafe_get_target() == w.unsafeGetTensorImpl()) {
+        if (e.version != w._version() || e.u.size(1) != w.size(1) || e.u.size(2) != w.size(0)) {
+          e.u = f43_filters(w);
+          e.version = w._version();
+        }
+        return e.u;
+      }
+    }
+    if (entries_.size() >= 1024) entries_.clear();
+    entries_.push_back(Entry{Weak(w.getIntrusivePtr()), w._version(), f43_filters(w)});
+    return entries_.back().u;
+  }
+
+ private:
+  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Entry {
+    Weak weight;
+    int64_t version;
+    at::Tensor u;
+  };
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+};
+
+FilterCache& filter_cache() {
+  static FilterCache* cache = new FilterCache();  // never destroyed: may be used during static destruction
+  return *cache;
+}
+
+struct F43Conv3x3 : public torch::autograd::Function<F43Conv3x3> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w,
+                            const at::Tensor& b) {
+    const at::Tensor x = x_in.contiguous();
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["bias"] = b.defined();
+    return f43_forward(x, f43_filters(w), b);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& w = saved[1];
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    const at::Tensor gy = grads[0].contiguous();
+    at::Tensor gx, gw, gb;
+    // d/dx: the output's gradient convolved (stride 1, padding 1) with the filters flipped and transposed.
+    if (ctx->needs_input_grad(0)) gx = f43_forward(gy, f43_filters(w.flip({2, 3}).transpose(0, 1)), at::Tensor());
+    const bool want_w = ctx->needs_input_grad(1), want_b = has_bias && ctx->needs_input_grad(2);
+    if (want_w || want_b) {
+      const std::array<int64_t, 1> bias_sizes{w.size(0)};
+      const std::array<int64_t, 2> one{1, 1}, zero{0, 0};
+      auto r = at::convolution_backward(gy, x, w, has_bias ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt, one,
+                                        one, one, false, zero, 1, {false, want_w, want_b});
+      if (want_w) gw = std::get<1>(r);
+      if (want_b) gb = std::get<2>(r);
+    }
+    return {gx, gw, gb};
+  }
+};
+
+}  // namespace
+
+bool f43_applies(const at::Tensor& x, const at::Tensor& w) {
+  // Below 16 channels on either side (the U-Net's first and last convolutions) the products are too thin to win.
+  return x.device().is_cpu() && w.device().is_cpu() && x.scalar_type() == at::kFloat &&
+         w.scalar_type() == at::kFloat && x.layout() == at::kStrided && w.layout() == at::kStrided &&
+         !autocast_active(c10::Device(c10::kCPU)) && x.dim() == 4 && w.dim() == 4 && w.size(2) == 3 &&
+         w.size(3) == 3 && w.size(1) == x.size(1) && x.size(1) >= 16 && w.size(0) >= 16;
+}
+
+at::Tensor conv3x3_f43(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  const bool record = at::GradMode::is_enabled() &&
+                      (x.requires_grad() || w.requires_grad() || (b.defined() && b.requires_grad()));
+  // LibTorch 1.x's autograd functions take no undefined tensor: a missing bias is a zero one (its gradient unused).
+  if (record) return F43Conv3x3::apply(x, w, b.defined() ? b : at::zeros({w.size(0)}, w.options().requires_grad(false)));
+  at::NoGradGuard no_grad;
+  return f43_forward(x.contiguous(), filter_cache().get(w), b);
+}
+
+}  // namespace nn_detail
+}  // namespace diffuse

@@ -1,0 +1,133 @@
+// The project's own Winograd F(4x4, 3x3) convolution (src/nn/winograd_f43.cpp) against the convolution itself,
+// computed by LibTorch in float64; and the OpenMP build that lets the project's CPU kernels use LibTorch's threads.
+#include <gtest/gtest.h>
+
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstdio>
+#include <set>
+#include <mutex>
+
+#include "nn/blocks.h"
+
+namespace {
+
+double rel_l2(const at::Tensor& a, const at::Tensor& ref) {
+  return ((a.to(at::kDouble) - ref).norm() / ref.norm()).item<double>();
+}
+
+struct Case {
+  int64_t n, c, k, h, w;
+  bool bias;
+};
+
+// Output sizes that are and are not multiples of the 4x4 tile, one pixel, channels that are not multiples of the
+// kernels' 16-channel steps, the fmnist U-Net's shapes.
+const Case kCases[] = {{3, 16, 24, 28, 28, true}, {2, 20, 16, 7, 9, false}, {1, 16, 16, 1, 1, true},
+                       {2, 40, 17, 13, 5, true},  {2, 64, 64, 14, 14, true}, {1, 192, 64, 28, 28, true},
+                       {4, 128, 128, 7, 7, false}};
+
+// Forward without autograd (the inference path, transformed filters cached): the convolution to within the
+// float32 rounding of its 36-term Winograd sums.
+TEST(Winograd, OwnKernelIsTheConvolution) {
+  at::manual_seed(3);
+  for (const Case& c : kCases) {
+    const at::Tensor x = at::randn({c.n, c.c, c.h, c.w});
+    const at::Tensor w = at::randn({c.k, c.c, 3, 3}) / std::sqrt(9.0 * c.c);
+    const at::Tensor b = c.bias ? at::randn({c.k}) : at::Tensor();
+    ASSERT_TRUE(diffuse::nn_detail::f43_applies(x, w));
+    at::Tensor y;
+    {
+      at::NoGradGuard no_grad;
+      y = diffuse::nn_detail::conv3x3_f43(x, w, b);
+    }
+    const at::Tensor ref = at::conv2d(x.to(at::kDouble), w.to(at::kDouble), c.bias ? b.to(at::kDouble) : at::Tensor(),
+                                      1, 1);
+    const at::Tensor direct = at::conv2d(x, w, b, 1, 1);
+    ASSERT_EQ(y.sizes(), ref.sizes());
+    EXPECT_EQ(y.scalar_type(), at::kFloat);
+    const double err = rel_l2(y, ref), err_direct = rel_l2(direct, ref);
+    std::printf("%ldx%ldx%ldx%ld -> %ld: Winograd rel L2 %.3g, direct %.3g\n", c.n, c.c, c.h, c.w, c.k, err,
+                err_direct);
+    // Measured: 8e-8 to 2.0e-6 (the direct float32 convolution: 9e-8 to 2.1e-7).
+    EXPECT_LT(err, 1e-5);
+  }
+}
+
+// An empty batch gives an empty output; a strided (channels-last) input the same result as a contiguous one.
+TEST(Winograd, OwnKernelTakesEmptyAndStridedInputs) {
+  at::NoGradGuard no_grad;
+  const at::Tensor w = at::randn({16, 16, 3, 3}) / 12.0, b = at::randn({16});
+  EXPECT_EQ(diffuse::nn_detail::conv3x3_f43(at::randn({0, 16, 5, 5}), w, b).sizes(), at::IntArrayRef({0, 16, 5, 5}));
+  const at::Tensor x = at::randn({2, 16, 9, 6});
+  const at::Tensor nhwc = x.contiguous(at::MemoryFormat::ChannelsLast);
+  EXPECT_TRUE(at::equal(diffuse::nn_detail::conv3x3_f43(nhwc, w, b), diffuse::nn_detail::conv3x3_f43(x, w, b)));
+}
+
+// The inference path caches each weight tensor's transformed filters: an in-place change of the weights (a new
+// version) must not be served from the cache.
+TEST(Winograd, OwnKernelSeesInPlaceWeightUpdates) {
+  at::NoGradGuard no_grad;
+  const at::Tensor x = at::randn({2, 32, 12, 12});
+  at::Tensor w = at::randn({32, 32, 3, 3}) / 17.0;
+  const at::Tensor before = diffuse::nn_detail::conv3x3_f43(x, w, at::Tensor());
+  EXPECT_TRUE(at::equal(diffuse::nn_detail::conv3x3_f43(x, w, at::Tensor()), before));  // from the cache
+  w.mul_(-2.0);
+  const at::Tensor after = diffuse::nn_detail::conv3x3_f43(x, w, at::Tensor());
+  EXPECT_LT(rel_l2(after, at::conv2d(x.to(at::kDouble), w.to(at::kDouble), at::Tensor(), 1, 1)), 1e-5);
+  EXPECT_LT(rel_l2(after, (before * -2.0).to(at::kDouble)), 1e-6);
+}
+
+// Through autograd: the input's gradient (the same Winograd convolution with flipped, transposed filters) and the
+// filters' and bias's gradients, against float64 LibTorch.
+TEST(Winograd, OwnKernelGradients) {
+  at::manual_seed(4);
+  for (const Case& c : kCases) {
+    const at::Tensor x0 = at::randn({c.n, c.c, c.h, c.w});
+    const at::Tensor w0 = at::randn({c.k, c.c, 3, 3}) / std::sqrt(9.0 * c.c);
+    const at::Tensor b0 = at::randn({c.k});
+    const at::Tensor r = at::randn({c.n, c.k, c.h, c.w});
+    auto grads = [&](at::ScalarType type, bool winograd) {
+      const at::Tensor x = x0.to(type).requires_grad_(true), w = w0.to(type).requires_grad_(true);
+      const at::Tensor b = c.bias ? b0.to(type).requires_grad_(true) : at::Tensor();
+      const at::Tensor y = winograd ? diffuse::nn_detail::conv3x3_f43(x, w, b) : at::conv2d(x, w, b, 1, 1);
+      (y * r.to(type)).sum().backward();
+      std::vector<at::Tensor> out{y.detach(), x.grad(), w.grad()};
+      if (c.bias) out.push_back(b.grad());
+      return out;
+    };
+    const auto ref = grads(at::kDouble, false);
+    const auto got = grads(at::kFloat, true);
+    const char* names[] = {"output", "input grad", "weight grad", "bias grad"};
+    for (size_t i = 0; i < ref.size(); ++i) {
+      ASSERT_TRUE(got[i].defined()) << names[i];
+      const double err = rel_l2(got[i], ref[i]);
+      std::printf("%ldx%ldx%ldx%ld -> %ld: %s rel L2 %.3g\n", c.n, c.c, c.h, c.w, c.k, names[i], err);
+      // Measured: output and input gradient up to 1.9e-6 (Winograd); the weights' and bias's gradients are
+      // LibTorch's float32 ones, up to 8.7e-7.
+      EXPECT_LT(err, 1e-5) << names[i] << " of " << c.n << "x" << c.c << "x" << c.h << "x" << c.w << " -> " << c.k;
+    }
+  }
+}
+
+// at::parallel_for is inline: only a translation unit compiled with OpenMP hands the range to LibTorch's threads.
+// The project's CPU kernels depend on it (a build without it runs them on one core).
+TEST(Winograd, ParallelForUsesLibTorchThreads) {
+#ifndef _OPENMP
+  GTEST_SKIP() << "built without OpenMP (clang): the project's CPU kernels run on one thread";
+#else
+  const int before = at::get_num_threads();
+  at::set_num_threads(2);
+  std::mutex mutex;
+  std::set<int> threads;
+  at::parallel_for(0, 2, 1, [&](int64_t, int64_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    threads.insert(at::get_thread_num());
+  });
+  at::set_num_threads(before);
+  EXPECT_EQ(threads, (std::set<int>{0, 1}));
+#endif
+}
+
+}  // namespace
