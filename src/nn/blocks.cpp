@@ -501,8 +501,11 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         "k and v the same L");
   }
 #if TORCH_VERSION_MAJOR >= 2
-  // The fused kernels' backward accumulates with atomics: deterministic training takes the explicit path.
-  if (use_sdpa && !(at::GradMode::is_enabled() && at::globalContext().deterministicAlgorithms())) {
+  // The fused kernels' backward accumulates with atomics: deterministic training takes the explicit path. On a CPU
+  // with oneDNN's sgemm at hand the explicit path's products run on it, while LibTorch's CPU kernels for SDPA call
+  // the BLAS LibTorch was built with: Debian's reference BLAS made them half of LibTorch 2.6's sampling time.
+  const bool cpu_gemm = q.device().is_cpu() && nn_detail::has_fast_cpu_gemm();
+  if (use_sdpa && !cpu_gemm && !(at::GradMode::is_enabled() && at::globalContext().deterministicAlgorithms())) {
 #if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 1
     // The fused kernels want the last dimension contiguous. Channels-last activations give that as views
     // ([N, H*W, heads, d] memory); channel-major ones are copied.

@@ -142,7 +142,8 @@ void set_fused_norm(bool on);
 bool fused_norm();
 bool fused_norm_built();
 
-// true when the build uses at::scaled_dot_product_attention (LibTorch 2.x).
+// true when the build uses at::scaled_dot_product_attention (LibTorch 2.x): on CUDA, and on a CPU where the
+// oneDNN sgemm the project's own attention products call is not found.
 bool unet_has_sdpa();
 // Attention core on [B, heads, L, d] tensors: softmax(q k^T * scale) v. use_sdpa selects the fused
 // kernel where available (ignored on 1.13). Exposed so tests can compare both paths.
