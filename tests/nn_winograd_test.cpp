@@ -66,7 +66,7 @@ TEST(Winograd, OwnKernelTakesEmptyAndStridedInputs) {
 }
 
 // The inference path caches each weight tensor's transformed filters: an in-place change of the weights (a new
-// version) must not be served from the cache.
+// version) or new memory behind the same tensor must not be served from the cache.
 TEST(Winograd, OwnKernelSeesInPlaceWeightUpdates) {
   at::NoGradGuard no_grad;
   const at::Tensor x = at::randn({2, 32, 12, 12});
@@ -77,6 +77,13 @@ TEST(Winograd, OwnKernelSeesInPlaceWeightUpdates) {
   const at::Tensor after = diffuse::nn_detail::conv3x3_f43(x, w, at::Tensor());
   EXPECT_LT(rel_l2(after, at::conv2d(x.to(at::kDouble), w.to(at::kDouble), at::Tensor(), 1, 1)), 1e-5);
   EXPECT_LT(rel_l2(after, (before * -2.0).to(at::kDouble)), 1e-6);
+  // set_data (as Module::to does) gives the tensor other memory without a new version.
+  const int64_t version = w._version();
+  w.set_data(at::randn({32, 32, 3, 3}) / 17.0);
+  EXPECT_EQ(w._version(), version);
+  EXPECT_LT(rel_l2(diffuse::nn_detail::conv3x3_f43(x, w, at::Tensor()),
+                   at::conv2d(x.to(at::kDouble), w.to(at::kDouble), at::Tensor(), 1, 1)),
+            1e-5);
 }
 
 // Through autograd: the input's gradient (the same Winograd convolution with flipped, transposed filters) and the

@@ -269,9 +269,10 @@ at::Tensor f43_filters(const at::Tensor& g) {
   return u;
 }
 
-// Inference: the transformed filters of each weight tensor, kept while the tensor lives and its version (bumped by
-// every in-place change) is the same. A weak reference: a dead tensor's entry is dropped, and its address cannot
-// be reused by a new tensor while the entry holds it.
+// Inference: the transformed filters of each weight tensor, kept while the tensor lives and still holds the same
+// memory (set_data, as Module::to does, swaps it) at the same version (bumped by every in-place change). Weak
+// references: a dead tensor's entry is dropped, and neither its address nor its storage's can be reused by a new
+// one while the entry holds them.
 class FilterCache {
  public:
   at::Tensor get(const at::Tensor& w) {
@@ -280,26 +281,30 @@ class FilterCache {
     entries_.erase(std::remove_if(entries_.begin(), entries_.end(), [](const Entry& e) { return e.weight.expired(); }),
                    entries_.end());
     for (Entry& e : entries_) {
-      if (e.weight._unsafe_get_target() == w.unsafeGetTensorImpl()) {
-        if (e.version != w._version() || e.u.size(1) != w.size(1) || e.u.size(2) != w.size(0)) {
-          e.u = f43_filters(w);
-          e.version = w._version();
-        }
-        return e.u;
+      if (e.weight._unsafe_get_target() != w.unsafeGetTensorImpl()) continue;
+      if (e.storage._unsafe_get_target() != w.storage().unsafeGetStorageImpl() || e.data != w.data_ptr() ||
+          e.version != w._version() || e.u.size(1) != w.size(1) || e.u.size(2) != w.size(0)) {
+        e = make_entry(w);
       }
+      return e.u;
     }
     if (entries_.size() >= 1024) entries_.clear();
-    entries_.push_back(Entry{Weak(w.getIntrusivePtr()), w._version(), f43_filters(w)});
+    entries_.push_back(make_entry(w));
     return entries_.back().u;
   }
 
  private:
-  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
   struct Entry {
-    Weak weight;
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    const void* data;
     int64_t version;
     at::Tensor u;
   };
+  static Entry make_entry(const at::Tensor& w) {
+    return Entry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()),
+                 w.storage().getWeakStorageImpl(), w.data_ptr(), w._version(), f43_filters(w)};
+  }
   std::mutex mutex_;
   std::vector<Entry> entries_;
 };
