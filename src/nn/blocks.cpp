@@ -347,8 +347,12 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x) {
   // [N, inner, H, W] -> [N, heads, L, d] as a view (channel-major memory, no copy).
   auto split_heads = [&](const at::Tensor& t) { return t.view({n, heads_, head_dim_, len}).transpose(2, 3); };
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim_));
+  // SDPA on LibTorch 2.x, except on a CPU with oneDNN's sgemm at hand: the explicit path's products run on it, while
+  // LibTorch's CPU kernels for SDPA call the BLAS LibTorch was built with (Debian's reference BLAS made them half of
+  // LibTorch 2.6's sampling time).
+  const bool sdpa = unet_has_sdpa() && !(x.device().is_cpu() && nn_detail::has_fast_cpu_gemm());
   at::Tensor o = attention(split_heads(project(to_q)), split_heads(project(to_k)), split_heads(project(to_v)),
-                           scale, unet_has_sdpa());
+                           scale, sdpa);
   // Back to [N, inner, H, W] (a view when attention() returned channel-major memory), then to_out.0.
   o = keep_layout(o.transpose(2, 3).reshape({n, inner, height, width}));
   o = keep_layout(at::conv2d(o, out_proj->weight.view({c, inner, 1, 1}), out_proj->bias));
@@ -501,11 +505,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         "k and v the same L");
   }
 #if TORCH_VERSION_MAJOR >= 2
-  // The fused kernels' backward accumulates with atomics: deterministic training takes the explicit path. On a CPU
-  // with oneDNN's sgemm at hand the explicit path's products run on it, while LibTorch's CPU kernels for SDPA call
-  // the BLAS LibTorch was built with: Debian's reference BLAS made them half of LibTorch 2.6's sampling time.
-  const bool cpu_gemm = q.device().is_cpu() && nn_detail::has_fast_cpu_gemm();
-  if (use_sdpa && !cpu_gemm && !(at::GradMode::is_enabled() && at::globalContext().deterministicAlgorithms())) {
+  // The fused kernels' backward accumulates with atomics: deterministic training takes the explicit path.
+  if (use_sdpa && !(at::GradMode::is_enabled() && at::globalContext().deterministicAlgorithms())) {
 #if TORCH_VERSION_MAJOR > 2 || TORCH_VERSION_MINOR >= 1
     // The fused kernels want the last dimension contiguous. Channels-last activations give that as views
     // ([N, H*W, heads, d] memory); channel-major ones are copied.

@@ -111,7 +111,7 @@ void save_diffusers_unet(UNet2DModelImpl& net, const std::string& dir);
 //   need oneDNN 2's headers at build time (Debian 12: libdnnl-dev; cpu_winograd_built()) and AVX-512.
 // - the project's own (src/nn/winograd_f43.cpp), on any CPU and LibTorch (oneDNN 3.x, in every LibTorch 2.x, has
 //   no Winograd kernels): inference, and in training the forward and input-gradient convolutions (the filters'
-//   gradient stays LibTorch's). Relative error ~3e-6.
+//   gradient stays LibTorch's). Relative error ~2e-6.
 // kAuto takes oneDNN's where this build and CPU have them for the shape, else the own ones. cpu_winograd_calls
 // counts the convolutions either computed.
 enum class CpuWinogradKernel { kAuto, kOneDnn, kOwn };
@@ -142,8 +142,8 @@ void set_fused_norm(bool on);
 bool fused_norm();
 bool fused_norm_built();
 
-// true when the build uses at::scaled_dot_product_attention (LibTorch 2.x): on CUDA, and on a CPU where the
-// oneDNN sgemm the project's own attention products call is not found.
+// true when the build can use at::scaled_dot_product_attention (LibTorch 2.x). The U-Net's attention blocks take
+// it on CUDA, and on a CPU only where the oneDNN sgemm of the project's own attention products is not found.
 bool unet_has_sdpa();
 // Attention core on [B, heads, L, d] tensors: softmax(q k^T * scale) v. use_sdpa selects the fused
 // kernel where available (ignored on 1.13). Exposed so tests can compare both paths.
