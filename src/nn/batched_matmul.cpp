@@ -81,15 +81,12 @@ void sgemm_batched_into(const at::Tensor& a, const at::Tensor& b, double alpha, 
   const float fa = static_cast<float>(alpha);
   std::atomic<bool> failed{false};
   auto run = [&](int64_t begin, int64_t end) {
-    const int threads = lib.omp_get_max_threads();
-    lib.omp_set_num_threads(1);
+    const SingleThreadedGemm gemm;
     for (int64_t i = begin; i < end; ++i) {
-      if (lib.sgemm(oa.trans, ob.trans, m, n, k, fa, pa + i * sa, oa.ld, pb + i * sb, ob.ld, 0.0f,
-                    pc + i * sc, n) != 0) {
+      if (!gemm.run_onednn(oa.trans, ob.trans, m, n, k, fa, pa + i * sa, oa.ld, pb + i * sb, ob.ld, pc + i * sc, n)) {
         failed = true;
       }
     }
-    lib.omp_set_num_threads(threads);
   };
   at::parallel_for(0, batch, 1, run);
   if (failed) scaled_bmm_into(a, b, alpha, c);
@@ -137,10 +134,15 @@ SingleThreadedGemm::~SingleThreadedGemm() {
   if (threads_ > 0) onednn().omp_set_num_threads(threads_);
 }
 
+bool SingleThreadedGemm::run_onednn(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                                    int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc) const {
+  const OneDnn& lib = onednn();
+  return lib.sgemm && lib.sgemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, 0.0f, c, ldc) == 0;
+}
+
 void SingleThreadedGemm::operator()(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                                     int64_t ldb, float* c, int64_t ldc) const {
-  const OneDnn& lib = onednn();
-  if (lib.sgemm && lib.sgemm('N', 'N', m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc) == 0) return;
+  if (run_onednn('N', 'N', m, n, k, 1.0f, a, lda, b, ldb, c, ldc)) return;
   // No oneDNN sgemm (or it refused): LibTorch's, which runs on this thread inside a parallel region.
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, f32);

@@ -17,6 +17,12 @@
 
 #include "diffuse/nn/unet.h"
 
+namespace torch {
+namespace autograd {
+struct AutogradContext;
+}  // namespace autograd
+}  // namespace torch
+
 namespace diffuse {
 namespace nn_detail {
 
@@ -30,6 +36,14 @@ at::Tensor conv3x3(torch::nn::Conv2d conv, const at::Tensor& x);
 // the CPU, at least 16 input and 16 output channels. Differentiable: an autograd function when autograd records.
 bool f43_applies(const at::Tensor& x, const at::Tensor& w);
 at::Tensor conv3x3_f43(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+// The two Winograd autograd functions' shared bookkeeping: forward saves the input, the filters and whether there is a
+// bias; backward gets them back with the output's gradient made contiguous.
+struct Conv3x3Saved {
+  at::Tensor x, w, gy;
+  bool has_bias = false;
+};
+void save_conv3x3(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+Conv3x3Saved saved_conv3x3(torch::autograd::AutogradContext* ctx, const std::vector<at::Tensor>& grads);
 
 // "[2, 3, 4]": a shape for error messages.
 std::string shape_str(at::IntArrayRef sizes);
@@ -252,6 +266,9 @@ class SingleThreadedGemm {
   SingleThreadedGemm& operator=(const SingleThreadedGemm&) = delete;
   void operator()(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
                   int64_t ldc) const;
+  // c = alpha op(a) op(b) (op: 'N' or 'T') by oneDNN's sgemm alone; false where it is missing or refused.
+  bool run_onednn(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+              const float* b, int64_t ldb, float* c, int64_t ldc) const;
 
  private:
   int threads_ = 0;

@@ -253,8 +253,7 @@ struct WinogradConv3x3 : public torch::autograd::Function<WinogradConv3x3> {
                             const at::Tensor& b_in) {
     const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
     const at::Tensor b = b_in.defined() ? b_in.contiguous() : b_in;
-    ctx->save_for_backward({x, w});
-    ctx->saved_data["bias"] = b.defined();
+    save_conv3x3(ctx, x, w, b);
     State& st = state();
     std::lock_guard<std::mutex> lock(st.mutex);
     std::shared_ptr<TrainPlan> p = train_plan_for(st, train_shape(x, w, b.defined()));
@@ -275,11 +274,7 @@ struct WinogradConv3x3 : public torch::autograd::Function<WinogradConv3x3> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& w = saved[1];
-    const bool has_bias = ctx->saved_data["bias"].toBool();
-    const at::Tensor gy = grads[0].contiguous();
+    const auto [x, w, gy, has_bias] = saved_conv3x3(ctx, grads);
     State& st = state();
     std::lock_guard<std::mutex> lock(st.mutex);
     std::shared_ptr<TrainPlan> p = train_plan_for(st, train_shape(x, w, has_bias));

@@ -318,18 +318,13 @@ struct F43Conv3x3 : public torch::autograd::Function<F43Conv3x3> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w,
                             const at::Tensor& b) {
     const at::Tensor x = x_in.contiguous();
-    ctx->save_for_backward({x, w});
-    ctx->saved_data["bias"] = b.defined();
+    save_conv3x3(ctx, x, w, b);
     return f43_forward(x, f43_filters(w), b);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    const at::Tensor& w = saved[1];
-    const bool has_bias = ctx->saved_data["bias"].toBool();
-    const at::Tensor gy = grads[0].contiguous();
+    const auto [x, w, gy, has_bias] = saved_conv3x3(ctx, grads);
     at::Tensor gx, gw, gb;
     // d/dx: the output's gradient convolved (stride 1, padding 1) with the filters flipped and transposed.
     if (ctx->needs_input_grad(0)) gx = f43_forward(gy, f43_filters(w.flip({2, 3}).transpose(0, 1)), at::Tensor());
@@ -347,6 +342,16 @@ struct F43Conv3x3 : public torch::autograd::Function<F43Conv3x3> {
 };
 
 }  // namespace
+
+void save_conv3x3(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  ctx->save_for_backward({x, w});
+  ctx->saved_data["bias"] = b.defined();
+}
+
+Conv3x3Saved saved_conv3x3(torch::autograd::AutogradContext* ctx, const std::vector<at::Tensor>& grads) {
+  const auto saved = ctx->get_saved_variables();
+  return Conv3x3Saved{saved[0], saved[1], grads[0].contiguous(), ctx->saved_data["bias"].toBool()};
+}
 
 bool f43_applies(const at::Tensor& x, const at::Tensor& w) {
   // Below 16 channels on either side (the U-Net's first and last convolutions) the products are too thin to win.
