@@ -2,9 +2,6 @@
 #include <csignal>
 #include <cstdlib>
 #include <iostream>
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
 
 #include "cli.h"
 #include "diffuse/common.h"
@@ -52,14 +49,7 @@ void run_guarded(const Common& common, const std::function<int()>& fn) {
 }  // namespace diffuse::cli
 
 int main(int argc, char** argv) {
-#if defined(__GLIBC__)
-  // A network evaluation allocates and frees activations of tens of MB, layer after layer. glibc serves those
-  // with fresh mmap()s (or trims its heap after them), so every one is page-faulted in anew: keep them in the
-  // heap and keep freed heap memory up to 1 GiB. 64 images at 20 network evaluations on 2 CPU cores then took
-  // 0.935x the time in float32 and 0.80x in bf16 (peak RSS 599 vs 622 MB and 458 vs 415 MB).
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
-#endif
+  diffuse::keep_freed_memory_in_heap();  // activations stay in the heap instead of being page-faulted in anew
   // A write past `ulimit -f` fails with EFBIG and a one-line error instead of killing the process.
   std::signal(SIGXFSZ, SIG_IGN);
   // CPU float32 3x3 convolutions through Winograd kernels (see diffuse::set_cpu_winograd): oneDNN 2's where this

@@ -515,6 +515,7 @@ int main(int argc, char** argv) {
   try {
     const Options o = parse(argc, argv);
     count_cpu_memory();
+    diffuse::keep_freed_memory_in_heap();  // as the `diffuse` program does
     diffuse::set_threads(o.threads);
     diffuse::RunConfig cfg = diffuse::load_preset(o.preset);
     cfg.train.batch_size = o.batch;

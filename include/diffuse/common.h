@@ -38,6 +38,11 @@ inline Error run_error(const std::string& message) { return Error(message, kExit
 int64_t hardware_threads();
 // Sets LibTorch's intra-op threads (n <= 0: hardware_threads()). Debian's LibTorch starts with 1.
 void set_threads(int64_t n);
+// A network evaluation allocates and frees activations of tens of MB, layer after layer. glibc serves those with fresh
+// mmap()s (or trims its heap after them), so every one is page-faulted in anew: this keeps them in the heap and keeps
+// freed heap memory up to 1 GiB (mallopt; nothing elsewhere). Call once at the start of a program (`diffuse` and the
+// benchmarks do).
+void keep_freed_memory_in_heap();
 
 // A JSON number read as an int64 for configs and run state: integers as they are, floats only when whole and
 // within +-9e15 (nlohmann's own conversion of a float is unchecked, undefined beyond the type's range); anything

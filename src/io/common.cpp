@@ -6,6 +6,10 @@
 #include <cmath>
 #include <thread>
 
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
 namespace diffuse {
 
 int64_t hardware_threads() {
@@ -16,6 +20,15 @@ int64_t hardware_threads() {
 void set_threads(int64_t n) {
   if (n <= 0) n = hardware_threads();
   at::set_num_threads(static_cast<int>(n));
+}
+
+void keep_freed_memory_in_heap() {
+#if defined(__GLIBC__)
+  // 64 images at 20 network evaluations on 2 CPU cores then took 0.935x the time in float32 and 0.80x in bf16 (peak
+  // RSS 599 vs 622 MB and 458 vs 415 MB, session 6).
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+#endif
 }
 
 bool strides_fit_int64(const std::vector<int64_t>& sizes) {

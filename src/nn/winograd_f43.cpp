@@ -23,24 +23,9 @@
 #include <mutex>
 #include <vector>
 
+#include "cpu_clones.h"
 #include "diffuse/nn/precision.h"
 #include "nn/blocks.h"
-
-// Each hot loop is compiled for AVX-512, AVX2 and the baseline; the loader picks one for the CPU it runs on.
-// Not under AddressSanitizer (whose run-time does not expect ifunc resolvers) and not off x86-64.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__)
-#define DIFFUSE_F43_CLONES 1
-#endif
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#undef DIFFUSE_F43_CLONES
-#endif
-#endif
-#ifdef DIFFUSE_F43_CLONES
-#define DIFFUSE_VECTORIZED __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DIFFUSE_VECTORIZED
-#endif
 
 namespace diffuse {
 namespace nn_detail {
@@ -52,7 +37,7 @@ constexpr int64_t kChunk = 64;         // channels per pass of a transform (its 
 
 // One tile row's input: rows row0 .. row0 + 5 of a C x H x W image (zero outside it) into p[i][col][c], col = 0 ..
 // wp - 1 standing for image columns -1 .. wp - 2.
-DIFFUSE_VECTORIZED void pack_tile_row(const float* __restrict__ img, int64_t c_in, int64_t h_in, int64_t w_in,
+DIFFUSE_CPU_CLONES void pack_tile_row(const float* __restrict__ img, int64_t c_in, int64_t h_in, int64_t w_in,
                                       int64_t row0, int64_t wp, float* __restrict__ p) {
   for (int64_t i = 0; i < 6; ++i) {
     float* row = p + i * wp * c_in;
@@ -76,7 +61,7 @@ DIFFUSE_VECTORIZED void pack_tile_row(const float* __restrict__ img, int64_t c_i
 
 // V[xi][t0 + j][c] = (B^T d B)[xi] for the tw tiles of one packed tile row (d: 6 rows of p starting at column 4j);
 // xi stride vs.
-DIFFUSE_VECTORIZED void input_transform_row(const float* __restrict__ p, int64_t wp, int64_t c_in, int64_t tw,
+DIFFUSE_CPU_CLONES void input_transform_row(const float* __restrict__ p, int64_t wp, int64_t c_in, int64_t tw,
                                             float* __restrict__ v, int64_t vs) {
   float tmp[6][6][kChunk];
   const int64_t rs = wp * c_in;
@@ -118,7 +103,7 @@ DIFFUSE_VECTORIZED void input_transform_row(const float* __restrict__ p, int64_t
 
 // The tw output tiles of one tile row, A^T M[.][t0 + j] A + bias, into q[a][4j + b][k] (4 rows of 4 tw columns);
 // M's xi stride ms.
-DIFFUSE_VECTORIZED void output_transform_row(const float* __restrict__ m, int64_t ms, int64_t k_out, int64_t tw,
+DIFFUSE_CPU_CLONES void output_transform_row(const float* __restrict__ m, int64_t ms, int64_t k_out, int64_t tw,
                                              const float* __restrict__ bias, float* __restrict__ q) {
   float tmp[4][6][kChunk];
   const int64_t qs = 4 * tw * k_out;  // q's row stride
@@ -157,7 +142,7 @@ DIFFUSE_VECTORIZED void output_transform_row(const float* __restrict__ m, int64_
 }
 
 // rows x w_out of q[a][col][k] (row length q_cols) into the NCHW image y (its row `row0`), 16 columns at a time.
-DIFFUSE_VECTORIZED void unpack_rows(const float* __restrict__ q, int64_t k_out, int64_t q_cols, int64_t rows,
+DIFFUSE_CPU_CLONES void unpack_rows(const float* __restrict__ q, int64_t k_out, int64_t q_cols, int64_t rows,
                                     int64_t h_out, int64_t w_out, int64_t row0, float* __restrict__ y) {
   for (int64_t a = 0; a < rows; ++a) {
     const float* qa = q + a * q_cols * k_out;

@@ -1,0 +1,17 @@
+#pragma once
+// DIFFUSE_CPU_CLONES before a function compiles its hot loop for AVX-512, AVX2 and the baseline; the loader picks
+// one for the CPU it runs on. Not under AddressSanitizer (whose run-time does not expect ifunc resolvers) and not
+// off x86-64 with GCC or clang: there it expands to nothing.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__SANITIZE_ADDRESS__)
+#define DIFFUSE_CPU_CLONES_ON 1
+#endif
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#undef DIFFUSE_CPU_CLONES_ON
+#endif
+#endif
+#ifdef DIFFUSE_CPU_CLONES_ON
+#define DIFFUSE_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DIFFUSE_CPU_CLONES
+#endif
