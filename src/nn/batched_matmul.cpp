@@ -135,9 +135,18 @@ SingleThreadedGemm::~SingleThreadedGemm() {
 }
 
 bool SingleThreadedGemm::run_onednn(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-                                    int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc) const {
+                                    int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, float beta) const {
   const OneDnn& lib = onednn();
-  return lib.sgemm && lib.sgemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, 0.0f, c, ldc) == 0;
+  return lib.sgemm && lib.sgemm(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) == 0;
+}
+
+void SingleThreadedGemm::accumulate_tn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                                       int64_t ldb, float* c, int64_t ldc) const {
+  if (run_onednn('T', 'N', m, n, k, 1.0f, a, lda, b, ldb, c, ldc, 1.0f)) return;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, f32);
+  out.addmm_(at::from_blob(const_cast<float*>(a), {k, m}, {lda, 1}, f32).t(),
+             at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, f32));
 }
 
 void SingleThreadedGemm::operator()(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,

@@ -268,7 +268,10 @@ class SingleThreadedGemm {
                   int64_t ldc) const;
   // c = alpha op(a) op(b) (op: 'N' or 'T') by oneDNN's sgemm alone; false where it is missing or refused.
   bool run_onednn(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-              const float* b, int64_t ldb, float* c, int64_t ldc) const;
+                  const float* b, int64_t ldb, float* c, int64_t ldc, float beta = 0.0f) const;
+  // c += a^T b (a: k x m, leading dimension lda).
+  void accumulate_tn(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                     int64_t ldc) const;
 
  private:
   int threads_ = 0;

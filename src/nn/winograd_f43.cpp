@@ -228,6 +228,116 @@ at::Tensor f43_forward(const at::Tensor& x, const at::Tensor& u, const at::Tenso
   return y;
 }
 
+// The output gradient's rows row0 .. row0 + 3 of a K x H x W image (zero below it) into q[a][col][k], col = 0 .. cols - 1
+// (zero right of it): the layout unpack_rows reads, written the other way.
+DIFFUSE_CPU_CLONES void pack_grad_rows(const float* __restrict__ gy, int64_t k_out, int64_t h_out, int64_t w_out,
+                                       int64_t row0, int64_t cols, float* __restrict__ q) {
+  for (int64_t a = 0; a < 4; ++a) {
+    float* qa = q + a * cols * k_out;
+    const int64_t h = row0 + a;
+    if (h >= h_out) {
+      std::fill(qa, qa + cols * k_out, 0.0f);
+      continue;
+    }
+    std::fill(qa + w_out * k_out, qa + cols * k_out, 0.0f);
+    for (int64_t k0 = 0; k0 < k_out; k0 += 16) {
+      const int64_t kn = std::min<int64_t>(16, k_out - k0);
+      const float* src = gy + k0 * h_out * w_out + h * w_out;
+      float* dst = qa + k0;
+      for (int64_t w = 0; w < w_out; ++w)
+        for (int64_t k = 0; k < kn; ++k) dst[w * k_out + k] = src[k * h_out * w_out + w];
+    }
+  }
+}
+
+// The gradient with respect to M of the tw output tiles of one packed row q (4 rows of 4 tw columns, see
+// output_transform_row): dM[xi][j][k] = (A dY A^T)[xi], A = (A^T)^T; dM's xi stride ms.
+DIFFUSE_CPU_CLONES void grad_transform_row(const float* __restrict__ q, int64_t k_out, int64_t tw,
+                                           float* __restrict__ dm, int64_t ms) {
+  float tmp[6][4][kChunk];
+  const int64_t qs = 4 * tw * k_out;
+  for (int64_t j = 0; j < tw; ++j) {
+    for (int64_t k0 = 0; k0 < k_out; k0 += kChunk) {
+      const int64_t kn = std::min(kChunk, k_out - k0);
+      // Columns: tmp[.][b] = A dY[.][b]; A's rows are (1 0 0 0), (1 1 1 1), (1 -1 1 -1), (1 2 4 8), (1 -2 4 -8),
+      // (0 0 0 1).
+      for (int b = 0; b < 4; ++b) {
+        const float* y0 = q + (4 * j + b) * k_out + k0;
+        const float *y1 = y0 + qs, *y2 = y0 + 2 * qs, *y3 = y0 + 3 * qs;
+        for (int64_t k = 0; k < kn; ++k) {
+          const float e = y0[k] + y2[k], o = y1[k] + y3[k], f = y0[k] + 4.0f * y2[k], g = 2.0f * y1[k] + 8.0f * y3[k];
+          tmp[0][b][k] = y0[k];
+          tmp[1][b][k] = e + o;
+          tmp[2][b][k] = e - o;
+          tmp[3][b][k] = f + g;
+          tmp[4][b][k] = f - g;
+          tmp[5][b][k] = y3[k];
+        }
+      }
+      // Rows: dM[i][.] = tmp[i][.] A^T.
+      for (int i = 0; i < 6; ++i) {
+        const float *t0 = tmp[i][0], *t1 = tmp[i][1], *t2 = tmp[i][2], *t3 = tmp[i][3];
+        float* o = dm + (i * 6) * ms + j * k_out + k0;
+        for (int64_t k = 0; k < kn; ++k) {
+          const float e = t0[k] + t2[k], od = t1[k] + t3[k], f = t0[k] + 4.0f * t2[k], g = 2.0f * t1[k] + 8.0f * t3[k];
+          o[k] = t0[k];
+          o[ms + k] = e + od;
+          o[2 * ms + k] = e - od;
+          o[3 * ms + k] = f + g;
+          o[4 * ms + k] = f - g;
+          o[5 * ms + k] = t3[k];
+        }
+      }
+    }
+  }
+}
+
+constexpr int64_t kGradChunkTiles = 512;  // tiles per pass of the filters' gradient
+
+// dU [36, C, K] = sum over tiles of V[xi]^T dM[xi] for x [N, C, H, W] and the output's gradient gy [N, K, H, W], both
+// contiguous: the gradient with respect to the transformed filters. Tiles go in passes of a fixed number of tile
+// rows, each pass's 36 products added in turn, so the sum's order depends on neither the thread count nor the batch's
+// split.
+at::Tensor f43_filter_transform_grad(const at::Tensor& x, const at::Tensor& gy) {
+  const int64_t n = x.size(0), c_in = x.size(1), h = x.size(2), w = x.size(3), k_out = gy.size(1);
+  at::Tensor du = at::zeros({36, c_in, k_out}, x.options());
+  if (n == 0 || h == 0 || w == 0 || c_in == 0 || k_out == 0) return du;
+  const int64_t th = (h + 3) / 4, tw = (w + 3) / 4, wp = 4 * tw + 2;
+  const int64_t tile_rows = n * th;
+  const int64_t rows_per_pass = std::max<int64_t>(1, kGradChunkTiles / tw), pass_tiles = rows_per_pass * tw;
+  at::Tensor v = at::empty({36, pass_tiles, c_in}, x.options());
+  at::Tensor dm = at::empty({36, pass_tiles, k_out}, x.options());
+  const float* px = x.data_ptr<float>();
+  const float* pgy = gy.data_ptr<float>();
+  float* pv = v.data_ptr<float>();
+  float* pdm = dm.data_ptr<float>();
+  float* pdu = du.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < tile_rows; r0 += rows_per_pass) {
+    const int64_t r1 = std::min(tile_rows, r0 + rows_per_pass);
+    at::parallel_for(r0, r1, 1, [&](int64_t r_begin, int64_t r_end) {
+      thread_local Workspace workspace;
+      float* const p = workspace.get(6 * wp * c_in + 4 * 4 * tw * k_out);
+      float* const q = p + 6 * wp * c_in;
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const int64_t img = r / th, row = r % th;
+        pack_tile_row(px + img * c_in * h * w, c_in, h, w, 4 * row - 1, wp, p);
+        input_transform_row(p, wp, c_in, tw, pv + (r - r0) * tw * c_in, pass_tiles * c_in);
+        pack_grad_rows(pgy + img * k_out * h * w, k_out, h, w, 4 * row, 4 * tw, q);
+        grad_transform_row(q, k_out, tw, pdm + (r - r0) * tw * k_out, pass_tiles * k_out);
+      }
+    });
+    const int64_t tiles = (r1 - r0) * tw;
+    at::parallel_for(0, 36, 1, [&](int64_t xi_begin, int64_t xi_end) {
+      const SingleThreadedGemm gemm;
+      for (int64_t xi = xi_begin; xi < xi_end; ++xi) {
+        gemm.accumulate_tn(c_in, k_out, tiles, pv + xi * pass_tiles * c_in, c_in, pdm + xi * pass_tiles * k_out, k_out,
+                           pdu + xi * c_in * k_out, k_out);
+      }
+    });
+  }
+  return du;
+}
+
 // G (6 x 3) of F(4x4, 3x3); the filter transform of a tap (a, b) at position (i, j) is G[i][a] G[j][b].
 constexpr double kG[6][3] = {{0.25, 0.0, 0.0},
                              {-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0},
@@ -236,22 +346,42 @@ constexpr double kG[6][3] = {{0.25, 0.0, 0.0},
                              {1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0},
                              {0.0, 0.0, 1.0}};
 
-// U [36, C, K] = (G g G^T) for filters g [K, C, 3, 3] (any strides): one [36 x 9] times [9 x C K] product.
-at::Tensor f43_filters(const at::Tensor& g) {
-  static const std::array<float, 36 * 9> kron = [] {
-    std::array<float, 36 * 9> k{};
+// [36, 9]: row i * 6 + j holds G[i][a] G[j][b] at a * 3 + b, so that the transform of filters [3 x 3, C K] is one product.
+const at::Tensor& f43_kron() {
+  static const at::Tensor* k = [] {  // never destroyed: may be used during static destruction
+    auto* t = new at::Tensor(at::empty({36, 9}, at::kFloat));
+    float* p = t->data_ptr<float>();
     for (int i = 0; i < 6; ++i)
       for (int j = 0; j < 6; ++j)
         for (int a = 0; a < 3; ++a)
-          for (int b = 0; b < 3; ++b) k[(i * 6 + j) * 9 + a * 3 + b] = static_cast<float>(kG[i][a] * kG[j][b]);
-    return k;
+          for (int b = 0; b < 3; ++b) p[(i * 6 + j) * 9 + a * 3 + b] = static_cast<float>(kG[i][a] * kG[j][b]);
+    return t;
   }();
+  return *k;
+}
+
+// U [36, C, K] = (G g G^T) for filters g [K, C, 3, 3] (any strides): one [36 x 9] times [9 x C K] product.
+at::Tensor f43_filters(const at::Tensor& g) {
   const int64_t k_out = g.size(0), c_in = g.size(1);
   const at::Tensor taps = g.detach().permute({2, 3, 1, 0}).contiguous();  // [3, 3, C, K]
   at::Tensor u = at::empty({36, c_in, k_out}, taps.options());
   const SingleThreadedGemm gemm;
-  gemm(36, c_in * k_out, 9, kron.data(), 9, taps.data_ptr<float>(), c_in * k_out, u.data_ptr<float>(), c_in * k_out);
+  gemm(36, c_in * k_out, 9, f43_kron().data_ptr<float>(), 9, taps.data_ptr<float>(), c_in * k_out, u.data_ptr<float>(),
+       c_in * k_out);
   return u;
+}
+
+// The filters' gradient [K, C, 3, 3] from the transformed filters' gradient du [36, C, K]: G^T dU G, the transpose of
+// f43_filters' product.
+at::Tensor f43_filters_grad(const at::Tensor& du) {
+  const int64_t c_in = du.size(1), k_out = du.size(2);
+  at::Tensor taps = at::empty({9, c_in * k_out}, du.options());  // [3 x 3, C K]
+  const SingleThreadedGemm gemm;
+  if (!gemm.run_onednn('T', 'N', 9, c_in * k_out, 36, 1.0f, f43_kron().data_ptr<float>(), 9, du.data_ptr<float>(),
+                       c_in * k_out, taps.data_ptr<float>(), c_in * k_out)) {
+    at::mm_out(taps, f43_kron().t(), du.view({36, c_in * k_out}));
+  }
+  return taps.view({3, 3, c_in, k_out}).permute({3, 2, 0, 1}).contiguous();
 }
 
 // Inference: the transformed filters of each weight tensor, kept while the tensor lives and still holds the same
@@ -314,14 +444,9 @@ struct F43Conv3x3 : public torch::autograd::Function<F43Conv3x3> {
     // d/dx: the output's gradient convolved (stride 1, padding 1) with the filters flipped and transposed.
     if (ctx->needs_input_grad(0)) gx = f43_forward(gy, f43_filters(w.flip({2, 3}).transpose(0, 1)), at::Tensor());
     const bool want_w = ctx->needs_input_grad(1), want_b = has_bias && ctx->needs_input_grad(2);
-    if (want_w || want_b) {
-      const std::array<int64_t, 1> bias_sizes{w.size(0)};
-      const std::array<int64_t, 2> one{1, 1}, zero{0, 0};
-      auto r = at::convolution_backward(gy, x, w, has_bias ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt, one,
-                                        one, one, false, zero, 1, {false, want_w, want_b});
-      if (want_w) gw = std::get<1>(r);
-      if (want_b) gb = std::get<2>(r);
-    }
+    // d/dw: G^T (sum over tiles of V^T dM) G, the Winograd form of the correlation of input and output gradient.
+    if (want_w) gw = f43_filters_grad(f43_filter_transform_grad(x, gy));
+    if (want_b) gb = gy.sum({0, 2, 3});
     return {gx, gw, gb};
   }
 };
