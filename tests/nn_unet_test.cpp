@@ -413,6 +413,11 @@ TEST(UNet, BatchedMatmulMatchesBmmForAnyLayout) {
     (want * r).sum().backward();
     EXPECT_LE(max_abs(a.grad(), a2.grad()), 1e-5) << i;
     EXPECT_LE(max_abs(b.grad(), b2.grad()), 1e-5) << i;
+    if (i == 1 && diffuse::nn_detail::has_fast_cpu_gemm()) {
+      // Transposed operands get transposed gradients: the layout of what the gradient flows back into.
+      EXPECT_TRUE(a.grad().transpose(1, 2).is_contiguous());
+      EXPECT_TRUE(b.grad().transpose(1, 2).is_contiguous());
+    }
   }
 }
 

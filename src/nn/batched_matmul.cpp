@@ -98,7 +98,19 @@ at::Tensor sgemm_batched(const at::Tensor& a, const at::Tensor& b, double alpha)
   return c;
 }
 
-// Autograd wrapper: d(alpha a b)/da = alpha g b^T, d/db = alpha a^T g (differentiable again).
+// alpha x y in the memory layout of `like`: a transposed view ([B, R, C] with R the dense dimension) gets the product
+// computed as alpha (y^T x^T) and returned transposed. The gradients of the attention's products then have the layout of
+// what they flow back into: the softmax's output (the float32 path multiplies by P^T) and the channel-major q, k, v;
+// a row-major gradient there cost a copy of each (LibTorch's softmax backward makes its input contiguous).
+at::Tensor product_in_layout_of(const at::Tensor& like, const at::Tensor& x, const at::Tensor& y, double alpha) {
+  if (like.stride(1) == 1 && like.stride(2) != 1) {
+    return batched_matmul(y.transpose(1, 2), x.transpose(1, 2), alpha).transpose(1, 2);
+  }
+  return batched_matmul(x, y, alpha);
+}
+
+// Autograd wrapper: d(alpha a b)/da = alpha g b^T, d/db = alpha a^T g (differentiable again), each in its operand's
+// layout.
 struct ScaledBmm : public torch::autograd::Function<ScaledBmm> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b,
                             double alpha) {
@@ -112,8 +124,8 @@ struct ScaledBmm : public torch::autograd::Function<ScaledBmm> {
     const double alpha = ctx->saved_data["alpha"].toDouble();
     const at::Tensor& g = grads[0];
     at::Tensor ga, gb;
-    if (ctx->needs_input_grad(0)) ga = batched_matmul(g, saved[1].transpose(1, 2), alpha);
-    if (ctx->needs_input_grad(1)) gb = batched_matmul(saved[0].transpose(1, 2), g, alpha);
+    if (ctx->needs_input_grad(0)) ga = product_in_layout_of(saved[0], g, saved[1].transpose(1, 2), alpha);
+    if (ctx->needs_input_grad(1)) gb = product_in_layout_of(saved[1], saved[0].transpose(1, 2), g, alpha);
     return {ga, gb, at::Tensor()};
   }
 };
