@@ -1,5 +1,6 @@
-// The project's own Winograd F(4x4, 3x3) convolution (src/nn/winograd_f43.cpp) against the convolution itself,
-// computed by LibTorch in float64; and the OpenMP build that lets the project's CPU kernels use LibTorch's threads.
+// The project's own Winograd F(4x4, 3x3) convolution (src/nn/winograd_f43.cpp) and the 1x1 convolutions of CPU
+// inference by sgemm against the convolution itself, computed by LibTorch in float64; and the OpenMP build that lets
+// the project's CPU kernels use LibTorch's threads.
 #include <gtest/gtest.h>
 
 #include <ATen/Parallel.h>
@@ -136,6 +137,48 @@ TEST(Winograd, OwnFilterGradientIsTheSameOnAnyThreadCount) {
   const at::Tensor one = weight_grad(1), two = weight_grad(2), three = weight_grad(3);
   EXPECT_TRUE(at::equal(one, two));
   EXPECT_TRUE(at::equal(one, three));
+}
+
+// 1x1 convolutions of CPU inference through one sgemm per image (nn_detail::conv1x1): the convolution (float64
+// LibTorch), a read-only residual left alone, a scratch one overwritten with the sum, the same bits for an image
+// whatever the batch around it, and autograd left to LibTorch.
+TEST(Conv1x1, InferenceByGemmIsTheConvolution) {
+  at::manual_seed(6);
+  at::NoGradGuard no_grad;
+  struct Shape {
+    int64_t n, c, k, h, w;
+  };
+  for (const Shape& s : {Shape{3, 192, 64, 28, 28}, Shape{2, 128, 128, 14, 14}, Shape{1, 5, 3, 2, 7}}) {
+    const at::Tensor x = at::randn({s.n, s.c, s.h, s.w}), w = at::randn({s.k, s.c, 1, 1}) / std::sqrt(1.0 * s.c);
+    const at::Tensor b = at::randn({s.k}), r = at::randn({s.n, s.k, s.h, s.w});
+    const at::Tensor want = at::conv2d(x.to(at::kDouble), w.to(at::kDouble), b.to(at::kDouble));
+    EXPECT_LT(rel_l2(diffuse::nn_detail::conv1x1(x, w, b), want), 1e-6);
+    EXPECT_LT(rel_l2(diffuse::nn_detail::conv1x1(x, w.view({s.k, s.c}), at::Tensor()),
+                     at::conv2d(x.to(at::kDouble), w.to(at::kDouble))),
+              1e-6);
+    const at::Tensor r_before = r.clone();
+    const at::Tensor sum = diffuse::nn_detail::conv1x1(x, w, b, r);
+    EXPECT_LT(rel_l2(sum, want + r.to(at::kDouble)), 1e-6);
+    EXPECT_TRUE(at::equal(r, r_before));  // read-only residual
+    at::Tensor scratch = r.clone();
+    const at::Tensor sum2 = diffuse::nn_detail::conv1x1(x, w, b, scratch, true);
+    EXPECT_LT(rel_l2(sum2, want + r.to(at::kDouble)), 1e-6);
+    if (diffuse::nn_detail::has_fast_cpu_gemm()) {
+      EXPECT_EQ(sum2.data_ptr(), scratch.data_ptr());  // the sum was written into the scratch residual
+      // Image 0 alone gives the bits it has in the batch.
+      EXPECT_TRUE(at::equal(diffuse::nn_detail::conv1x1(x.narrow(0, 0, 1), w, b),
+                            diffuse::nn_detail::conv1x1(x, w, b).narrow(0, 0, 1)));
+    }
+  }
+}
+
+TEST(Conv1x1, TrainingGoesThroughAutograd) {
+  at::manual_seed(7);
+  const at::Tensor x = at::randn({2, 16, 5, 5}), w = at::randn({8, 16, 1, 1}).requires_grad_(true);
+  const at::Tensor y = diffuse::nn_detail::conv1x1(x, w, at::Tensor());
+  ASSERT_TRUE(y.requires_grad());
+  y.sum().backward();
+  EXPECT_LT(rel_l2(w.grad(), x.sum({0, 2, 3}).to(at::kDouble).view({1, 16, 1, 1}).expand({8, 16, 1, 1})), 1e-6);
 }
 
 // at::parallel_for is inline: only a translation unit compiled with OpenMP hands the range to LibTorch's threads.

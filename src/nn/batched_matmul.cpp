@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 
+#include "diffuse/common.h"
 #include "nn/blocks.h"
 
 namespace diffuse {
@@ -169,6 +170,35 @@ void SingleThreadedGemm::operator()(int64_t m, int64_t n, int64_t k, const float
   at::Tensor out = at::from_blob(c, {m, n}, {ldc, 1}, f32);
   at::mm_out(out, at::from_blob(const_cast<float*>(a), {m, k}, {lda, 1}, f32),
              at::from_blob(const_cast<float*>(b), {k, n}, {ldb, 1}, f32));
+}
+
+bool conv1x1_cpu_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y, bool accumulate) {
+  if (!has_fast_cpu_gemm()) return false;
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w.size(0);
+  const float* px = x.data_ptr<float>();
+  const float* pw = w.data_ptr<float>();
+  const float* pb = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* py = y.data_ptr<float>();
+  std::atomic<bool> failed{false};
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    const SingleThreadedGemm gemm;
+    for (int64_t i = begin; i < end && !failed; ++i) {
+      float* yi = py + i * k * hw;
+      if (!gemm.run_onednn('N', 'N', k, hw, c, 1.0f, pw, c, px + i * c * hw, hw, yi, hw, accumulate ? 1.0f : 0.0f)) {
+        failed = true;
+        break;
+      }
+      if (pb) {
+        for (int64_t r = 0; r < k; ++r) {
+          float* row = yi + r * hw;
+          const float v = pb[r];
+          for (int64_t p = 0; p < hw; ++p) row[p] += v;
+        }
+      }
+    }
+  });
+  if (failed) throw run_error("1x1 convolution: oneDNN's sgemm refused a product");
+  return true;
 }
 
 at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b, double alpha) {

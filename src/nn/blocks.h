@@ -114,6 +114,11 @@ class ChannelsLastScope {
 };
 // In a channels-last forward, t in NHWC memory (a no-op when it already is); t unchanged otherwise.
 at::Tensor keep_layout(const at::Tensor& t);
+// A 1x1 convolution, weight [K, C, 1, 1] or a Linear's [K, C], plus `residual` when defined (which it overwrites with
+// the sum when residual_is_scratch allows, else it is only read). CPU float32 channel-major inference goes through
+// conv1x1_cpu_into, the rest through at::conv2d.
+at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& residual = {},
+                   bool residual_is_scratch = false);
 
 // Inverted dropout (zero with probability p, scale the rest by 1/(1-p)) whose mask on the CPU comes
 // from a counter-based hash of (one 64-bit draw of the default generator, element index) computed in
@@ -255,6 +260,11 @@ TORCH_MODULE(MidBlock);
 // the sgemm of the oneDNN library LibTorch loads (when present); everything else through at::bmm/baddbmm.
 at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b, double alpha);
 bool has_fast_cpu_gemm();
+// y = w x + b (+ y when accumulate) for a 1x1 convolution without autograd: x [N, C, H, W] contiguous float32 on the
+// CPU, w [K, C] and b [K] (or undefined) contiguous, y [N, K, H, W] contiguous. One single-threaded oneDNN sgemm per
+// image, images in parallel: the result depends on neither the batch nor the thread count. False (nothing written)
+// where that sgemm is missing.
+bool conv1x1_cpu_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y, bool accumulate);
 // Row-major float32 products c = a b (a: m x k, b: k x n, leading dimensions lda, ldb, ldc) computed on the calling
 // thread: oneDNN's sgemm with OpenMP held at one thread while the object lives (as inside at::parallel_for), else
 // LibTorch's at::mm.
