@@ -1,6 +1,6 @@
-// The project's own Winograd F(4x4, 3x3) convolution (src/nn/winograd_f43.cpp) and the 1x1 convolutions of CPU
-// inference by sgemm against the convolution itself, computed by LibTorch in float64; and the OpenMP build that lets
-// the project's CPU kernels use LibTorch's threads.
+// The project's own CPU kernels against LibTorch in float64: the Winograd F(4x4, 3x3) convolution
+// (src/nn/winograd_f43.cpp), 1x1 convolutions of inference by sgemm, GroupNorm + SiLU of inference; and the OpenMP
+// build that lets them use LibTorch's threads.
 #include <gtest/gtest.h>
 
 #include <ATen/Parallel.h>
@@ -11,6 +11,7 @@
 #include <mutex>
 
 #include "nn/blocks.h"
+#include "nn/group_norm_cpu.h"
 
 namespace {
 
@@ -179,6 +180,43 @@ TEST(Conv1x1, TrainingGoesThroughAutograd) {
   ASSERT_TRUE(y.requires_grad());
   y.sum().backward();
   EXPECT_LT(rel_l2(w.grad(), x.sum({0, 2, 3}).to(at::kDouble).view({1, 16, 1, 1}).expand({8, 16, 1, 1})), 1e-6);
+}
+
+// GroupNorm (+ SiLU) of CPU float32 inference through the project's kernel (nn/group_norm_cpu.h): against LibTorch's
+// GroupNorm and SiLU in float64, with inputs far from zero mean (the moments are taken about the mean) and shapes whose
+// groups are 1 pixel to 6,272 elements.
+TEST(CpuGroupNorm, InferenceIsGroupNormAndSilu) {
+  at::manual_seed(8);
+  at::NoGradGuard no_grad;
+  struct Shape {
+    int64_t n, c, h, w, groups;
+  };
+  for (const Shape& s : {Shape{2, 64, 28, 28, 32}, Shape{3, 256, 7, 7, 32}, Shape{2, 12, 5, 3, 4}, Shape{4, 8, 1, 1, 2}}) {
+    torch::nn::GroupNorm norm(torch::nn::GroupNormOptions(s.groups, s.c).eps(1e-5));
+    norm->weight.set_data(at::randn({s.c}));
+    norm->bias.set_data(at::randn({s.c}));
+    const at::Tensor x = at::randn({s.n, s.c, s.h, s.w}) * 3 + 20;
+    const at::Tensor ref = at::group_norm(x.to(at::kDouble), s.groups, norm->weight.to(at::kDouble),
+                                          norm->bias.to(at::kDouble), 1e-5);
+    const double e_norm = rel_l2(diffuse::nn_detail::group_norm(norm, x), ref);
+    const double e_silu = rel_l2(diffuse::nn_detail::group_norm_silu(norm, x), at::silu(ref));
+    std::printf("%ldx%ldx%ldx%ld, %ld groups: GroupNorm rel L2 %.3g, + SiLU %.3g\n", s.n, s.c, s.h, s.w, s.groups,
+                e_norm, e_silu);
+    EXPECT_LT(e_norm, 1e-6);
+    EXPECT_LT(e_silu, 1e-6);
+  }
+}
+
+TEST(CpuGroupNorm, VectorizableExpIsExp) {
+  double worst = 0;
+  for (float x = -87.0f; x <= 88.0f; x += 0.0137f) {
+    const double want = std::exp(static_cast<double>(x));
+    worst = std::max(worst, std::abs(diffuse::nn_detail::exp_vectorizable(x) - want) / want);
+  }
+  std::printf("exp_vectorizable: largest relative error %.3g on [-87, 88]\n", worst);
+  EXPECT_LT(worst, 3e-7);  // 2.5 float32 ulp
+  EXPECT_EQ(diffuse::nn_detail::exp_vectorizable(-1000.0f), diffuse::nn_detail::exp_vectorizable(-87.0f));
+  EXPECT_TRUE(std::isfinite(diffuse::nn_detail::exp_vectorizable(1000.0f)));
 }
 
 // at::parallel_for is inline: only a translation unit compiled with OpenMP hands the range to LibTorch's threads.

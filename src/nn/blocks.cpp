@@ -20,6 +20,7 @@
 #include "diffuse/common.h"
 #include "diffuse/nn/precision.h"
 #include "diffuse/nn/unet.h"
+#include "nn/group_norm_cpu.h"
 
 namespace diffuse {
 namespace nn_detail {
@@ -276,6 +277,42 @@ at::Tensor group_norm_nhwc(const at::Tensor& x, int64_t groups, const at::Tensor
 }
 
 namespace {
+// CPU float32 channel-major inference: the project's GroupNorm (+ SiLU) kernel, one pass over memory per (image,
+// group) block (its moments and output computed while the block is in cache) instead of LibTorch's GroupNorm
+// (statistics, then the affine pass) and a SiLU pass.
+bool group_norm_cpu_inference_applies(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
+  return !grad && !t_channels_last && x.dim() >= 2 && x.numel() > 0 && x.is_cpu() && x.layout() == at::kStrided &&
+         x.scalar_type() == at::kFloat && x.is_contiguous() && (!w.defined() || w.scalar_type() == at::kFloat) &&
+         (!b.defined() || b.scalar_type() == at::kFloat) && !autocast_active(c10::Device(c10::kCPU));
+}
+
+at::Tensor group_norm_cpu_inference(const at::Tensor& x, int64_t groups, const at::Tensor& w, const at::Tensor& b,
+                                    double eps, bool silu) {
+  const int64_t n = x.size(0), c = x.size(1), hw = x.numel() / (n * c);
+  if (groups <= 0 || c % groups != 0) {
+    throw input_error("GroupNorm: " + std::to_string(c) + " channels do not split into " + std::to_string(groups) +
+                      " groups");
+  }
+  const int64_t cg = c / groups;
+  const at::Tensor wc = w.defined() ? w.contiguous() : at::ones({c}, x.options());
+  const at::Tensor bc = b.defined() ? b.contiguous() : at::zeros({c}, x.options());
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const float* px = x.data_ptr<float>();
+  const float* pw = wc.data_ptr<float>();
+  const float* pb = bc.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, n * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t c0 = (blk % groups) * cg, offset = blk * cg * hw;
+      group_norm_block(px + offset, py + offset, cg, hw, pw + c0, pb + c0, e, silu);
+    }
+  });
+  return y;
+}
+
 // Whether this normalization goes through fused_group_norm (set_fused_norm; CUDA, or the CPU in tests).
 bool fused_norm_here(const at::Tensor& x) {
   return (x.is_cuda() || fused_norm_on_cpu_for_tests()) && fused_norm() && fused_group_norm_applies(x);
@@ -296,6 +333,9 @@ at::Tensor norm_impl(nn::GroupNorm& norm, const at::Tensor& x, bool silu) {
                            on_reduced || !w.defined() ? x.scalar_type() : w.scalar_type(), silu);
   }
   if (fused_norm_here(x)) return fused_group_norm(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
+  if (group_norm_cpu_inference_applies(x, w, b)) {
+    return group_norm_cpu_inference(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
+  }
   at::Tensor y;
   if (on_reduced) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());

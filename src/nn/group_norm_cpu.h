@@ -1,0 +1,21 @@
+#pragma once
+// GroupNorm (+ SiLU) inference on the CPU, one (image, group) block at a time: no LibTorch here, so that
+// group_norm_cpu.cpp is compiled with -fno-math-errno (vectorized square root and rounding) and without the
+// precompiled header.
+#include <cstdint>
+
+namespace diffuse {
+namespace nn_detail {
+
+// y = GroupNorm(x) w + b, then SiLU with `silu`, for one block of cg channels of hw pixels each, contiguous float32
+// (x and y point at the block's first channel; w and b at its first channel's parameters). Moments as the fused
+// kernels take them: the mean, then sums about it (float32), var = E[(x - m)^2] - E[x - m]^2.
+void group_norm_block(const float* x, float* y, int64_t cg, int64_t hw, const float* w, const float* b, float eps,
+                      bool silu);
+
+// e^x for float32 x, vectorizable: Cody-Waite reduction by ln 2 and a degree-6 polynomial (Cephes' expf
+// coefficients), within 2 ulp of expf over [-87, 88]; clamped outside it.
+float exp_vectorizable(float x);
+
+}  // namespace nn_detail
+}  // namespace diffuse
