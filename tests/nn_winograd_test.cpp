@@ -140,7 +140,7 @@ TEST(Winograd, OwnFilterGradientIsTheSameOnAnyThreadCount) {
   EXPECT_TRUE(at::equal(one, three));
 }
 
-// 1x1 convolutions of CPU inference through one sgemm per image (nn_detail::conv1x1): the convolution (float64
+// 1x1 convolutions on the CPU through one sgemm per image (nn_detail::conv1x1): in inference the convolution (float64
 // LibTorch), a read-only residual left alone, a scratch one overwritten with the sum, the same bits for an image
 // whatever the batch around it, and autograd left to LibTorch.
 TEST(Conv1x1, InferenceByGemmIsTheConvolution) {
@@ -173,13 +173,38 @@ TEST(Conv1x1, InferenceByGemmIsTheConvolution) {
   }
 }
 
-TEST(Conv1x1, TrainingGoesThroughAutograd) {
+// Training: the input's, filters' and bias's gradients against float64 LibTorch (with and without a bias, a Linear's
+// [K, C] weight, a residual), and the filters' gradient the same bits on 1, 2 and 3 threads.
+TEST(Conv1x1, TrainingGradientsAreTheConvolutions) {
   at::manual_seed(7);
-  const at::Tensor x = at::randn({2, 16, 5, 5}), w = at::randn({8, 16, 1, 1}).requires_grad_(true);
-  const at::Tensor y = diffuse::nn_detail::conv1x1(x, w, at::Tensor());
-  ASSERT_TRUE(y.requires_grad());
-  y.sum().backward();
-  EXPECT_LT(rel_l2(w.grad(), x.sum({0, 2, 3}).to(at::kDouble).view({1, 16, 1, 1}).expand({8, 16, 1, 1})), 1e-6);
+  struct Shape {
+    int64_t n, c, k, h, w;
+    bool bias;
+  };
+  for (const Shape& s : {Shape{5, 192, 64, 28, 28, true}, Shape{3, 128, 40, 7, 7, false}, Shape{2, 16, 8, 5, 5, true}}) {
+    const at::Tensor x0 = at::randn({s.n, s.c, s.h, s.w}), w0 = at::randn({s.k, s.c}) / std::sqrt(1.0 * s.c);
+    const at::Tensor b0 = at::randn({s.k}), r = at::randn({s.n, s.k, s.h, s.w}), res = at::randn({s.n, s.k, s.h, s.w});
+    auto run = [&](at::ScalarType type, bool ours, int threads) {
+      const int before = at::get_num_threads();
+      at::set_num_threads(threads);
+      const at::Tensor x = x0.to(type).requires_grad_(true), w = w0.to(type).requires_grad_(true);
+      const at::Tensor b = s.bias ? b0.to(type).requires_grad_(true) : at::Tensor();
+      const at::Tensor y = ours ? diffuse::nn_detail::conv1x1(x, w, b, res.to(type), true)
+                                : at::conv2d(x, w.view({s.k, s.c, 1, 1}), b) + res.to(type);
+      (y * r.to(type)).sum().backward();
+      at::set_num_threads(before);
+      std::vector<at::Tensor> out{y.detach(), x.grad(), w.grad()};
+      if (s.bias) out.push_back(b.grad());
+      return out;
+    };
+    const auto ref = run(at::kDouble, false, 2), got = run(at::kFloat, true, 2);
+    for (size_t i = 0; i < ref.size(); ++i) {
+      ASSERT_TRUE(got[i].defined()) << i;
+      EXPECT_LT(rel_l2(got[i], ref[i]), 1e-6) << i << " of " << s.n << "x" << s.c << "x" << s.h << " -> " << s.k;
+    }
+    EXPECT_TRUE(at::equal(run(at::kFloat, true, 1)[2], got[2]));
+    EXPECT_TRUE(at::equal(run(at::kFloat, true, 3)[2], got[2]));
+  }
 }
 
 // GroupNorm (+ SiLU) of CPU float32 inference through the project's kernel (nn/group_norm_cpu.h): against LibTorch's

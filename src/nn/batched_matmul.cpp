@@ -201,6 +201,78 @@ bool conv1x1_cpu_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   return true;
 }
 
+namespace {
+
+constexpr int64_t kConv1x1RowBlock = 16;  // rows of the filters' gradient per task
+
+// The 1x1 convolution's backward without autograd: gx[i] = w^T gy[i] per image, and gw = sum over images of
+// gy[i] x[i]^T in fixed blocks of 16 output channels, each adding the images in order: its bits depend on neither
+// the thread count nor the batch's split over threads.
+void conv1x1_backward_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& gy, at::Tensor* gx,
+                          at::Tensor* gw) {
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), k = w.size(0);
+  const float* px = x.data_ptr<float>();
+  const float* pw = w.data_ptr<float>();
+  const float* pg = gy.data_ptr<float>();
+  std::atomic<bool> failed{false};
+  if (gx) {
+    *gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+    float* pgx = gx->data_ptr<float>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      const SingleThreadedGemm gemm;
+      for (int64_t i = begin; i < end && !failed; ++i) {
+        if (!gemm.run_onednn('T', 'N', c, hw, k, 1.0f, pw, c, pg + i * k * hw, hw, pgx + i * c * hw, hw)) failed = true;
+      }
+    });
+  }
+  if (gw) {
+    *gw = at::zeros({k, c}, w.options());
+    float* pgw = gw->data_ptr<float>();
+    const int64_t blocks = (k + kConv1x1RowBlock - 1) / kConv1x1RowBlock;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      const SingleThreadedGemm gemm;
+      for (int64_t blk = begin; blk < end && !failed; ++blk) {
+        const int64_t r0 = blk * kConv1x1RowBlock, rows = std::min(kConv1x1RowBlock, k - r0);
+        for (int64_t i = 0; i < n; ++i) {
+          if (!gemm.run_onednn('N', 'T', rows, c, hw, 1.0f, pg + i * k * hw + r0 * hw, hw, px + i * c * hw, hw,
+                               pgw + r0 * c, c, 1.0f)) {
+            failed = true;
+          }
+        }
+      }
+    });
+  }
+  if (failed) throw run_error("1x1 convolution: oneDNN's sgemm refused a product");
+}
+
+// y = w x + b through autograd; x [N, C, H, W] contiguous, w [K, C], b [K] (zeros when the layer has none: LibTorch
+// 1.x's custom functions take no undefined inputs), all float32 on the CPU.
+struct Conv1x1Fn : public torch::autograd::Function<Conv1x1Fn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const at::Tensor& b) {
+    ctx->save_for_backward({x, w});
+    at::Tensor y = at::empty({x.size(0), w.size(0), x.size(2), x.size(3)}, x.options());
+    conv1x1_cpu_into(x, w, b, y, false);
+    return y;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor gy = grads[0].contiguous();
+    at::Tensor gx, gw, gb;
+    conv1x1_backward_cpu(saved[0], saved[1], gy, ctx->needs_input_grad(0) ? &gx : nullptr,
+                         ctx->needs_input_grad(1) ? &gw : nullptr);
+    if (ctx->needs_input_grad(2)) gb = gy.sum({0, 2, 3});
+    return {gx, gw, gb};
+  }
+};
+
+}  // namespace
+
+at::Tensor conv1x1_cpu_train(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return Conv1x1Fn::apply(x, w, b.defined() ? b : at::zeros({w.size(0)}, w.options().requires_grad(false)));
+}
+
 at::Tensor batched_matmul(const at::Tensor& a, const at::Tensor& b, double alpha) {
   const bool fast = a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1) &&
                     a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && a.device().is_cpu() &&

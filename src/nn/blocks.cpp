@@ -131,12 +131,11 @@ at::Tensor keep_layout(const at::Tensor& t) {
 }
 
 namespace {
-// Whether a 1x1 convolution takes conv1x1_cpu_into: CPU float32 channel-major inference (no autograd, no autocast).
-// oneDNN's 1x1 kernels took 1.5-5x the time of one sgemm per image on the U-Net's shapes (192 -> 64 channels at
-// 28x28, batch 64: ~36 ms).
+// Whether a 1x1 convolution takes oneDNN's sgemm (conv1x1_cpu_into, conv1x1_cpu_train): CPU float32 channel-major,
+// no autocast. oneDNN's 1x1 kernels took 1.5-5x the time of one sgemm per image on the U-Net's shapes (192 -> 64
+// channels at 28x28, batch 64: ~36 ms).
 bool conv1x1_by_gemm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad() || (b.defined() && b.requires_grad()));
-  return !grad && !t_channels_last && x.dim() == 4 && x.is_cpu() && x.scalar_type() == at::kFloat &&
+  return !t_channels_last && x.dim() == 4 && x.is_cpu() && x.scalar_type() == at::kFloat &&
          w.scalar_type() == at::kFloat && (!b.defined() || b.scalar_type() == at::kFloat) && x.is_contiguous() &&
          x.layout() == at::kStrided && !autocast_active(c10::Device(c10::kCPU)) && has_fast_cpu_gemm();
 }
@@ -148,6 +147,10 @@ at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
   if (conv1x1_by_gemm(x, w, b) && x.size(1) == c) {
     const at::Tensor w2 = w.reshape({k, c}).contiguous();
     const at::Tensor b2 = b.defined() ? b.contiguous() : b;
+    if (at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad() || (b.defined() && b.requires_grad()))) {
+      at::Tensor y = conv1x1_cpu_train(x, w2, b2);
+      return residual.defined() ? y.add_(residual) : y;
+    }
     if (residual_is_scratch && residual.defined() && residual.is_contiguous() &&
         residual.scalar_type() == at::kFloat && !residual.requires_grad() &&
         residual.sizes() == at::IntArrayRef({x.size(0), k, x.size(2), x.size(3)})) {

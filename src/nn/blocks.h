@@ -115,8 +115,8 @@ class ChannelsLastScope {
 // In a channels-last forward, t in NHWC memory (a no-op when it already is); t unchanged otherwise.
 at::Tensor keep_layout(const at::Tensor& t);
 // A 1x1 convolution, weight [K, C, 1, 1] or a Linear's [K, C], plus `residual` when defined (which it overwrites with
-// the sum when residual_is_scratch allows, else it is only read). CPU float32 channel-major inference goes through
-// conv1x1_cpu_into, the rest through at::conv2d.
+// the sum when residual_is_scratch allows, else it is only read). CPU float32 channel-major convolutions go through
+// oneDNN's sgemm (conv1x1_cpu_into; conv1x1_cpu_train under autograd), the rest through at::conv2d.
 at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& residual = {},
                    bool residual_is_scratch = false);
 
@@ -265,6 +265,10 @@ bool has_fast_cpu_gemm();
 // image, images in parallel: the result depends on neither the batch nor the thread count. False (nothing written)
 // where that sgemm is missing.
 bool conv1x1_cpu_into(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, at::Tensor& y, bool accumulate);
+// The same convolution through autograd (training), x, w, b as above with oneDNN's sgemm present. Backward: the input's
+// gradient one sgemm per image, the filters' in fixed blocks of output channels summed over the images in order (the
+// same bits on any thread count).
+at::Tensor conv1x1_cpu_train(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 // Row-major float32 products c = a b (a: m x k, b: k x n, leading dimensions lda, ldb, ldc) computed on the calling
 // thread: oneDNN's sgemm with OpenMP held at one thread while the object lives (as inside at::parallel_for), else
 // LibTorch's at::mm.
