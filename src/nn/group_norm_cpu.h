@@ -1,7 +1,7 @@
 #pragma once
 // GroupNorm (+ SiLU) inference on the CPU, one (image, group) block at a time: no LibTorch here, so that
-// group_norm_cpu.cpp is compiled with -fno-math-errno (vectorized square root and rounding) and without the
-// precompiled header.
+// group_norm_cpu.cpp is compiled with -fno-math-errno and -fno-trapping-math (which GCC needs to vectorize the exp's
+// clamp) and without the precompiled header.
 #include <cstdint>
 
 namespace diffuse {

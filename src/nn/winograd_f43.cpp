@@ -304,7 +304,8 @@ at::Tensor f43_filter_transform_grad(const at::Tensor& x, const at::Tensor& gy) 
   if (n == 0 || h == 0 || w == 0 || c_in == 0 || k_out == 0) return du;
   const int64_t th = (h + 3) / 4, tw = (w + 3) / 4, wp = 4 * tw + 2;
   const int64_t tile_rows = n * th;
-  const int64_t rows_per_pass = std::max<int64_t>(1, kGradChunkTiles / tw), pass_tiles = rows_per_pass * tw;
+  const int64_t rows_per_pass = std::min(tile_rows, std::max<int64_t>(1, kGradChunkTiles / tw));
+  const int64_t pass_tiles = rows_per_pass * tw;
   at::Tensor v = at::empty({36, pass_tiles, c_in}, x.options());
   at::Tensor dm = at::empty({36, pass_tiles, k_out}, x.options());
   const float* px = x.data_ptr<float>();
