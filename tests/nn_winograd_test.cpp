@@ -202,8 +202,10 @@ TEST(Conv1x1, TrainingGradientsAreTheConvolutions) {
       ASSERT_TRUE(got[i].defined()) << i;
       EXPECT_LT(rel_l2(got[i], ref[i]), 1e-6) << i << " of " << s.n << "x" << s.c << "x" << s.h << " -> " << s.k;
     }
-    EXPECT_TRUE(at::equal(run(at::kFloat, true, 1)[2], got[2]));
-    EXPECT_TRUE(at::equal(run(at::kFloat, true, 3)[2], got[2]));
+    if (diffuse::nn_detail::has_fast_cpu_gemm()) {  // else LibTorch's convolution, which promises no such thing
+      EXPECT_TRUE(at::equal(run(at::kFloat, true, 1)[2], got[2]));
+      EXPECT_TRUE(at::equal(run(at::kFloat, true, 3)[2], got[2]));
+    }
   }
 }
 
