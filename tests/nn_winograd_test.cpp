@@ -1,6 +1,6 @@
 // The project's own CPU kernels against LibTorch in float64: the Winograd F(4x4, 3x3) convolution
-// (src/nn/winograd_f43.cpp), 1x1 convolutions of inference by sgemm, GroupNorm + SiLU of inference; and the OpenMP
-// build that lets them use LibTorch's threads.
+// (src/nn/winograd_f43.cpp), 1x1 convolutions by sgemm, 3x3 convolutions with one input or output channel, GroupNorm
+// + SiLU of inference; and the OpenMP build that lets them use LibTorch's threads.
 #include <gtest/gtest.h>
 
 #include <ATen/Parallel.h>
@@ -206,6 +206,46 @@ TEST(Conv1x1, TrainingGradientsAreTheConvolutions) {
       EXPECT_TRUE(at::equal(run(at::kFloat, true, 1)[2], got[2]));
       EXPECT_TRUE(at::equal(run(at::kFloat, true, 3)[2], got[2]));
     }
+  }
+}
+
+// 3x3 convolutions with one input or one output channel (nn_detail::thin_conv3x3, the U-Net's conv_in and conv_out):
+// output and input, filters' and bias's gradients against float64 LibTorch, planes one pixel wide or high included;
+// the filters' gradient the same bits on 1, 2 and 3 threads.
+TEST(ThinConv3x3, IsTheConvolutionWithItsGradients) {
+  at::manual_seed(9);
+  for (const Case& s : {Case{4, 1, 64, 28, 28, true}, Case{3, 64, 1, 28, 28, true}, Case{2, 1, 5, 1, 1, false},
+                        Case{2, 3, 1, 1, 7, true}, Case{2, 1, 2, 6, 1, true}}) {
+    const at::Tensor x0 = at::randn({s.n, s.c, s.h, s.w}), w0 = at::randn({s.k, s.c, 3, 3}) / std::sqrt(9.0 * s.c);
+    const at::Tensor b0 = at::randn({s.k}), r = at::randn({s.n, s.k, s.h, s.w});
+    ASSERT_TRUE(diffuse::nn_detail::thin_conv3x3_applies(x0, w0));
+    auto run = [&](at::ScalarType type, bool ours, int threads) {
+      const int before = at::get_num_threads();
+      at::set_num_threads(threads);
+      const at::Tensor x = x0.to(type).requires_grad_(true), w = w0.to(type).requires_grad_(true);
+      const at::Tensor b = s.bias ? b0.to(type).requires_grad_(true) : at::Tensor();
+      const at::Tensor y = ours ? diffuse::nn_detail::thin_conv3x3(x, w, b) : at::conv2d(x, w, b, 1, 1);
+      (y * r.to(type)).sum().backward();
+      at::set_num_threads(before);
+      std::vector<at::Tensor> out{y.detach(), x.grad(), w.grad()};
+      if (s.bias) out.push_back(b.grad());
+      return out;
+    };
+    const auto ref = run(at::kDouble, false, 2), got = run(at::kFloat, true, 2);
+    for (size_t i = 0; i < 3; ++i) {
+      ASSERT_TRUE(got[i].defined()) << i;
+      EXPECT_LT(rel_l2(got[i], ref[i]), 1e-6) << i << " of " << s.n << "x" << s.c << "x" << s.h << "x" << s.w << " -> "
+                                             << s.k;
+    }
+    if (s.bias) {  // a float32 sum of the output's gradient, which may nearly cancel: bounded by its terms' size
+      EXPECT_LT((got[3].to(at::kDouble) - ref[3]).abs().max().item<double>(), 1e-6 * r.abs().sum().item<double>());
+    }
+    {
+      at::NoGradGuard no_grad;  // inference: the same function without autograd
+      EXPECT_LT(rel_l2(diffuse::nn_detail::thin_conv3x3(x0, w0, s.bias ? b0 : at::Tensor()), ref[0]), 1e-6);
+    }
+    EXPECT_TRUE(at::equal(run(at::kFloat, true, 1)[2], got[2]));
+    EXPECT_TRUE(at::equal(run(at::kFloat, true, 3)[2], got[2]));
   }
 }
 

@@ -36,8 +36,12 @@ at::Tensor conv3x3(torch::nn::Conv2d conv, const at::Tensor& x);
 // the CPU, at least 16 input and 16 output channels. Differentiable: an autograd function when autograd records.
 bool f43_applies(const at::Tensor& x, const at::Tensor& w);
 at::Tensor conv3x3_f43(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
-// The two Winograd autograd functions' shared bookkeeping: forward saves the input, the filters and whether there is a
-// bias; backward gets them back with the output's gradient made contiguous.
+// 3x3 convolutions (stride 1, padding 1) with one input or one output channel (the U-Net's first and last), CPU
+// float32 (src/nn/conv3x3_thin.cpp): direct loops, vectorized over columns; through autograd when it records.
+bool thin_conv3x3_applies(const at::Tensor& x, const at::Tensor& w);
+at::Tensor thin_conv3x3(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+// The 3x3 convolutions' autograd functions' shared bookkeeping: forward saves the input, the filters and whether
+// there is a bias; backward gets them back with the output's gradient made contiguous.
 struct Conv3x3Saved {
   at::Tensor x, w, gy;
   bool has_bias = false;

@@ -413,6 +413,7 @@ at::Tensor conv3x3(torch::nn::Conv2d conv, const at::Tensor& x) {
     ++g_winograd_calls;
     return conv3x3_f43(x, conv->weight, conv->bias);
   }
+  if (thin_conv3x3_applies(x, conv->weight)) return thin_conv3x3(x, conv->weight, conv->bias);
   return conv->forward(x);
 }
 
