@@ -24,6 +24,23 @@ struct Case {
   bool bias;
 };
 
+// y = conv(x, w, b) through autograd in `type` on `threads` threads, then the backward pass of sum(y r): {y, x's
+// gradient, w's, b's (when b0 is defined)}.
+template <class Conv>
+std::vector<at::Tensor> forward_backward(const at::Tensor& x0, const at::Tensor& w0, const at::Tensor& b0,
+                                         const at::Tensor& r, at::ScalarType type, int threads, Conv conv) {
+  const int before = at::get_num_threads();
+  at::set_num_threads(threads);
+  const at::Tensor x = x0.to(type).requires_grad_(true), w = w0.to(type).requires_grad_(true);
+  const at::Tensor b = b0.defined() ? b0.to(type).requires_grad_(true) : at::Tensor();
+  const at::Tensor y = conv(x, w, b);
+  (y * r.to(type)).sum().backward();
+  at::set_num_threads(before);
+  std::vector<at::Tensor> out{y.detach(), x.grad(), w.grad()};
+  if (b.defined()) out.push_back(b.grad());
+  return out;
+}
+
 // Output sizes that are and are not multiples of the 4x4 tile, one pixel, channels that are not multiples of the
 // kernels' 16-channel steps, the fmnist U-Net's shapes.
 const Case kCases[] = {{3, 16, 24, 28, 28, true}, {2, 20, 16, 7, 9, false}, {1, 16, 16, 1, 1, true},
@@ -101,13 +118,10 @@ TEST(Winograd, OwnKernelGradients) {
     const at::Tensor b0 = at::randn({c.k});
     const at::Tensor r = at::randn({c.n, c.k, c.h, c.w});
     auto grads = [&](at::ScalarType type, bool winograd) {
-      const at::Tensor x = x0.to(type).requires_grad_(true), w = w0.to(type).requires_grad_(true);
-      const at::Tensor b = c.bias ? b0.to(type).requires_grad_(true) : at::Tensor();
-      const at::Tensor y = winograd ? diffuse::nn_detail::conv3x3_f43(x, w, b) : at::conv2d(x, w, b, 1, 1);
-      (y * r.to(type)).sum().backward();
-      std::vector<at::Tensor> out{y.detach(), x.grad(), w.grad()};
-      if (c.bias) out.push_back(b.grad());
-      return out;
+      return forward_backward(x0, w0, c.bias ? b0 : at::Tensor(), r, type, at::get_num_threads(),
+                              [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+                                return winograd ? diffuse::nn_detail::conv3x3_f43(x, w, b) : at::conv2d(x, w, b, 1, 1);
+                              });
     };
     const auto ref = grads(at::kDouble, false);
     const auto got = grads(at::kFloat, true);
@@ -185,17 +199,11 @@ TEST(Conv1x1, TrainingGradientsAreTheConvolutions) {
     const at::Tensor x0 = at::randn({s.n, s.c, s.h, s.w}), w0 = at::randn({s.k, s.c}) / std::sqrt(1.0 * s.c);
     const at::Tensor b0 = at::randn({s.k}), r = at::randn({s.n, s.k, s.h, s.w}), res = at::randn({s.n, s.k, s.h, s.w});
     auto run = [&](at::ScalarType type, bool ours, int threads) {
-      const int before = at::get_num_threads();
-      at::set_num_threads(threads);
-      const at::Tensor x = x0.to(type).requires_grad_(true), w = w0.to(type).requires_grad_(true);
-      const at::Tensor b = s.bias ? b0.to(type).requires_grad_(true) : at::Tensor();
-      const at::Tensor y = ours ? diffuse::nn_detail::conv1x1(x, w, b, res.to(type), true)
-                                : at::conv2d(x, w.view({s.k, s.c, 1, 1}), b) + res.to(type);
-      (y * r.to(type)).sum().backward();
-      at::set_num_threads(before);
-      std::vector<at::Tensor> out{y.detach(), x.grad(), w.grad()};
-      if (s.bias) out.push_back(b.grad());
-      return out;
+      return forward_backward(x0, w0, s.bias ? b0 : at::Tensor(), r, type, threads,
+                              [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+                                return ours ? diffuse::nn_detail::conv1x1(x, w, b, res.to(type), true)
+                                            : at::conv2d(x, w.view({s.k, s.c, 1, 1}), b) + res.to(type);
+                              });
     };
     const auto ref = run(at::kDouble, false, 2), got = run(at::kFloat, true, 2);
     for (size_t i = 0; i < ref.size(); ++i) {
@@ -220,16 +228,10 @@ TEST(ThinConv3x3, IsTheConvolutionWithItsGradients) {
     const at::Tensor b0 = at::randn({s.k}), r = at::randn({s.n, s.k, s.h, s.w});
     ASSERT_TRUE(diffuse::nn_detail::thin_conv3x3_applies(x0, w0));
     auto run = [&](at::ScalarType type, bool ours, int threads) {
-      const int before = at::get_num_threads();
-      at::set_num_threads(threads);
-      const at::Tensor x = x0.to(type).requires_grad_(true), w = w0.to(type).requires_grad_(true);
-      const at::Tensor b = s.bias ? b0.to(type).requires_grad_(true) : at::Tensor();
-      const at::Tensor y = ours ? diffuse::nn_detail::thin_conv3x3(x, w, b) : at::conv2d(x, w, b, 1, 1);
-      (y * r.to(type)).sum().backward();
-      at::set_num_threads(before);
-      std::vector<at::Tensor> out{y.detach(), x.grad(), w.grad()};
-      if (s.bias) out.push_back(b.grad());
-      return out;
+      return forward_backward(x0, w0, s.bias ? b0 : at::Tensor(), r, type, threads,
+                              [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+                                return ours ? diffuse::nn_detail::thin_conv3x3(x, w, b) : at::conv2d(x, w, b, 1, 1);
+                              });
     };
     const auto ref = run(at::kDouble, false, 2), got = run(at::kFloat, true, 2);
     for (size_t i = 0; i < 3; ++i) {
