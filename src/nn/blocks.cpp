@@ -130,6 +130,11 @@ at::Tensor keep_layout(const at::Tensor& t) {
   return t_channels_last && t.dim() == 4 ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
 }
 
+bool autograd_records(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  auto wants = [](const at::Tensor& t) { return t.defined() && t.requires_grad(); };
+  return at::GradMode::is_enabled() && (wants(x) || wants(w) || wants(b));
+}
+
 namespace {
 // Whether a 1x1 convolution takes oneDNN's sgemm (conv1x1_cpu_into, conv1x1_cpu_train): CPU float32 channel-major,
 // no autocast. oneDNN's own 1x1 kernels were slow on some of the U-Net's shapes (192 -> 64 channels at 28x28, batch
@@ -147,7 +152,7 @@ at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b
   if (conv1x1_by_gemm(x, w, b) && x.size(1) == c) {
     const at::Tensor w2 = w.reshape({k, c}).contiguous();
     const at::Tensor b2 = b.defined() ? b.contiguous() : b;
-    if (at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad() || (b.defined() && b.requires_grad()))) {
+    if (autograd_records(x, w, b)) {
       at::Tensor y = conv1x1_cpu_train(x, w2, b2);
       return residual.defined() ? y.add_(residual) : y;
     }
@@ -284,11 +289,10 @@ namespace {
 // group) block (its moments and output computed while the block is in cache) instead of LibTorch's GroupNorm
 // (statistics, then the affine pass) and a SiLU pass.
 bool group_norm_cpu_inference_applies(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  const bool grad = at::GradMode::is_enabled() &&
-                    (x.requires_grad() || (w.defined() && w.requires_grad()) || (b.defined() && b.requires_grad()));
-  return !grad && !t_channels_last && x.dim() >= 2 && x.numel() > 0 && x.is_cpu() && x.layout() == at::kStrided &&
-         x.scalar_type() == at::kFloat && x.is_contiguous() && (!w.defined() || w.scalar_type() == at::kFloat) &&
-         (!b.defined() || b.scalar_type() == at::kFloat) && !autocast_active(c10::Device(c10::kCPU));
+  return !autograd_records(x, w, b) && !t_channels_last && x.dim() >= 2 && x.numel() > 0 && x.is_cpu() &&
+         x.layout() == at::kStrided && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+         (!w.defined() || w.scalar_type() == at::kFloat) && (!b.defined() || b.scalar_type() == at::kFloat) &&
+         !autocast_active(c10::Device(c10::kCPU));
 }
 
 at::Tensor group_norm_cpu_inference(const at::Tensor& x, int64_t groups, const at::Tensor& w, const at::Tensor& b,

@@ -36,6 +36,8 @@ at::Tensor conv3x3(torch::nn::Conv2d conv, const at::Tensor& x);
 // the CPU, at least 16 input and 16 output channels. Differentiable: an autograd function when autograd records.
 bool f43_applies(const at::Tensor& x, const at::Tensor& w);
 at::Tensor conv3x3_f43(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
+// Whether autograd records an op on x, w and b (any may be undefined): grad mode on and one of them requiring grad.
+bool autograd_records(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 // 3x3 convolutions (stride 1, padding 1) with one input or one output channel (the U-Net's first and last), CPU
 // float32 (src/nn/conv3x3_thin.cpp): direct loops, vectorized over columns; through autograd when it records.
 bool thin_conv3x3_applies(const at::Tensor& x, const at::Tensor& w);

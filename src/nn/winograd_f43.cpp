@@ -473,8 +473,7 @@ bool f43_applies(const at::Tensor& x, const at::Tensor& w) {
 }
 
 at::Tensor conv3x3_f43(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  const bool record = at::GradMode::is_enabled() &&
-                      (x.requires_grad() || w.requires_grad() || (b.defined() && b.requires_grad()));
+  const bool record = autograd_records(x, w, b);
   // LibTorch 1.x's autograd functions take no undefined tensor: a missing bias is a zero one (its gradient unused).
   if (record) return F43Conv3x3::apply(x, w, b.defined() ? b : at::zeros({w.size(0)}, w.options().requires_grad(false)));
   at::NoGradGuard no_grad;
