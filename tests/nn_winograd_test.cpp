@@ -1,6 +1,6 @@
 // The project's own CPU kernels against LibTorch in float64: the Winograd F(4x4, 3x3) convolution
 // (src/nn/winograd_f43.cpp), 1x1 convolutions by sgemm, 3x3 convolutions with one input or output channel, GroupNorm
-// + SiLU of inference; and the OpenMP build that lets them use LibTorch's threads.
+// + SiLU with its gradients; and the OpenMP build that lets them use LibTorch's threads.
 #include <gtest/gtest.h>
 
 #include <ATen/Parallel.h>
@@ -31,8 +31,10 @@ std::vector<at::Tensor> forward_backward(const at::Tensor& x0, const at::Tensor&
                                          const at::Tensor& r, at::ScalarType type, int threads, Conv conv) {
   const int before = at::get_num_threads();
   at::set_num_threads(threads);
-  const at::Tensor x = x0.to(type).requires_grad_(true), w = w0.to(type).requires_grad_(true);
-  const at::Tensor b = b0.defined() ? b0.to(type).requires_grad_(true) : at::Tensor();
+  // Copies: x0.to(x0's own type) would be x0, and requires_grad_ would change the caller's tensor.
+  auto leaf = [type](const at::Tensor& t) { return t.to(type, false, /*copy=*/true).requires_grad_(true); };
+  const at::Tensor x = leaf(x0), w = leaf(w0);
+  const at::Tensor b = b0.defined() ? leaf(b0) : at::Tensor();
   const at::Tensor y = conv(x, w, b);
   (y * r.to(type)).sum().backward();
   at::set_num_threads(before);
@@ -273,6 +275,47 @@ TEST(CpuGroupNorm, InferenceIsGroupNormAndSilu) {
                 e_norm, e_silu);
     EXPECT_LT(e_norm, 1e-6);
     EXPECT_LT(e_silu, 1e-6);
+  }
+}
+
+// Training: the autograd function over the project's kernels (forward keeps x and the blocks' statistics, backward
+// recomputes the SiLU's pre-activation) against LibTorch's GroupNorm (+ SiLU) in float64: the output, x's, the scale's
+// and the shift's gradients, with means far from zero and a one-pixel plane; the parameters' gradients add the images in
+// order, so they have the same bits on 1, 2 and 3 threads.
+TEST(CpuGroupNorm, TrainingGradientsAreGroupNormAndSilus) {
+  at::manual_seed(9);
+  struct Shape {
+    int64_t n, c, h, w, groups;
+  };
+  for (const Shape& s : {Shape{3, 64, 28, 28, 32}, Shape{2, 128, 7, 7, 32}, Shape{2, 12, 5, 3, 4}, Shape{5, 8, 1, 1, 2}}) {
+    const at::Tensor x0 = at::randn({s.n, s.c, s.h, s.w}) * 3 + 20, w0 = at::randn({s.c}), b0 = at::randn({s.c});
+    const at::Tensor r = at::randn({s.n, s.c, s.h, s.w});
+    for (const bool silu : {false, true}) {
+      auto run = [&](at::ScalarType type, int threads) {
+        torch::nn::GroupNorm norm(torch::nn::GroupNormOptions(s.groups, s.c).eps(1e-5));
+        return forward_backward(x0, w0, b0, r, type, threads,
+                                [&](const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+                                  norm->weight = w;
+                                  norm->bias = b;
+                                  return silu ? diffuse::nn_detail::group_norm_silu(norm, x)
+                                              : diffuse::nn_detail::group_norm(norm, x);
+                                });
+      };
+      const auto ref = run(at::kDouble, at::get_num_threads());
+      const auto got = run(at::kFloat, 2);
+      const char* names[] = {"output", "input grad", "weight grad", "bias grad"};
+      for (size_t i = 0; i < ref.size(); ++i) {
+        ASSERT_TRUE(got[i].defined()) << names[i];
+        const double err = rel_l2(got[i], ref[i]);
+        std::printf("%ldx%ldx%ldx%ld, %ld groups%s: %s rel L2 %.3g\n", s.n, s.c, s.h, s.w, s.groups,
+                    silu ? " + SiLU" : "", names[i], err);
+        EXPECT_LT(err, 2e-6) << names[i];
+      }
+      for (const int threads : {1, 3}) {
+        const auto other = run(at::kFloat, threads);
+        for (size_t i = 0; i < got.size(); ++i) EXPECT_TRUE(at::equal(other[i], got[i])) << names[i] << ", " << threads << " threads";
+      }
+    }
   }
 }
 

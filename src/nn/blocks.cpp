@@ -285,39 +285,109 @@ at::Tensor group_norm_nhwc(const at::Tensor& x, int64_t groups, const at::Tensor
 }
 
 namespace {
-// CPU float32 channel-major inference: the project's GroupNorm (+ SiLU) kernel, one pass over memory per (image,
-// group) block (its moments and output computed while the block is in cache) instead of LibTorch's GroupNorm
-// (statistics, then the affine pass) and a SiLU pass.
-bool group_norm_cpu_inference_applies(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  return !autograd_records(x, w, b) && !t_channels_last && x.dim() >= 2 && x.numel() > 0 && x.is_cpu() &&
-         x.layout() == at::kStrided && x.scalar_type() == at::kFloat && x.is_contiguous() &&
-         (!w.defined() || w.scalar_type() == at::kFloat) && (!b.defined() || b.scalar_type() == at::kFloat) &&
-         !autocast_active(c10::Device(c10::kCPU));
+// CPU float32 channel-major GroupNorm (+ SiLU) by the project's kernels (nn/group_norm_cpu.h), one (image, group) block
+// at a time: its moments and output computed while the block is in cache, instead of LibTorch's GroupNorm (statistics,
+// then the affine pass) and a SiLU pass. In training an autograd function keeps x and the blocks' statistics (LibTorch
+// kept x and, for SiLU, the normalization's output too) and computes the gradients block by block in two passes.
+bool group_norm_cpu_applies(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  return !t_channels_last && x.dim() >= 2 && x.numel() > 0 && x.is_cpu() && x.layout() == at::kStrided &&
+         x.scalar_type() == at::kFloat && x.is_contiguous() && (!w.defined() || w.scalar_type() == at::kFloat) &&
+         (!b.defined() || b.scalar_type() == at::kFloat) && !autocast_active(c10::Device(c10::kCPU));
 }
 
-at::Tensor group_norm_cpu_inference(const at::Tensor& x, int64_t groups, const at::Tensor& w, const at::Tensor& b,
-                                    double eps, bool silu) {
-  const int64_t n = x.size(0), c = x.size(1), hw = x.numel() / (n * c);
+struct CpuGroups {
+  int64_t n, c, hw, groups, cg;
+};
+
+CpuGroups cpu_groups(const at::Tensor& x, int64_t groups) {
+  const int64_t n = x.size(0), c = x.size(1);
   if (groups <= 0 || c % groups != 0) {
     throw input_error("GroupNorm: " + std::to_string(c) + " channels do not split into " + std::to_string(groups) +
                       " groups");
   }
-  const int64_t cg = c / groups;
-  const at::Tensor wc = w.defined() ? w.contiguous() : at::ones({c}, x.options());
-  const at::Tensor bc = b.defined() ? b.contiguous() : at::zeros({c}, x.options());
+  return {n, c, x.numel() / (n * c), groups, c / groups};
+}
+
+// y from contiguous float32 x, w, b; with `stats` ([N * groups, 2] float32) the blocks' mean and rstd.
+at::Tensor group_norm_cpu_forward(const at::Tensor& x, const CpuGroups& g, const at::Tensor& w, const at::Tensor& b,
+                                  double eps, bool silu, float* stats) {
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
   const float* px = x.data_ptr<float>();
-  const float* pw = wc.data_ptr<float>();
-  const float* pb = bc.data_ptr<float>();
+  const float* pw = w.data_ptr<float>();
+  const float* pb = b.data_ptr<float>();
   float* py = y.data_ptr<float>();
   const float e = static_cast<float>(eps);
-  at::parallel_for(0, n * groups, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.n * g.groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t c0 = (blk % groups) * cg, offset = blk * cg * hw;
-      group_norm_block(px + offset, py + offset, cg, hw, pw + c0, pb + c0, e, silu);
+      const int64_t c0 = (blk % g.groups) * g.cg, offset = blk * g.cg * g.hw;
+      group_norm_block(px + offset, py + offset, g.cg, g.hw, pw + c0, pb + c0, e, silu,
+                       stats ? stats + 2 * blk : nullptr);
     }
   });
   return y;
+}
+
+// Autograd over group_norm_cpu_forward; weight and bias defined (LibTorch 1.x's custom functions take no undefined
+// inputs). The parameters' gradients add the images' per-channel sums in order: the same bits on any thread count.
+struct GroupNormCpuFn : public torch::autograd::Function<GroupNormCpuFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w,
+                            const at::Tensor& b, int64_t groups, double eps, bool silu) {
+    const CpuGroups g = cpu_groups(x, groups);
+    at::Tensor stats = at::empty({g.n * g.groups, 2}, x.options());
+    at::Tensor y = group_norm_cpu_forward(x, g, w, b, eps, silu, stats.data_ptr<float>());
+    ctx->save_for_backward({x, w, b, stats});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["silu"] = silu;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &b = saved[2], &stats = saved[3];
+    const CpuGroups g = cpu_groups(x, ctx->saved_data["groups"].toInt());
+    const bool silu = ctx->saved_data["silu"].toBool();
+    const at::Tensor gy = grads[0].contiguous();
+    at::Tensor gx = at::empty_like(x);
+    at::Tensor sums = at::empty({2, g.n, g.c}, x.options());  // per image and channel: dw's, then db's terms
+    const float *px = x.data_ptr<float>(), *pg = gy.data_ptr<float>(), *pw = w.data_ptr<float>(),
+                *pb = b.data_ptr<float>(), *ps = stats.data_ptr<float>();
+    float *pgx = gx.data_ptr<float>(), *pdw = sums.data_ptr<float>(), *pdb = pdw + g.n * g.c;
+    at::parallel_for(0, g.n * g.groups, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(static_cast<size_t>(g.cg * g.hw));
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t c0 = (blk % g.groups) * g.cg, offset = blk * g.cg * g.hw;
+        const int64_t at_nc = (blk / g.groups) * g.c + c0;
+        group_norm_block_backward(px + offset, pg + offset, pgx + offset, g.cg, g.hw, pw + c0, pb + c0, ps + 2 * blk,
+                                  silu, scratch.data(), pdw + at_nc, pdb + at_nc);
+      }
+    });
+    at::Tensor gw, gb;
+    if (ctx->needs_input_grad(1)) gw = sum_images_in_order(sums[0]);
+    if (ctx->needs_input_grad(2)) gb = sum_images_in_order(sums[1]);
+    return {ctx->needs_input_grad(0) ? gx : at::Tensor(), gw, gb, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+
+  // [N, C] float32 contiguous -> [C], adding image 0, 1, ... in turn.
+  static at::Tensor sum_images_in_order(const at::Tensor& t) {
+    at::Tensor out = t[0].clone();
+    float* po = out.data_ptr<float>();
+    const float* pt = t.data_ptr<float>();
+    const int64_t n = t.size(0), c = t.size(1);
+    for (int64_t i = 1; i < n; ++i) {
+      for (int64_t k = 0; k < c; ++k) po[k] += pt[i * c + k];
+    }
+    return out;
+  }
+};
+
+at::Tensor group_norm_cpu(const at::Tensor& x, int64_t groups, const at::Tensor& w, const at::Tensor& b, double eps,
+                          bool silu) {
+  const int64_t c = x.size(1);
+  const at::Tensor wc = w.defined() ? w.contiguous() : at::ones({c}, x.options());
+  const at::Tensor bc = b.defined() ? b.contiguous() : at::zeros({c}, x.options());
+  if (autograd_records(x, w, b)) return GroupNormCpuFn::apply(x, wc, bc, groups, eps, silu);
+  return group_norm_cpu_forward(x, cpu_groups(x, groups), wc, bc, eps, silu, nullptr);
 }
 
 // Whether this normalization goes through fused_group_norm (set_fused_norm; CUDA, or the CPU in tests).
@@ -340,9 +410,7 @@ at::Tensor norm_impl(nn::GroupNorm& norm, const at::Tensor& x, bool silu) {
                            on_reduced || !w.defined() ? x.scalar_type() : w.scalar_type(), silu);
   }
   if (fused_norm_here(x)) return fused_group_norm(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
-  if (group_norm_cpu_inference_applies(x, w, b)) {
-    return group_norm_cpu_inference(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
-  }
+  if (group_norm_cpu_applies(x, w, b)) return group_norm_cpu(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
   at::Tensor y;
   if (on_reduced) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());

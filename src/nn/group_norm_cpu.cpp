@@ -34,7 +34,7 @@ float exp_vectorizable(float x) { return exp_inline(x); }
 
 DIFFUSE_CPU_CLONES void group_norm_block(const float* __restrict__ x, float* __restrict__ y, int64_t cg, int64_t hw,
                                          const float* __restrict__ w, const float* __restrict__ b, float eps,
-                                         bool silu) {
+                                         bool silu, float* stats) {
   const int64_t d = cg * hw;
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -50,10 +50,15 @@ DIFFUSE_CPU_CLONES void group_norm_block(const float* __restrict__ x, float* __r
   const float shift = s1 / static_cast<float>(d);
   const float var = s2 / static_cast<float>(d) - shift * shift;
   const float rstd = 1.0f / std::sqrt((var > 0.0f ? var : 0.0f) + eps);
+  const float mean = m0 + shift;
+  if (stats) {
+    stats[0] = mean;
+    stats[1] = rstd;
+  }
   for (int64_t k = 0; k < cg; ++k) {
-    // ((x - m0) - shift) rstd w + b = x a + c per channel.
+    // ((x - m0) - shift) rstd w + b = x a + c per channel (group_norm_block_backward recomputes it so).
     const float a = rstd * w[k];
-    const float c = b[k] - (m0 + shift) * a;
+    const float c = b[k] - mean * a;
     const float* xr = x + k * hw;
     float* yr = y + k * hw;
     if (silu) {
@@ -66,6 +71,61 @@ DIFFUSE_CPU_CLONES void group_norm_block(const float* __restrict__ x, float* __r
 #pragma omp simd
       for (int64_t p = 0; p < hw; ++p) yr[p] = xr[p] * a + c;
     }
+  }
+}
+
+DIFFUSE_CPU_CLONES void group_norm_block_backward(const float* __restrict__ x, const float* __restrict__ dy,
+                                                  float* __restrict__ dx, int64_t cg, int64_t hw,
+                                                  const float* __restrict__ w, const float* __restrict__ b,
+                                                  const float* stats, bool silu, float* __restrict__ scratch,
+                                                  float* __restrict__ dw, float* __restrict__ db) {
+  const float mean = stats[0], rstd = stats[1];
+  // Pass 1: dv (through SiLU at v = x a + c, as forward computed v) into scratch, and per channel the sums of dv and of
+  // dv (x - mean), which give the parameters' gradients and the group's two sums A = sum w dv, B = sum w dv (x - mean).
+  float sum_a = 0.0f, sum_b = 0.0f;
+  for (int64_t k = 0; k < cg; ++k) {
+    const float* xr = x + k * hw;
+    const float* gr = dy + k * hw;
+    float* dvr = scratch + k * hw;
+    float s_dv = 0.0f, s_dvx = 0.0f;
+    if (silu) {
+      const float a = rstd * w[k];
+      const float c = b[k] - mean * a;
+#pragma omp simd reduction(+ : s_dv, s_dvx)
+      for (int64_t p = 0; p < hw; ++p) {
+        const float v = xr[p] * a + c;
+        const float sig = 1.0f / (1.0f + exp_inline(-v));
+        const float d = gr[p] * (sig * (1.0f + v * (1.0f - sig)));
+        dvr[p] = d;
+        s_dv += d;
+        s_dvx += d * (xr[p] - mean);
+      }
+    } else {
+#pragma omp simd reduction(+ : s_dv, s_dvx)
+      for (int64_t p = 0; p < hw; ++p) {
+        const float d = gr[p];
+        dvr[p] = d;
+        s_dv += d;
+        s_dvx += d * (xr[p] - mean);
+      }
+    }
+    db[k] = s_dv;
+    dw[k] = s_dvx * rstd;
+    sum_a += w[k] * s_dv;
+    sum_b += w[k] * s_dvx;
+  }
+  // Pass 2: with xhat = (x - mean) rstd and D elements in the group,
+  // dx = rstd (w dv - A / D - xhat rstd B / D) = dv (rstd w) + (x - mean) q + r.
+  const float inv_d = 1.0f / static_cast<float>(cg * hw);
+  const float q = -rstd * rstd * rstd * sum_b * inv_d;
+  const float r = -rstd * sum_a * inv_d;
+  for (int64_t k = 0; k < cg; ++k) {
+    const float a = rstd * w[k];
+    const float* xr = x + k * hw;
+    const float* dvr = scratch + k * hw;
+    float* dxr = dx + k * hw;
+#pragma omp simd
+    for (int64_t p = 0; p < hw; ++p) dxr[p] = dvr[p] * a + (xr[p] - mean) * q + r;
   }
 }
 
