@@ -52,8 +52,8 @@ int main(int argc, char** argv) {
   diffuse::keep_freed_memory_in_heap();  // activations stay in the heap instead of being page-faulted in anew
   // A write past `ulimit -f` fails with EFBIG and a one-line error instead of killing the process.
   std::signal(SIGXFSZ, SIG_IGN);
-  // CPU float32 3x3 convolutions through Winograd kernels (see diffuse::set_cpu_winograd): oneDNN 2's where this
-  // build and CPU have them, else the project's own; training, sampling, evaluation and editing on a CPU.
+  // CPU float32 3x3 convolutions through Winograd kernels (see diffuse::set_cpu_winograd): the project's own, oneDNN
+  // 2's for shapes they do not take where this build and CPU have them; training, sampling, evaluation and editing.
   // DIFFUSE_CPU_WINOGRAD=0 keeps LibTorch's direct convolution (the arithmetic of diffusers to ~1e-6, for
   // comparisons); =own or =onednn takes only that set of kernels.
   const std::string winograd = std::getenv("DIFFUSE_CPU_WINOGRAD") ? std::getenv("DIFFUSE_CPU_WINOGRAD") : "";

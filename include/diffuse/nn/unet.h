@@ -110,10 +110,10 @@ void save_diffusers_unet(UNet2DModelImpl& net, const std::string& dir);
 //   in an autograd function, the fmnist training step ~1.13x faster, gradients within ~1e-6 relative L2. They
 //   need oneDNN 2's headers at build time (Debian 12: libdnnl-dev; cpu_winograd_built()) and AVX-512.
 // - the project's own (src/nn/winograd_f43.cpp), on any CPU and LibTorch (oneDNN 3.x, in every LibTorch 2.x, has
-//   no Winograd kernels): inference, and in training the forward and input-gradient convolutions (the filters'
-//   gradient stays LibTorch's). Relative error ~2e-6.
-// kAuto takes oneDNN's where this build and CPU have them for the shape, else the own ones. cpu_winograd_calls
-// counts the convolutions either computed.
+//   no Winograd kernels): inference, and in training the forward, input-gradient and filters' gradient
+//   convolutions. Relative error ~2e-6; the filters' gradient has the same bits on any thread count.
+// kAuto takes the own ones where they apply (16 or more channels on both sides), else oneDNN's where this build and
+// CPU have them for the shape. cpu_winograd_calls counts the convolutions either computed.
 enum class CpuWinogradKernel { kAuto, kOneDnn, kOwn };
 void set_cpu_winograd(bool on);
 bool cpu_winograd();
