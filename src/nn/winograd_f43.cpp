@@ -35,6 +35,56 @@ namespace {
 constexpr int64_t kTargetTiles = 128;  // rows of each block's products
 constexpr int64_t kChunk = 64;         // channels per pass of a transform (its temporaries stay in L1)
 
+// 8x8 transposes in registers (GCC/clang vector extensions: AVX2 or AVX-512 shuffles in the clones), for the
+// NCHW <-> [column][channel] reorders around the transforms. Three butterfly stages: the one for distance d swaps
+// element (i, j) with (i ^ d, j ^ d) where bit d of i and of j differ; after d = 1, 2, 4 element (i, j) is at (j, i).
+typedef float F8 __attribute__((vector_size(32)));
+#if defined(__clang__)
+#define DIFFUSE_SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) \
+  __builtin_shufflevector(a, b, i0, i1, i2, i3, i4, i5, i6, i7)
+#else
+typedef int I8 __attribute__((vector_size(32)));
+#define DIFFUSE_SHUFFLE8(a, b, i0, i1, i2, i3, i4, i5, i6, i7) \
+  __builtin_shuffle(a, b, I8{i0, i1, i2, i3, i4, i5, i6, i7})
+#endif
+
+// dst row k (8 floats at dst + k ds) = column k of the 8 rows of 8 floats at src + r ss.
+__attribute__((always_inline)) inline void transpose8x8(const float* __restrict__ src, int64_t ss, float* __restrict__ dst, int64_t ds) {
+  F8 r[8];
+  for (int k = 0; k < 8; ++k) __builtin_memcpy(&r[k], src + k * ss, sizeof(F8));
+  for (int i = 0; i < 8; i += 2) {  // d = 1
+    const F8 a = r[i], b = r[i + 1];
+    r[i] = DIFFUSE_SHUFFLE8(a, b, 0, 8, 2, 10, 4, 12, 6, 14);
+    r[i + 1] = DIFFUSE_SHUFFLE8(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int i : {0, 1, 4, 5}) {  // d = 2
+    const F8 a = r[i], b = r[i + 2];
+    r[i] = DIFFUSE_SHUFFLE8(a, b, 0, 1, 8, 9, 4, 5, 12, 13);
+    r[i + 2] = DIFFUSE_SHUFFLE8(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int i = 0; i < 4; ++i) {  // d = 4
+    const F8 a = r[i], b = r[i + 4];
+    r[i] = DIFFUSE_SHUFFLE8(a, b, 0, 1, 2, 3, 8, 9, 10, 11);
+    r[i + 4] = DIFFUSE_SHUFFLE8(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  for (int k = 0; k < 8; ++k) __builtin_memcpy(dst + k * ds, &r[k], sizeof(F8));
+}
+
+// dst[col * ds + row] = src[row * ss + col] for rows x cols: 8x8 blocks in registers, the edges element by element.
+// Both always inlined: a call would reach the baseline copy from the callers' AVX-512 and AVX2 clones.
+__attribute__((always_inline)) inline void transpose_block(const float* __restrict__ src, int64_t ss, int64_t rows, int64_t cols,
+                            float* __restrict__ dst, int64_t ds) {
+  int64_t r0 = 0;
+  for (; r0 + 8 <= rows; r0 += 8) {
+    int64_t c0 = 0;
+    for (; c0 + 8 <= cols; c0 += 8) transpose8x8(src + r0 * ss + c0, ss, dst + c0 * ds + r0, ds);
+    for (; c0 < cols; ++c0)
+      for (int64_t r = r0; r < r0 + 8; ++r) dst[c0 * ds + r] = src[r * ss + c0];
+  }
+  for (; r0 < rows; ++r0)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ds + r0] = src[r0 * ss + c];
+}
+
 // One tile row's input: rows row0 .. row0 + 5 of a C x H x W image (zero outside it) into p[i][col][c], col = 0 ..
 // wp - 1 standing for image columns -1 .. wp - 2.
 DIFFUSE_CPU_CLONES void pack_tile_row(const float* __restrict__ img, int64_t c_in, int64_t h_in, int64_t w_in,
@@ -48,14 +98,7 @@ DIFFUSE_CPU_CLONES void pack_tile_row(const float* __restrict__ img, int64_t c_i
     }
     std::fill(row, row + c_in, 0.0f);
     std::fill(row + (w_in + 1) * c_in, row + wp * c_in, 0.0f);
-    // 16 channels at a time: each column's 16 values are one cache line of the output.
-    for (int64_t c0 = 0; c0 < c_in; c0 += 16) {
-      const int64_t cn = std::min<int64_t>(16, c_in - c0);
-      const float* src = img + c0 * h_in * w_in + h * w_in;
-      float* dst = row + c_in + c0;
-      for (int64_t w = 0; w < w_in; ++w)
-        for (int64_t c = 0; c < cn; ++c) dst[w * c_in + c] = src[c * h_in * w_in + w];
-    }
+    transpose_block(img + h * w_in, h_in * w_in, c_in, w_in, row + c_in, c_in);
   }
 }
 
@@ -141,17 +184,13 @@ DIFFUSE_CPU_CLONES void output_transform_row(const float* __restrict__ m, int64_
   }
 }
 
-// rows x w_out of q[a][col][k] (row length q_cols) into the NCHW image y (its row `row0`), 16 columns at a time.
+// rows x w_out of q[a][col][k] (row length q_cols) into the NCHW image y (its row `row0`).
 DIFFUSE_CPU_CLONES void unpack_rows(const float* __restrict__ q, int64_t k_out, int64_t q_cols, int64_t rows,
                                     int64_t h_out, int64_t w_out, int64_t row0, float* __restrict__ y) {
   for (int64_t a = 0; a < rows; ++a) {
     const float* qa = q + a * q_cols * k_out;
     float* ya = y + (row0 + a) * w_out;
-    for (int64_t w0 = 0; w0 < w_out; w0 += 16) {
-      const int64_t wn = std::min<int64_t>(16, w_out - w0);
-      for (int64_t k = 0; k < k_out; ++k)
-        for (int64_t w = 0; w < wn; ++w) ya[k * h_out * w_out + w0 + w] = qa[(w0 + w) * k_out + k];
-    }
+    transpose_block(qa, k_out, w_out, k_out, ya, h_out * w_out);
   }
 }
 
@@ -240,13 +279,7 @@ DIFFUSE_CPU_CLONES void pack_grad_rows(const float* __restrict__ gy, int64_t k_o
       continue;
     }
     std::fill(qa + w_out * k_out, qa + cols * k_out, 0.0f);
-    for (int64_t k0 = 0; k0 < k_out; k0 += 16) {
-      const int64_t kn = std::min<int64_t>(16, k_out - k0);
-      const float* src = gy + k0 * h_out * w_out + h * w_out;
-      float* dst = qa + k0;
-      for (int64_t w = 0; w < w_out; ++w)
-        for (int64_t k = 0; k < kn; ++k) dst[w * k_out + k] = src[k * h_out * w_out + w];
-    }
+    transpose_block(gy + h * w_out, h_out * w_out, k_out, w_out, qa, k_out);
   }
 }
 
