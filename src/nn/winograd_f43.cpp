@@ -85,11 +85,11 @@ __attribute__((always_inline)) inline void transpose_block(const float* __restri
     for (int64_t c = 0; c < cols; ++c) dst[c * ds + r0] = src[r0 * ss + c];
 }
 
-// One tile row's input: rows row0 .. row0 + 5 of a C x H x W image (zero outside it) into p[i][col][c], col = 0 ..
-// wp - 1 standing for image columns -1 .. wp - 2.
-DIFFUSE_CPU_CLONES void pack_tile_row(const float* __restrict__ img, int64_t c_in, int64_t h_in, int64_t w_in,
-                                      int64_t row0, int64_t wp, float* __restrict__ p) {
-  for (int64_t i = 0; i < 6; ++i) {
+// Rows row0 .. row0 + rows - 1 of a C x H x W image (zero outside it) into p[i][col][c], col = 0 .. wp - 1 standing
+// for image columns -1 .. wp - 2.
+DIFFUSE_CPU_CLONES void pack_rows(const float* __restrict__ img, int64_t c_in, int64_t h_in, int64_t w_in,
+                                  int64_t row0, int64_t rows, int64_t wp, float* __restrict__ p) {
+  for (int64_t i = 0; i < rows; ++i) {
     float* row = p + i * wp * c_in;
     const int64_t h = row0 + i;
     if (h < 0 || h >= h_in) {
@@ -100,6 +100,22 @@ DIFFUSE_CPU_CLONES void pack_tile_row(const float* __restrict__ img, int64_t c_i
     std::fill(row + (w_in + 1) * c_in, row + wp * c_in, 0.0f);
     transpose_block(img + h * w_in, h_in * w_in, c_in, w_in, row + c_in, c_in);
   }
+}
+
+// Packs the input rows of tile row r (of the tile rows first .. r of a batch's images, th per image) into p, a
+// buffer of consecutive packed rows, and returns where they start: tile rows of one image share two rows, so
+// after its first only the four new rows are packed. Tile row r of image r / th reads its rows 4 (r % th) - 1 ..
+// 4 (r % th) + 4, held in p from row 4 (r - s) on, s being the image's first tile row at or after `first`.
+float* pack_tile_row(const float* img, int64_t c_in, int64_t h, int64_t w, int64_t th, int64_t wp, int64_t first,
+                     int64_t r, float* p) {
+  const int64_t row = r % th, s = std::max(first, r - row);
+  const int64_t rs = wp * c_in;
+  if (r == s) {
+    pack_rows(img, c_in, h, w, 4 * row - 1, 6, wp, p);
+  } else {
+    pack_rows(img, c_in, h, w, 4 * row + 1, 4, wp, p + (4 * (r - s) + 2) * rs);
+  }
+  return p + 4 * (r - s) * rs;
 }
 
 // V[xi][t0 + j][c] = (B^T d B)[xi] for the tw tiles of one packed tile row (d: 6 rows of p starting at column 4j);
@@ -237,7 +253,7 @@ at::Tensor f43_forward(const at::Tensor& x, const at::Tensor& u, const at::Tenso
   at::parallel_for(0, blocks, 1, [&](int64_t b_begin, int64_t b_end) {
     const SingleThreadedGemm gemm;
     thread_local Workspace workspace;
-    const int64_t p_size = per_block * 6 * wp * c_in, v_size = 36 * tiles * c_in, m_size = 36 * tiles * k_out;
+    const int64_t p_size = (4 * per_block + 2) * wp * c_in, v_size = 36 * tiles * c_in, m_size = 36 * tiles * k_out;
     float* const base = workspace.get(p_size + v_size + m_size + 4 * 4 * tw * k_out);
     float* const p = base;
     float* const v = p + p_size;
@@ -246,9 +262,7 @@ at::Tensor f43_forward(const at::Tensor& x, const at::Tensor& u, const at::Tenso
     for (int64_t blk = b_begin; blk < b_end; ++blk) {
       const int64_t r_begin = blk * per_block, r_end = std::min(tile_rows, r_begin + per_block);
       for (int64_t r = r_begin; r < r_end; ++r) {
-        const int64_t img = r / th, row = r % th;
-        float* pr = p + (r - r_begin) * 6 * wp * c_in;
-        pack_tile_row(px + img * c_in * h * w, c_in, h, w, 4 * row - 1, wp, pr);
+        const float* pr = pack_tile_row(px + (r / th) * c_in * h * w, c_in, h, w, th, wp, r_begin, r, p);
         input_transform_row(pr, wp, c_in, tw, v + (r - r_begin) * tw * c_in, tiles * c_in);
       }
       const int64_t rows_tiles = (r_end - r_begin) * tw;
@@ -350,12 +364,13 @@ at::Tensor f43_filter_transform_grad(const at::Tensor& x, const at::Tensor& gy) 
     const int64_t r1 = std::min(tile_rows, r0 + rows_per_pass);
     at::parallel_for(r0, r1, 1, [&](int64_t r_begin, int64_t r_end) {
       thread_local Workspace workspace;
-      float* const p = workspace.get(6 * wp * c_in + 4 * 4 * tw * k_out);
-      float* const q = p + 6 * wp * c_in;
+      const int64_t p_size = (4 * (r_end - r_begin) + 2) * wp * c_in;
+      float* const p = workspace.get(p_size + 4 * 4 * tw * k_out);
+      float* const q = p + p_size;
       for (int64_t r = r_begin; r < r_end; ++r) {
         const int64_t img = r / th, row = r % th;
-        pack_tile_row(px + img * c_in * h * w, c_in, h, w, 4 * row - 1, wp, p);
-        input_transform_row(p, wp, c_in, tw, pv + (r - r0) * tw * c_in, pass_tiles * c_in);
+        const float* pr = pack_tile_row(px + img * c_in * h * w, c_in, h, w, th, wp, r_begin, r, p);
+        input_transform_row(pr, wp, c_in, tw, pv + (r - r0) * tw * c_in, pass_tiles * c_in);
         pack_grad_rows(pgy + img * k_out * h * w, k_out, h, w, 4 * row, 4 * tw, q);
         grad_transform_row(q, k_out, tw, pdm + (r - r0) * tw * k_out, pass_tiles * k_out);
       }
