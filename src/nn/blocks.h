@@ -39,7 +39,8 @@ at::Tensor conv3x3_f43(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // Whether autograd records an op on x, w and b (any may be undefined): grad mode on and one of them requiring grad.
 bool autograd_records(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 // 3x3 convolutions (stride 1, padding 1) with one input or one output channel (the U-Net's first and last), CPU
-// float32 (src/nn/conv3x3_thin.cpp): direct loops, vectorized over columns; through autograd when it records.
+// float32 (src/nn/conv3x3_thin.cpp): direct loops, vectorized over columns; through autograd when it records. The
+// U-Net takes them for its last (conv3x3 in winograd.cpp); for the first oneDNN's convolution is faster.
 bool thin_conv3x3_applies(const at::Tensor& x, const at::Tensor& w);
 at::Tensor thin_conv3x3(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b);
 // The 3x3 convolutions' autograd functions' shared bookkeeping: forward saves the input, the filters and whether

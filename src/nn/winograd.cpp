@@ -416,7 +416,12 @@ at::Tensor conv3x3(torch::nn::Conv2d conv, const at::Tensor& x) {
       if (y.defined()) return y;
     }
   }
-  if (thin_conv3x3_applies(x, conv->weight)) return thin_conv3x3(x, conv->weight, conv->bias);
+  // The thin kernels for one output channel only (conv_out: 2.7x faster than oneDNN's in inference, 2.0x in training
+  // at batch 64). With one input channel (conv_in) oneDNN's direct convolution is faster (bench_cpu_kernels: 0.59 vs
+  // 1.12 ms in inference, 4.2 vs 4.3 ms in training).
+  if (conv->weight.size(0) == 1 && thin_conv3x3_applies(x, conv->weight)) {
+    return thin_conv3x3(x, conv->weight, conv->bias);
+  }
   return conv->forward(x);
 }
 
