@@ -80,7 +80,7 @@ DIFFUSE_CPU_CLONES void group_norm_block_backward(const float* __restrict__ x, c
                                                   const float* stats, bool silu, float* __restrict__ scratch,
                                                   float* __restrict__ dw, float* __restrict__ db) {
   const float mean = stats[0], rstd = stats[1];
-  // Pass 1: dv (through SiLU at v = x a + c, as forward computed v) into scratch, and per channel the sums of dv and of
+  // Pass 1: with SiLU dv (at v = x a + c, as forward computed v) into scratch; per channel the sums of dv and of
   // dv (x - mean), which give the parameters' gradients and the group's two sums A = sum w dv, B = sum w dv (x - mean).
   float sum_a = 0.0f, sum_b = 0.0f;
   for (int64_t k = 0; k < cg; ++k) {
@@ -103,10 +103,8 @@ DIFFUSE_CPU_CLONES void group_norm_block_backward(const float* __restrict__ x, c
     } else {
 #pragma omp simd reduction(+ : s_dv, s_dvx)
       for (int64_t p = 0; p < hw; ++p) {
-        const float d = gr[p];
-        dvr[p] = d;
-        s_dv += d;
-        s_dvx += d * (xr[p] - mean);
+        s_dv += gr[p];
+        s_dvx += gr[p] * (xr[p] - mean);
       }
     }
     db[k] = s_dv;
@@ -119,10 +117,11 @@ DIFFUSE_CPU_CLONES void group_norm_block_backward(const float* __restrict__ x, c
   const float inv_d = 1.0f / static_cast<float>(cg * hw);
   const float q = -rstd * rstd * rstd * sum_b * inv_d;
   const float r = -rstd * sum_a * inv_d;
+  const float* dv = silu ? scratch : dy;  // without SiLU dv is dy
   for (int64_t k = 0; k < cg; ++k) {
     const float a = rstd * w[k];
     const float* xr = x + k * hw;
-    const float* dvr = scratch + k * hw;
+    const float* dvr = dv + k * hw;
     float* dxr = dx + k * hw;
 #pragma omp simd
     for (int64_t p = 0; p < hw; ++p) dxr[p] = dvr[p] * a + (xr[p] - mean) * q + r;

@@ -17,7 +17,7 @@ void group_norm_block(const float* x, float* y, int64_t cg, int64_t hw, const fl
 // The gradients of one block of group_norm_block from its x, stats and the output's gradient dy: dx (for the whole
 // block) and, per channel k of the block, dw[k] = sum over its pixels of dv (x - mean) rstd and db[k] = sum of dv,
 // where dv is dy, or with `silu` dy times SiLU's derivative at the pre-activation recomputed as forward computed it.
-// scratch: cg * hw floats (dv, kept for the second pass over the block). dx must not overlap dy or x.
+// scratch: cg * hw floats (with SiLU dv, kept for the second pass over the block). dx must not overlap dy or x.
 void group_norm_block_backward(const float* x, const float* dy, float* dx, int64_t cg, int64_t hw, const float* w,
                                const float* b, const float* stats, bool silu, float* scratch, float* dw, float* db);
 
