@@ -65,7 +65,7 @@ DIFFUSE_CPU_CLONES void group_norm_block(const float* __restrict__ x, float* __r
 #pragma omp simd
       for (int64_t p = 0; p < hw; ++p) {
         const float v = xr[p] * a + c;
-        yr[p] = v / (1.0f + exp_inline(-v));
+        yr[p] = v * (1.0f / (1.0f + exp_inline(-v)));
       }
     } else {
 #pragma omp simd
