@@ -558,8 +558,8 @@ TEST(UNet, FusedNormIsTheSameFunctionInTraining) {
   const auto [y_fused16, g_fused16] = pass(true, diffuse::Precision::kBFloat16);
   // The float32 reference goes through the project's CPU GroupNorm kernels, the bf16 one (autocast) through LibTorch's.
   std::printf("fused norm vs the CPU GroupNorm kernels, float32: output rel L2 %.3g, gradients %.3g; bf16 vs float32: "
-              "fused %.3g / %.3g, LibTorch %.3g / %.3g\n", rel_l2(y_fused, y_ref), rel_l2(g_fused, g_ref), rel_l2(y_fused16, y_ref),
-              rel_l2(g_fused16, g_ref), rel_l2(y_ref16, y_ref), rel_l2(g_ref16, g_ref));
+              "fused %.3g / %.3g, LibTorch %.3g / %.3g\n", rel_l2(y_fused, y_ref), rel_l2(g_fused, g_ref),
+              rel_l2(y_fused16, y_ref), rel_l2(g_fused16, g_ref), rel_l2(y_ref16, y_ref), rel_l2(g_ref16, g_ref));
   EXPECT_GT(norms, 20);
   // Measured: 1.8e-7 and 5.0e-7 in float32; in bf16 2.5% and 0.7% further than LibTorch's path.
   EXPECT_LT(rel_l2(y_fused, y_ref), 2e-6);

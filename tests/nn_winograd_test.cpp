@@ -279,15 +279,16 @@ TEST(CpuGroupNorm, InferenceIsGroupNormAndSilu) {
 }
 
 // Training: the autograd function over the project's kernels (forward keeps x and the blocks' statistics, backward
-// recomputes the SiLU's pre-activation) against LibTorch's GroupNorm (+ SiLU) in float64: the output, x's, the scale's
-// and the shift's gradients, with means far from zero and a one-pixel plane; the parameters' gradients add the images in
-// order, so they have the same bits on 1, 2 and 3 threads.
+// recomputes the SiLU's pre-activation) against LibTorch's GroupNorm (+ SiLU) in float64: the output, x's, the
+// scale's and the shift's gradients, with means far from zero and a one-pixel plane; the parameters' gradients add
+// the images in order, so they have the same bits on 1, 2 and 3 threads.
 TEST(CpuGroupNorm, TrainingGradientsAreGroupNormAndSilus) {
   at::manual_seed(9);
   struct Shape {
     int64_t n, c, h, w, groups;
   };
-  for (const Shape& s : {Shape{3, 64, 28, 28, 32}, Shape{2, 128, 7, 7, 32}, Shape{2, 12, 5, 3, 4}, Shape{5, 8, 1, 1, 2}}) {
+  for (const Shape& s :
+       {Shape{3, 64, 28, 28, 32}, Shape{2, 128, 7, 7, 32}, Shape{2, 12, 5, 3, 4}, Shape{5, 8, 1, 1, 2}}) {
     const at::Tensor x0 = at::randn({s.n, s.c, s.h, s.w}) * 3 + 20, w0 = at::randn({s.c}), b0 = at::randn({s.c});
     const at::Tensor r = at::randn({s.n, s.c, s.h, s.w});
     for (const bool silu : {false, true}) {

@@ -290,9 +290,12 @@ namespace {
 // then the affine pass) and a SiLU pass. In training an autograd function keeps x and the blocks' statistics (LibTorch
 // kept x and, for SiLU, the normalization's output too) and computes the gradients block by block in two passes.
 bool group_norm_cpu_applies(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  auto per_channel = [&x](const at::Tensor& t) {
+    return !t.defined() || (t.scalar_type() == at::kFloat && t.numel() == x.size(1));
+  };
   return !t_channels_last && x.dim() >= 2 && x.numel() > 0 && x.is_cpu() && x.layout() == at::kStrided &&
-         x.scalar_type() == at::kFloat && x.is_contiguous() && (!w.defined() || w.scalar_type() == at::kFloat) &&
-         (!b.defined() || b.scalar_type() == at::kFloat) && !autocast_active(c10::Device(c10::kCPU));
+         x.scalar_type() == at::kFloat && x.is_contiguous() && per_channel(w) && per_channel(b) &&
+         !autocast_active(c10::Device(c10::kCPU));
 }
 
 struct CpuGroups {
@@ -410,7 +413,9 @@ at::Tensor norm_impl(nn::GroupNorm& norm, const at::Tensor& x, bool silu) {
                            on_reduced || !w.defined() ? x.scalar_type() : w.scalar_type(), silu);
   }
   if (fused_norm_here(x)) return fused_group_norm(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
-  if (group_norm_cpu_applies(x, w, b)) return group_norm_cpu(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
+  if (group_norm_cpu_applies(x, w, b)) {
+    return group_norm_cpu(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
+  }
   at::Tensor y;
   if (on_reduced) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());

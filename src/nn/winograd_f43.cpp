@@ -1,18 +1,20 @@
 // 3x3 convolutions (stride 1, padding 1) on the CPU in float32 by Winograd's minimal filtering F(4x4, 3x3)
 // (Lavin & Gray 2016): each 4x4 output tile comes from its 6x6 input tile with 36 multiplications per pair of
-// input and output channels instead of the direct method's 144. The project's own kernel, for the LibTorch builds
-// whose oneDNN has none (oneDNN 3.x, so every LibTorch 2.x) and for CPUs without AVX-512, where oneDNN 2's
-// Winograd kernels do not run (src/nn/winograd.cpp).
+// input and output channels instead of the direct method's 144. The project's own kernels, the default for CPU
+// float32 3x3 convolutions wherever they apply (src/nn/winograd.cpp): every LibTorch 2.x's oneDNN 3 has no Winograd
+// kernels, and on Debian 12's oneDNN 2 these are as fast in training and faster in inference (bench_cpu_kernels).
 //
 // The work is split into blocks of tile rows, about kTargetTiles tiles each, so that a block's operands stay in
 // cache; the blocks run in parallel. Per block:
-//   pack        the block's input rows, NCHW -> zero-padded [row][column][channel]
+//   pack        the block's input rows, NCHW -> zero-padded [row][column][channel] by 8x8 register transposes (the
+//               two rows that consecutive tile rows share are packed once)
 //   transform   V[xi][tile][c] = (B^T d B)[xi] for each 6x6 input tile d, vectorized over the channels
 //   multiply    M[xi] = V[xi] U[xi] for the 36 positions xi: [tiles x C] times [C x K], one sgemm each
 //   transform   each 4x4 output tile A^T M A, plus the bias, then written to the NCHW output
 // with U[xi] = (G g G^T)[xi] from the filters g: computed on every training call, cached per weight tensor (and
 // its version) for inference. The gradient of the input is the same convolution of the output's gradient with the
-// flipped, transposed filters; the filters' gradient is LibTorch's.
+// flipped, transposed filters; the filters' gradient is G^T [sum over tiles V^T dM] G with dM = A dY A^T
+// (f43_filter_transform_grad, f43_filters_grad).
 #include <ATen/Parallel.h>
 #include <c10/util/intrusive_ptr.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -49,7 +51,8 @@ typedef int I8 __attribute__((vector_size(32)));
 #endif
 
 // dst row k (8 floats at dst + k ds) = column k of the 8 rows of 8 floats at src + r ss.
-__attribute__((always_inline)) inline void transpose8x8(const float* __restrict__ src, int64_t ss, float* __restrict__ dst, int64_t ds) {
+__attribute__((always_inline)) inline void transpose8x8(const float* __restrict__ src, int64_t ss,
+                                                        float* __restrict__ dst, int64_t ds) {
   F8 r[8];
   for (int k = 0; k < 8; ++k) __builtin_memcpy(&r[k], src + k * ss, sizeof(F8));
   for (int i = 0; i < 8; i += 2) {  // d = 1
@@ -72,8 +75,8 @@ __attribute__((always_inline)) inline void transpose8x8(const float* __restrict_
 
 // dst[col * ds + row] = src[row * ss + col] for rows x cols: 8x8 blocks in registers, the edges element by element.
 // Both always inlined: a call would reach the baseline copy from the callers' AVX-512 and AVX2 clones.
-__attribute__((always_inline)) inline void transpose_block(const float* __restrict__ src, int64_t ss, int64_t rows, int64_t cols,
-                            float* __restrict__ dst, int64_t ds) {
+__attribute__((always_inline)) inline void transpose_block(const float* __restrict__ src, int64_t ss, int64_t rows,
+                                                           int64_t cols, float* __restrict__ dst, int64_t ds) {
   int64_t r0 = 0;
   for (; r0 + 8 <= rows; r0 += 8) {
     int64_t c0 = 0;
