@@ -3,8 +3,8 @@
 // whose filters' gradient adds the images in order. Per call at batch 64 (bench_cpu_kernels, session 14) the last
 // convolution (64 -> 1 channel at 28x28) takes 0.96 ms against oneDNN's 2.61 in inference and 4.0 against 8.1 ms in
 // training; the first (1 -> 64) 1.12 against 0.59 ms and 4.3 against 4.2 ms, so the U-Net leaves that one to oneDNN.
-// (Session 13 had measured the first as 3-5x faster here from a profiler trace, whose per-operator times on this
-// machine ran up to 15x the untraced ones.)
+// (Session 13 had measured the first as 3-5x faster here, most likely from a profiler trace, whose per-operator
+// times on this machine ran up to 15x the untraced ones.)
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 
