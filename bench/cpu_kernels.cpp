@@ -1,5 +1,5 @@
-// Per-call times of the project's CPU float32 kernels beside the LibTorch operations they replace, on the fmnist
-// U-Net's shapes (batch 64 by default): inference (no autograd) and training (forward, then the backward pass of a
+// Per-call times of the project's CPU float32 kernels (GroupNorm + SiLU, 1x1 and 3x3 convolutions, attention)
+// beside the LibTorch operations they replace, on the fmnist U-Net's shapes (batch 64 by default): inference (no autograd) and training (forward, then the backward pass of a
 // fixed weighting of the output). Each kernel and its LibTorch counterpart run in the same process on the same
 // tensors, one after the other; compare the two rows of a pair (Google Benchmark's table, or --benchmark_format=json).
 //
@@ -10,6 +10,7 @@
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -129,6 +130,23 @@ void register_all(int64_t n) {
             });
       }
     }
+    // Attention over the 14x14 level's 196 tokens, 4 heads of 32 channels (x, w, b stand for q, k, v, each
+    // [N, heads, tokens, head dim]): the project's products (oneDNN's sgemm; chunked in cache for inference) vs
+    // LibTorch's matmul, softmax, matmul (Debian's LibTorch sends float32 bmm to the reference BLAS).
+    const Shape attn{4, 4, 196, 32};
+    auto qkv = [attn, n] {
+      return std::make_pair(at::randn({n, attn.c, attn.h, attn.w}), at::randn({n, attn.c, attn.h, attn.w}));
+    };
+    const double scale = 1.0 / std::sqrt(32.0);
+    const std::string attn_tail = mode + std::to_string(n) + "x4x196x32";
+    add("Attention/project/" + attn_tail, n, attn, train, qkv, attn.c,
+        [scale](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+          return diffuse::attention(q, k, v, scale, /*use_sdpa=*/false);
+        });
+    add("Attention/libtorch/" + attn_tail, n, attn, train, qkv, attn.c,
+        [scale](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+          return at::matmul(at::softmax(at::matmul(q, k.transpose(-1, -2)) * scale, -1), v);
+        });
   }
 }
 

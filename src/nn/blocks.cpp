@@ -92,21 +92,29 @@ at::Tensor attention_inference_cpu(const at::Tensor& q3, const at::Tensor& k3, c
   const bool reduced = q3.scalar_type() == at::kHalf || q3.scalar_type() == at::kBFloat16;
   // float32: (P V)^T = V^T P^T into channel-major [B, dv, Lq], as the training path; reduced: P V.
   at::Tensor out = reduced ? at::empty({b, lq, dv}, q3.options()) : at::empty({b, dv, lq}, q3.options());
-  at::Tensor scores = at::empty({std::min(per, b), lq, lk}, q3.options());
-  for (int64_t i = 0; i < b; i += per) {
-    const int64_t c = std::min(per, b - i);
-    at::Tensor s = scores.narrow(0, 0, c);
-    batched_matmul_into(q3.narrow(0, i, c), k3.narrow(0, i, c).transpose(1, 2), scale, s);
-    at::Tensor o = out.narrow(0, i, c);
-    if (reduced) {
-      // LibTorch 1.x has no float16 softmax on the CPU: that one goes through float32.
-      at::Tensor p = q3.scalar_type() == at::kBFloat16 ? at::_softmax(s, -1, false)
-                                                       : at::_softmax(s.to(at::kFloat), -1, false).to(s.scalar_type());
-      at::bmm_out(o, p, v3.narrow(0, i, c));
-    } else {
-      batched_matmul_into(v3.narrow(0, i, c).transpose(1, 2), at::_softmax(s, -1, false).transpose(1, 2), 1.0, o);
+  // The chunks in parallel, each on one thread with its own scores (the products and the softmax inside run serially
+  // there): one parallel region per call instead of three per chunk, whose start-up cost had kept the second core
+  // mostly idle. Each chunk is computed as on one thread, so the result does not depend on the thread count.
+  const int64_t chunks = (b + per - 1) / per;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    at::NoGradGuard no_grad;  // grad mode is per thread
+    at::Tensor scores = at::empty({std::min(per, b), lq, lk}, q3.options());
+    for (int64_t i = chunk_begin * per; i < std::min(b, chunk_end * per); i += per) {
+      const int64_t c = std::min(per, b - i);
+      at::Tensor s = scores.narrow(0, 0, c);
+      batched_matmul_into(q3.narrow(0, i, c), k3.narrow(0, i, c).transpose(1, 2), scale, s);
+      at::Tensor o = out.narrow(0, i, c);
+      if (reduced) {
+        // LibTorch 1.x has no float16 softmax on the CPU: that one goes through float32.
+        at::Tensor p = q3.scalar_type() == at::kBFloat16
+                           ? at::_softmax(s, -1, false)
+                           : at::_softmax(s.to(at::kFloat), -1, false).to(s.scalar_type());
+        at::bmm_out(o, p, v3.narrow(0, i, c));
+      } else {
+        batched_matmul_into(v3.narrow(0, i, c).transpose(1, 2), at::_softmax(s, -1, false).transpose(1, 2), 1.0, o);
+      }
     }
-  }
+  });
   return reduced ? out : out.transpose(1, 2);
 }
 
