@@ -86,9 +86,9 @@ DIFFUSE_CPU_CLONES void group_norm_block_backward(const float* __restrict__ x, c
   for (int64_t k = 0; k < cg; ++k) {
     const float* xr = x + k * hw;
     const float* gr = dy + k * hw;
-    float* dvr = scratch + k * hw;
     float s_dv = 0.0f, s_dvx = 0.0f;
     if (silu) {
+      float* dvr = scratch + k * hw;
       const float a = rstd * w[k];
       const float c = b[k] - mean * a;
 #pragma omp simd reduction(+ : s_dv, s_dvx)
