@@ -3,7 +3,10 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 
+#include <dlfcn.h>
+
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 
@@ -179,6 +182,31 @@ TEST(Generate, SameSeedSameImagesWhateverTheBatch) {
     EXPECT_GT((generate(m, g) - full).abs().max().item<double>(), 1e-2) << sampler;
   }
   diffuse_test::remove_tree(dir);
+}
+
+// Where LibTorch's BLAS is OpenBLAS (Debian 13's LibTorch 2), set_threads gives it one thread, unless the user set
+// OPENBLAS_NUM_THREADS. Elsewhere (Debian 12's reference BLAS, MKL) there is nothing to check.
+TEST(SetThreads, GivesOpenBlasOneThreadUnlessTheEnvironmentSaysOtherwise) {
+  if (openblas_threads() < 0) GTEST_SKIP() << "LibTorch's BLAS is not OpenBLAS here";
+  auto set_openblas = reinterpret_cast<void (*)(int)>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+  ASSERT_NE(set_openblas, nullptr);
+  const char* old = std::getenv("OPENBLAS_NUM_THREADS");
+  const std::string saved = old ? old : "";
+  ::unsetenv("OPENBLAS_NUM_THREADS");
+  set_openblas(2);
+  ASSERT_EQ(openblas_threads(), 2);
+  set_threads(2);
+  EXPECT_EQ(openblas_threads(), 1);
+  ::setenv("OPENBLAS_NUM_THREADS", "2", 1);
+  set_openblas(2);
+  set_threads(2);
+  EXPECT_EQ(openblas_threads(), 2);
+  if (old) {
+    ::setenv("OPENBLAS_NUM_THREADS", saved.c_str(), 1);
+  } else {
+    ::unsetenv("OPENBLAS_NUM_THREADS");
+  }
+  set_threads(1);
 }
 
 TEST(Train, EvalEveryWritesFdIntoMetrics) {

@@ -36,8 +36,12 @@ inline Error run_error(const std::string& message) { return Error(message, kExit
 
 // Number of hardware threads (at least 1).
 int64_t hardware_threads();
-// Sets LibTorch's intra-op threads (n <= 0: hardware_threads()). Debian's LibTorch starts with 1.
+// Sets LibTorch's intra-op threads (n <= 0: hardware_threads()). Debian's LibTorch starts with 1. Where LibTorch's
+// BLAS is OpenBLAS (Debian 13), OpenBLAS gets one thread unless OPENBLAS_NUM_THREADS is set: its spinning workers
+// would otherwise compete with LibTorch's threads (src/io/common.cpp).
 void set_threads(int64_t n);
+// OpenBLAS's thread count, or -1 where the BLAS LibTorch loaded is not OpenBLAS.
+int64_t openblas_threads();
 // A network evaluation allocates and frees activations of tens of MB, layer after layer. glibc serves those with fresh
 // mmap()s (or trims its heap after them), so every one is page-faulted in anew: this keeps them in the heap and keeps
 // freed heap memory up to 1 GiB (mallopt; nothing elsewhere). Call once at the start of a program (`diffuse` and the
