@@ -220,6 +220,29 @@ TEST(UNet, TimestepsMayBeFloatIntOrScalar) {
   EXPECT_LE(max_abs(one, both.slice(0, 1, 2)), 1e-5);
 }
 
+// A batch at one timestep, evaluated without autograd on the CPU, computes the time embedding for one row and
+// broadcasts it (UNet2DModel::forward_impl): the same function as the per-row path that grad mode takes.
+TEST(UNet, OneTimestepForTheBatchIsThePerRowFunction) {
+  UNet2DModel net = diffuse::load_diffusers_unet(fixture_dir("tiny"));
+  FixtureIo io = load_io("tiny");
+  for (at::ScalarType type : {at::kDouble, at::kFloat}) {
+    net->to(type);
+    const at::Tensor x = io.sample.to(type);
+    const at::Tensor t = at::full({x.size(0)}, 37.0, at::kFloat);
+    const at::Tensor per_row = net->forward(x, t).detach();  // grad mode: no shortcut
+    at::Tensor shared;
+    {
+      at::NoGradGuard no_grad;
+      shared = net->forward(x, t);
+    }
+    ASSERT_EQ(shared.sizes(), per_row.sizes());
+    const double tol = type == at::kDouble ? 1e-12 : 1e-5;
+    EXPECT_LE(max_abs(shared, per_row), tol) << type;
+    // The rows differ from one another (the batch is not one image repeated), so a broadcast of the wrong row shows.
+    EXPECT_GT(max_abs(shared.slice(0, 0, 1), shared.slice(0, 1, 2)), 1e-3);
+  }
+}
+
 TEST(UNet, CenterInputSampleMapsXTo2xMinus1) {
   UNet2DModel plain = diffuse::load_diffusers_unet(fixture_dir("tiny"));
   UNetConfig c = plain->config();

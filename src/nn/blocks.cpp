@@ -440,11 +440,13 @@ at::Tensor group_norm(nn::GroupNorm& norm, const at::Tensor& x) { return norm_im
 at::Tensor group_norm_silu(nn::GroupNorm& norm, const at::Tensor& x) { return norm_impl(norm, x, true); }
 
 namespace {
-// SiLU(GroupNorm(x + e[:, :, None, None])) for e [N, C]: the fused kernels add e as they read x; otherwise e is added
-// to x in place (x is a temporary whose producer's backward does not need it, such as a convolution's output).
+// SiLU(GroupNorm(x + e[:, :, None, None])) for e [N, C] or [1, C] (one timestep for the batch, see UNet2DModel): the
+// fused kernels add e as they read x; otherwise e is added to x in place (x is a temporary whose producer's backward
+// does not need it, such as a convolution's output).
 at::Tensor group_norm_silu_after_add(nn::GroupNorm& norm, at::Tensor x, const at::Tensor& e) {
   if (fused_norm_here(x)) {
-    return fused_group_norm(x, norm->options.num_groups(), norm->weight, norm->bias, norm->options.eps(), true, e);
+    const at::Tensor rows = e.size(0) == x.size(0) ? e : e.expand({x.size(0), e.size(1)}).contiguous();
+    return fused_group_norm(x, norm->options.num_groups(), norm->weight, norm->bias, norm->options.eps(), true, rows);
   }
   x.add_(e.unsqueeze(-1).unsqueeze(-1));
   return norm_impl(norm, x, true);
