@@ -1,7 +1,9 @@
-// Per-call times of the project's CPU float32 kernels (GroupNorm + SiLU, 1x1 and 3x3 convolutions, attention)
-// beside the LibTorch operations they replace, on the fmnist U-Net's shapes (batch 64 by default): inference (no autograd) and training (forward, then the backward pass of a
-// fixed weighting of the output). Each kernel and its LibTorch counterpart run in the same process on the same
-// tensors, one after the other; compare the two rows of a pair (Google Benchmark's table, or --benchmark_format=json).
+// Per-call times of the project's CPU float32 kernels (GroupNorm + SiLU, 1x1 and 3x3 convolutions,
+// attention) beside the LibTorch operations they replace, on the fmnist U-Net's shapes (batch 64 by
+// default): inference (no autograd) and training (forward, then the backward pass of a fixed weighting
+// of the output). Each kernel and its LibTorch counterpart run in the same process on the same
+// tensors, one after the other; compare the two rows of a pair (Google Benchmark's table, or
+// --benchmark_format=json).
 //
 //   bench_cpu_kernels                                   # every pair, 2 threads, batch 64
 //   bench_cpu_kernels --benchmark_filter=GroupNorm      # one family

@@ -44,10 +44,11 @@ const OpenBlas& openblas() {
 void set_threads(int64_t n) {
   if (n <= 0) n = hardware_threads();
   at::set_num_threads(static_cast<int>(n));
-  // The only products that reach the BLAS are the time embedding's small linear layers (and, in training, their
-  // gradients); OpenBLAS's pthread workers busy-wait after each call (for ~0.1 s) and so take the cores from
-  // LibTorch's OpenMP team for the convolutions that follow. On Debian 13 (LibTorch 2.6 with OpenBLAS) one BLAS thread made sampling 1.9x and training 1.7x as
-  // fast on 2 cores (session 15). A count the user set in the environment stands.
+  // The only products that reach the BLAS are the time embedding's small linear layers (and, in
+  // training, their gradients); OpenBLAS's pthread workers busy-wait after each call (for ~0.1 s) and
+  // so take the cores from LibTorch's OpenMP team for the convolutions that follow. On Debian 13
+  // (LibTorch 2.6 with OpenBLAS) one BLAS thread made sampling 1.9x and training 1.7x as fast on 2
+  // cores (session 15). A count the user set in the environment stands.
   const char* env = std::getenv("OPENBLAS_NUM_THREADS");
   if (openblas().set_num_threads && !(env && *env)) openblas().set_num_threads(1);
 }
