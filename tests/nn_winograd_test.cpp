@@ -5,6 +5,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <set>
@@ -207,10 +208,14 @@ TEST(Conv1x1, TrainingGradientsAreTheConvolutions) {
                                             : at::conv2d(x, w.view({s.k, s.c, 1, 1}), b) + res.to(type);
                               });
     };
-    const auto ref = run(at::kDouble, false, 2), got = run(at::kFloat, true, 2);
+    const auto ref = run(at::kDouble, false, 2), got = run(at::kFloat, true, 2), lt = run(at::kFloat, false, 2);
     for (size_t i = 0; i < ref.size(); ++i) {
       ASSERT_TRUE(got[i].defined()) << i;
-      EXPECT_LT(rel_l2(got[i], ref[i]), 1e-6) << i << " of " << s.n << "x" << s.c << "x" << s.h << " -> " << s.k;
+      // 1e-6, or twice LibTorch's own float32 convolution's error where that is larger: the bias's gradient is
+      // LibTorch's sum over N*H*W terms on both sides, whose order (and so its last bits) varies with the LibTorch
+      // version and CPU (1.46e-6 from LibTorch 2.11 on a 16-core Xeon for the 5x192x28 shape).
+      const double bound = std::max(1e-6, 2 * rel_l2(lt[i], ref[i]));
+      EXPECT_LT(rel_l2(got[i], ref[i]), bound) << i << " of " << s.n << "x" << s.c << "x" << s.h << " -> " << s.k;
     }
     if (diffuse::nn_detail::has_fast_cpu_gemm()) {  // else LibTorch's convolution, which promises no such thing
       EXPECT_TRUE(at::equal(run(at::kFloat, true, 1)[2], got[2]));
