@@ -261,6 +261,7 @@ Model load_model(const std::string& path, bool prefer_ema, const std::string& de
     m.config = c.config;
     m.net = UNet2DModel(m.config.model);
     m.uses_ema = prefer_ema && !c.ema.empty();
+    m.step = c.state.step;
     unet_load_state_dict(*m.net, m.uses_ema ? c.ema : c.model, ckpt_dir);
   } else {
     // A diffusers UNet2DModel folder, or a pipeline folder holding unet/ and scheduler/.

@@ -54,6 +54,15 @@ TEST(Convert, HalfPrecisionCheckpointIsHalfTheSizeAndSamplesAlike) {
   EXPECT_LT(rel(b), 4e-2);
   EXPECT_TRUE(at::allclose(a, c, 1e-5, 1e-5));  // diffusers folder from the fp16 checkpoint: same weights
 
+  // The step the run was trained to goes with the weights, from a run and from a converted checkpoint.
+  EXPECT_EQ(diffuse::checkpoint_load(half, false).state.step, 3);
+  EXPECT_EQ(diffuse::checkpoint_load(half, false).state.adam_step, 0);
+  const std::string again = temp_path("convert_again");
+  ASSERT_EQ(run_cli("convert " + half + " " + again + " --to diffuse --dtype fp16 --threads 1").code, 0);
+  EXPECT_EQ(diffuse::checkpoint_load(again, false).state.step, 3);
+  EXPECT_EQ(diffuse::load_model(again, true, "cpu").step, 3);
+  diffuse_test::remove_tree(again);
+
   EXPECT_EQ(run_cli("convert " + run + " " + temp_path("convert_bad") + " --dtype int4 --threads 1").code, 2);
   for (const auto& p : {run, half, bf, diffusers}) diffuse_test::remove_tree(p);
 }

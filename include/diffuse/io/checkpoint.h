@@ -54,6 +54,7 @@ struct Model {
   std::shared_ptr<Process> process;
   std::string source;  // where it was loaded from
   bool uses_ema = false;
+  int64_t step = 0;  // the training step of the checkpoint it came from (0: a diffusers folder)
 
   ModelFn model_fn() const;
   Denoiser denoiser() const { return Denoiser(model_fn(), *process, config.loss.prediction); }
