@@ -1,21 +1,31 @@
 #!/usr/bin/env python3
 """Per-operator self time of chrome://tracing files written by the autograd profiler (bench_train_speed
 --profile, reference_unet.py --profile), side by side: where one implementation spends time the other does not.
+With --kernels, the GPU's work instead (Kineto traces of a CUDA run: kernels, copies and fills by name, their summed
+durations; the host's operators left out).
 
-  python3 bench/trace_ops.py /tmp/cpp-train.trace /tmp/py-train.trace [--top 25]
+  python3 bench/trace_ops.py /tmp/cpp-train.trace /tmp/py-train.trace [--top 25] [--kernels]
 """
 import argparse
 import collections
 import json
 
 
-def self_times(path):
-    """{op name: (self microseconds, calls)}; self = duration minus the durations of events nested in it."""
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def self_times(path, kernels=False):
+    """{op name: (self microseconds, calls)}; self = duration minus the durations of events nested in it.
+    kernels: only the GPU's events (which do not nest), names cut to 100 characters."""
     with open(path) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     by_thread = collections.defaultdict(list)
     for e in events:
+        if kernels and e.get("cat") not in GPU_CATEGORIES:
+            continue
+        if kernels:
+            e = dict(e, name=str(e.get("name", "?"))[:100])
         if e.get("ph") == "X" and "dur" in e:
             by_thread[(e.get("pid"), e.get("tid"))].append(e)
     out = collections.defaultdict(lambda: [0.0, 0])
@@ -41,16 +51,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("traces", nargs="+")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--kernels", action="store_true", help="the GPU's kernels, copies and fills instead of operators")
     args = p.parse_args()
-    tables = [self_times(t) for t in args.traces]
+    tables = [self_times(t, args.kernels) for t in args.traces]
     totals = [sum(v[0] for v in t.values()) for t in tables]
     names = sorted({n for t in tables for n in t}, key=lambda n: -max(t.get(n, [0, 0])[0] for t in tables))
     head = "".join(f" | {t[-40:]} ms (calls)" for t in args.traces)
-    print(f"| op{head} |\n|---" + "|---" * len(tables) + "|")
+    print(f"| {'kernel' if args.kernels else 'op'}{head} |\n|---" + "|---" * len(tables) + "|")
     for n in names[:args.top]:
-        cells = "".join(f" | {t[n][0] / 1e3:.1f} ({t[n][1]})" if n in t else " | -" for t in tables)
+        cells = "".join(f" | {t[n][0] / 1e3:.3f} ({t[n][1]})" if n in t else " | -" for t in tables)
         print(f"| {n}{cells} |")
-    print("| total" + "".join(f" | {x / 1e3:.1f}" for x in totals) + " |")
+    print("| total" + "".join(f" | {x / 1e3:.3f}" for x in totals) + " |")
 
 
 if __name__ == "__main__":

@@ -42,10 +42,15 @@
 #define DIFFUSE_BENCH_CUDA_MEMORY 1
 #endif
 
-// Per-operator CPU traces (chrome://tracing JSON) through LibTorch 1.x's legacy autograd profiler.
+// Per-operator traces (chrome://tracing JSON): LibTorch 1.x's legacy autograd profiler (CPU operators), or on 2.x
+// Kineto (CPU operators and, on a GPU, each kernel with its duration: bench/trace_ops.py --kernels tabulates them).
 #if TORCH_VERSION_MAJOR < 2 && __has_include(<torch/csrc/autograd/profiler_legacy.h>)
 #include <torch/csrc/autograd/profiler_legacy.h>
 #define DIFFUSE_BENCH_PROFILE 1
+#elif TORCH_VERSION_MAJOR >= 2 && __has_include(<torch/csrc/autograd/profiler_kineto.h>)
+#include <torch/csrc/autograd/profiler_kineto.h>
+#include <set>
+#define DIFFUSE_BENCH_PROFILE 2
 #endif
 
 // Peak CPU memory: LibTorch 1.x's allocator interface, wrapped to count the bytes of CPU tensors.
@@ -303,17 +308,36 @@ double peak_memory_mib(const at::Device& device) {
 
 // Runs `iteration` once under the autograd profiler, writing PREFIX-NAME.trace (nothing when unsupported).
 template <typename F>
-void trace_one(const Options& o, const std::string& name, F iteration) {
+void trace_one(const Options& o, const std::string& name, const at::Device& device, F iteration) {
   if (o.profile.empty()) return;
-#ifdef DIFFUSE_BENCH_PROFILE
   const std::string path = o.profile + "-" + name + ".trace";
+#if DIFFUSE_BENCH_PROFILE == 1
   {
     torch::autograd::profiler::RecordProfile guard(path);
     iteration();
   }
   std::printf("# cpp: one %s iteration traced to %s\n", name.c_str(), path.c_str());
+#elif DIFFUSE_BENCH_PROFILE == 2
+  namespace pi = torch::profiler::impl;
+  const pi::ProfilerConfig config(pi::ProfilerState::KINETO);
+  std::set<pi::ActivityType> activities{pi::ActivityType::CPU};
+  if (device.is_cuda()) activities.insert(pi::ActivityType::CUDA);
+  if (device.is_cuda()) torch::cuda::synchronize();
+  torch::autograd::profiler::prepareProfiler(config, activities);
+  torch::autograd::profiler::enableProfiler(config, activities);
+  try {
+    iteration();
+    if (device.is_cuda()) torch::cuda::synchronize();  // every kernel of the iteration inside the trace
+  } catch (...) {
+    torch::autograd::profiler::disableProfiler();
+    throw;
+  }
+  torch::autograd::profiler::disableProfiler()->save(path);
+  std::printf("# cpp: one %s iteration traced (Kineto) to %s\n", name.c_str(), path.c_str());
 #else
-  std::printf("# --profile: needs LibTorch 1.x's legacy profiler; nothing traced\n");
+  (void)device;
+  (void)iteration;
+  std::printf("# --profile: this LibTorch has no profiler the benchmark knows; nothing traced\n");
 #endif
 }
 
@@ -459,7 +483,7 @@ void bench_train(const Options& o, const diffuse::RunConfig& cfg, const at::Devi
   if (last_loss_t.defined()) last_loss = last_loss_t.item<double>();
   report("train", o, cfg, net->num_parameters(), device.str(), seconds, total, peak_memory_mib(device),
          last_loss);
-  trace_one(o, "train", [&] { step_once(warmup + steps); });
+  trace_one(o, "train", device, [&] { step_once(warmup + steps); });
 }
 
 // One network evaluation per iteration at the batch, as a sampler makes it.
@@ -506,7 +530,7 @@ void bench_sample(const Options& o, const diffuse::RunConfig& cfg, const at::Dev
   const double total = std::chrono::duration<double>(Clock::now() - start).count();
   if (device.is_cuda()) seconds.assign(static_cast<size_t>(evals), total / std::max<int64_t>(evals, 1));
   report("sample", o, cfg, net->num_parameters(), device.str(), seconds, total, peak_memory_mib(device), 0.0);
-  trace_one(o, "sample", [&] { forward(); });
+  trace_one(o, "sample", device, [&] { forward(); });
 }
 
 }  // namespace
