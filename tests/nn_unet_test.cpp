@@ -243,6 +243,38 @@ TEST(UNet, OneTimestepForTheBatchIsThePerRowFunction) {
   }
 }
 
+// The same with class labels: the embedding computed once per distinct label and gathered per image (labels that
+// repeat in a shuffled order, as guidance's [labels, null labels] batch does), or once for a batch of one label.
+TEST(UNet, OneTimestepWithClassLabelsIsThePerRowFunction) {
+  UNet2DModel net = diffuse::load_diffusers_unet(fixture_dir("tiny_class_cond"));
+  FixtureIo io = load_io("tiny_class_cond");
+  const int64_t classes = *net->config().num_class_embeds;
+  for (at::ScalarType type : {at::kDouble, at::kFloat}) {
+    net->to(type);
+    const at::Tensor x = at::cat({io.sample, io.sample.flip(0), io.sample.roll(1, 0)}).to(type);
+    const int64_t n = x.size(0);
+    const at::Tensor t = at::full({n}, 412.0, at::kFloat);
+    at::Tensor mixed = at::arange(n, at::kLong).remainder(3).mul(2).remainder(classes);  // 0, 2, 4, 0, 2, 4, ...
+    mixed[1] = classes - 1;
+    for (const at::Tensor& labels : {mixed, at::full({n}, 1, at::kLong)}) {
+      const at::Tensor per_row = net->forward(x, t, labels).detach();  // grad mode: no shortcut
+      at::Tensor shared;
+      {
+        at::NoGradGuard no_grad;
+        shared = net->forward(x, t, labels);
+      }
+      ASSERT_EQ(shared.sizes(), per_row.sizes());
+      const double tol = type == at::kDouble ? 1e-12 : 1e-5;
+      EXPECT_LE(max_abs(shared, per_row), tol) << type << " labels " << labels;
+    }
+    // The labels matter: image 0 with another label is another output (so a gather of the wrong row shows).
+    at::NoGradGuard no_grad;
+    at::Tensor other = mixed.clone();
+    other[0] = 3;
+    EXPECT_GT(max_abs(net->forward(x, t, other).slice(0, 0, 1), net->forward(x, t, mixed).slice(0, 0, 1)), 1e-4);
+  }
+}
+
 TEST(UNet, CenterInputSampleMapsXTo2xMinus1) {
   UNet2DModel plain = diffuse::load_diffusers_unet(fixture_dir("tiny"));
   UNetConfig c = plain->config();

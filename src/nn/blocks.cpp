@@ -121,6 +121,7 @@ at::Tensor attention_inference_cpu(const at::Tensor& q3, const at::Tensor& k3, c
 namespace {
 std::atomic<bool> g_reduced_norm{false};
 thread_local bool t_channels_last = false;
+thread_local at::Tensor t_embedding_rows;
 std::atomic<int64_t> g_nhwc_norm_calls{0};
 
 c10::DispatchKeySet autocast_keys() {
@@ -131,6 +132,12 @@ c10::DispatchKeySet autocast_keys() {
 bool channels_last_active() { return t_channels_last; }
 ChannelsLastScope::ChannelsLastScope(bool on) : before_(t_channels_last) { t_channels_last = on; }
 ChannelsLastScope::~ChannelsLastScope() { t_channels_last = before_; }
+
+const at::Tensor& embedding_rows() { return t_embedding_rows; }
+EmbeddingRowsScope::EmbeddingRowsScope(at::Tensor rows) : before_(std::move(t_embedding_rows)) {
+  t_embedding_rows = std::move(rows);
+}
+EmbeddingRowsScope::~EmbeddingRowsScope() { t_embedding_rows = std::move(before_); }
 
 int64_t group_norm_nhwc_calls() { return g_nhwc_norm_calls; }
 
@@ -473,7 +480,9 @@ at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& tem
   h = conv3x3(conv1, h);
   // time_embedding_norm "default": additive, broadcast over H, W (inside the fused normalization, or in place: conv1's
   // backward does not need its output).
-  h = group_norm_silu_after_add(norm2, h, time_emb_proj->forward(temb_act));
+  at::Tensor e = time_emb_proj->forward(temb_act);
+  if (const at::Tensor& rows = embedding_rows(); rows.defined() && e.size(0) != h.size(0)) e = e.index_select(0, rows);
+  h = group_norm_silu_after_add(norm2, h, e);
   if (dropout_p_ > 0.0 && is_training()) h = nn_detail::dropout(h, dropout_p_);
   h = conv3x3(conv2, h);
   if (conv_shortcut) {

@@ -119,6 +119,21 @@ class ChannelsLastScope {
  private:
   bool before_;
 };
+// The rows of the time embedding each image of the batch reads, set for the duration of a U-Net forward by
+// EmbeddingRowsScope when the forward computed the embedding once per distinct (timestep, label) instead of once per
+// image: a resnet gathers its projection [rows, C] to [N, C] by these indices. Undefined otherwise (an embedding of
+// N rows, or of one row that broadcasts).
+const at::Tensor& embedding_rows();
+class EmbeddingRowsScope {
+ public:
+  explicit EmbeddingRowsScope(at::Tensor rows);
+  ~EmbeddingRowsScope();
+  EmbeddingRowsScope(const EmbeddingRowsScope&) = delete;
+  EmbeddingRowsScope& operator=(const EmbeddingRowsScope&) = delete;
+
+ private:
+  at::Tensor before_;
+};
 // In a channels-last forward, t in NHWC memory (a no-op when it already is); t unchanged otherwise.
 at::Tensor keep_layout(const at::Tensor& t);
 // A 1x1 convolution, weight [K, C, 1, 1] or a Linear's [K, C], plus `residual` when defined (which it overwrites with
