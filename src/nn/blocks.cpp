@@ -481,7 +481,7 @@ at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& tem
   // time_embedding_norm "default": additive, broadcast over H, W (inside the fused normalization, or in place: conv1's
   // backward does not need its output).
   at::Tensor e = time_emb_proj->forward(temb_act);
-  if (const at::Tensor& rows = embedding_rows(); rows.defined() && e.size(0) != h.size(0)) e = e.index_select(0, rows);
+  if (const at::Tensor& rows = embedding_rows(); rows.defined()) e = e.index_select(0, rows);
   h = group_norm_silu_after_add(norm2, h, e);
   if (dropout_p_ > 0.0 && is_training()) h = nn_detail::dropout(h, dropout_p_);
   h = conv3x3(conv2, h);

@@ -219,9 +219,13 @@ at::Tensor UNet2DModelImpl::forward_impl(const at::Tensor& x_in, const at::Tenso
   if (m.class_embedding) {
     at::Tensor labels = batch_labels(class_labels, n, *cfg_.num_class_embeds, w.device());
     if (one_timestep) {
+      // Distinct labels in sorted order: rows [distinct] and each image's index into them. When every label is
+      // distinct the batch keeps its own order (no gain, and no gather).
       auto [distinct, inverse, counts] = at::_unique2(labels, /*sorted=*/true, /*return_inverse=*/true, false);
-      labels = distinct;
-      if (distinct.size(0) > 1) rows = inverse.reshape({n});
+      if (distinct.size(0) < n) {
+        labels = distinct;
+        if (distinct.size(0) > 1) rows = inverse.reshape({n});
+      }
     }
     emb = emb + m.class_embedding->forward(labels);
   } else if (class_labels.defined()) {
