@@ -47,8 +47,8 @@ void register_convert(CLI::App& app, Common& common) {
           Checkpoint c;
           c.config = m.config;
           c.model = unet_state_dict(*m.net);
-          // The step it was trained to stays (`diffuse info`, a resumed run's schedule); no optimizer state goes
-          // with the weights, so a run resumed from it starts its AdamW moments afresh.
+          // The step it was trained to stays (`diffuse info`, a resumed run's schedule); no optimizer state
+          // goes with the weights, so a run resumed from it starts its AdamW moments afresh.
           c.state.step = m.step;
           c.state.adam_step = 0;
           written = checkpoint_save(*dst, c, 1) + " (diffuse checkpoint, " + *dtype + " weights" + (m.uses_ema ? ", EMA" : "") + ")";

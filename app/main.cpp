@@ -65,9 +65,10 @@ int main(int argc, char** argv) {
   diffuse::set_cpu_winograd_kernel(winograd == "own"      ? diffuse::CpuWinogradKernel::kOwn
                                    : winograd == "onednn" ? diffuse::CpuWinogradKernel::kOneDnn
                                                           : diffuse::CpuWinogradKernel::kAuto);
-  // GroupNorm + SiLU through the project's fused CUDA kernels (diffuse::set_fused_norm), on CUDA in a build that
-  // has them; DIFFUSE_CUDA_FUSED_NORM=0 keeps LibTorch's GroupNorm. On by default since session 16 measured it on an
-  // H100 (faster in every configuration timed, the same FD); on the CPU, or without the kernels, it changes nothing.
+  // GroupNorm + SiLU through the project's fused CUDA kernels (diffuse::set_fused_norm), on CUDA in a build
+  // that has them; DIFFUSE_CUDA_FUSED_NORM=0 keeps LibTorch's GroupNorm. On by default since session 16
+  // measured it on an H100 (faster in every configuration timed, the same FD); on the CPU, or without the
+  // kernels, it changes nothing.
   const char* fused = std::getenv("DIFFUSE_CUDA_FUSED_NORM");
   if (fused && *fused && std::string(fused) != "0" && std::string(fused) != "1") {
     std::cerr << "error: DIFFUSE_CUDA_FUSED_NORM must be 0 or 1, got '" << fused << "'\n";

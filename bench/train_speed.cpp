@@ -42,13 +42,15 @@
 #define DIFFUSE_BENCH_CUDA_MEMORY 1
 #endif
 
-// Per-operator traces (chrome://tracing JSON): LibTorch 1.x's legacy autograd profiler (CPU operators), or on 2.x
-// Kineto (CPU operators and, on a GPU, each kernel with its duration: bench/trace_ops.py --kernels tabulates them).
+// Per-operator traces (chrome://tracing JSON): LibTorch 1.x's legacy autograd profiler (CPU operators), or
+// on 2.x Kineto (CPU operators and, on a GPU, each kernel with its duration: bench/trace_ops.py --kernels
+// tabulates them).
 #if TORCH_VERSION_MAJOR < 2 && __has_include(<torch/csrc/autograd/profiler_legacy.h>)
 #include <torch/csrc/autograd/profiler_legacy.h>
 #define DIFFUSE_BENCH_PROFILE 1
 #elif TORCH_VERSION_MAJOR >= 2 && __has_include(<torch/csrc/autograd/profiler_kineto.h>)
 #include <torch/csrc/autograd/profiler_kineto.h>
+
 #include <set>
 #define DIFFUSE_BENCH_PROFILE 2
 #endif

@@ -243,9 +243,9 @@ TEST(UNet, OneTimestepForTheBatchIsThePerRowFunction) {
   }
 }
 
-// The same with class labels: the embedding computed once per distinct label and gathered per image (labels that
-// repeat in a shuffled order, as guidance's [labels, null labels] batch does), once for a batch of one label, and
-// per image in the batch's order when every label is distinct.
+// The same with class labels: the embedding computed once per distinct label and gathered per image (labels
+// that repeat in a shuffled order, as guidance's [labels, null labels] batch does), once for a batch of one
+// label, and per image in the batch's order when every label is distinct.
 TEST(UNet, OneTimestepWithClassLabelsIsThePerRowFunction) {
   UNet2DModel net = diffuse::load_diffusers_unet(fixture_dir("tiny_class_cond"));
   FixtureIo io = load_io("tiny_class_cond");
@@ -255,9 +255,11 @@ TEST(UNet, OneTimestepWithClassLabelsIsThePerRowFunction) {
     const at::Tensor x = at::cat({io.sample, io.sample.flip(0), io.sample.roll(1, 0)}).to(type);
     const int64_t n = x.size(0);
     const at::Tensor t = at::full({n}, 412.0, at::kFloat);
-    at::Tensor mixed = at::arange(n, at::kLong).remainder(3).mul(2).remainder(classes);  // 0, 2, 4, 0, 2, 4, ...
+    at::Tensor mixed =
+        at::arange(n, at::kLong).remainder(3).mul(2).remainder(classes);  // 0, 2, 4, 0, 2, 4, ...
     mixed[1] = classes - 1;
-    const at::Tensor distinct = at::tensor({5, 3, 1, 0, 2, 4}, at::kLong);  // all distinct, not in sorted order
+    const at::Tensor distinct =
+        at::tensor({5, 3, 1, 0, 2, 4}, at::kLong);  // all distinct, not in sorted order
     ASSERT_EQ(distinct.size(0), n);
     for (const at::Tensor& labels : {mixed, at::full({n}, 1, at::kLong), distinct}) {
       const at::Tensor per_row = net->forward(x, t, labels).detach();  // grad mode: no shortcut
@@ -274,7 +276,8 @@ TEST(UNet, OneTimestepWithClassLabelsIsThePerRowFunction) {
     at::NoGradGuard no_grad;
     at::Tensor other = mixed.clone();
     other[0] = 3;
-    EXPECT_GT(max_abs(net->forward(x, t, other).slice(0, 0, 1), net->forward(x, t, mixed).slice(0, 0, 1)), 1e-4);
+    EXPECT_GT(max_abs(net->forward(x, t, other).slice(0, 0, 1), net->forward(x, t, mixed).slice(0, 0, 1)),
+              1e-4);
   }
 }
 

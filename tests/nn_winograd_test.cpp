@@ -1,15 +1,14 @@
 // The project's own CPU kernels against LibTorch in float64: the Winograd F(4x4, 3x3) convolution
 // (src/nn/winograd_f43.cpp), 1x1 convolutions by sgemm, 3x3 convolutions with one input or output channel, GroupNorm
 // + SiLU with its gradients; and the OpenMP build that lets them use LibTorch's threads.
-#include <gtest/gtest.h>
-
 #include <ATen/Parallel.h>
+#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
-#include <set>
 #include <mutex>
+#include <set>
 
 #include "nn/blocks.h"
 #include "nn/group_norm_cpu.h"
@@ -208,14 +207,16 @@ TEST(Conv1x1, TrainingGradientsAreTheConvolutions) {
                                             : at::conv2d(x, w.view({s.k, s.c, 1, 1}), b) + res.to(type);
                               });
     };
-    const auto ref = run(at::kDouble, false, 2), got = run(at::kFloat, true, 2), lt = run(at::kFloat, false, 2);
+    const auto ref = run(at::kDouble, false, 2), got = run(at::kFloat, true, 2),
+               lt = run(at::kFloat, false, 2);
     for (size_t i = 0; i < ref.size(); ++i) {
       ASSERT_TRUE(got[i].defined()) << i;
-      // 1e-6, or twice LibTorch's own float32 convolution's error where that is larger: the bias's gradient is
-      // LibTorch's sum over N*H*W terms on both sides, whose order (and so its last bits) varies with the LibTorch
-      // version and CPU (1.46e-6 from LibTorch 2.11 on a 16-core Xeon for the 5x192x28 shape).
+      // 1e-6, or twice LibTorch's own float32 convolution's error where that is larger: the bias's gradient
+      // is LibTorch's sum over N*H*W terms on both sides, whose order (and so its last bits) varies with the
+      // LibTorch version and CPU (1.46e-6 from LibTorch 2.11 on the 16-core GPU machine for the 5x192x28 shape).
       const double bound = std::max(1e-6, 2 * rel_l2(lt[i], ref[i]));
-      EXPECT_LT(rel_l2(got[i], ref[i]), bound) << i << " of " << s.n << "x" << s.c << "x" << s.h << " -> " << s.k;
+      EXPECT_LT(rel_l2(got[i], ref[i]), bound)
+          << i << " of " << s.n << "x" << s.c << "x" << s.h << " -> " << s.k;
     }
     if (diffuse::nn_detail::has_fast_cpu_gemm()) {  // else LibTorch's convolution, which promises no such thing
       EXPECT_TRUE(at::equal(run(at::kFloat, true, 1)[2], got[2]));

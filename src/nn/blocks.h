@@ -120,9 +120,9 @@ class ChannelsLastScope {
   bool before_;
 };
 // The rows of the time embedding each image of the batch reads, set for the duration of a U-Net forward by
-// EmbeddingRowsScope when the forward computed the embedding once per distinct (timestep, label) instead of once per
-// image: a resnet gathers its projection [distinct rows, C] to [N, C] by these indices. Undefined otherwise (an
-// embedding of N rows in the batch's order, or of one row that broadcasts).
+// EmbeddingRowsScope when the forward computed the embedding once per distinct (timestep, label) instead of
+// once per image: a resnet gathers its projection [distinct rows, C] to [N, C] by these indices. Undefined
+// otherwise (an embedding of N rows in the batch's order, or of one row that broadcasts).
 const at::Tensor& embedding_rows();
 class EmbeddingRowsScope {
  public:

@@ -204,12 +204,13 @@ at::Tensor UNet2DModelImpl::forward_impl(const at::Tensor& x_in, const at::Tenso
 
   // Time embedding: float32 sinusoid (as diffusers), cast to the model dtype, linear_1, SiLU, linear_2.
   at::Tensor t = batch_timesteps(timesteps, n, w.device());
-  // A sampler's step evaluates a whole batch at one timestep: on a CPU without autograd, the model then computes
-  // the embedding, and every resnet its projection of it, once per distinct label (an unconditional model: once),
-  // which the resnets broadcast or gather over the batch (2.5% of an unconditional sampling run went to these small
-  // products, more with guidance's doubled batch). Not on a GPU, where reading t would synchronize.
-  const bool one_timestep = n > 1 && t.device().is_cpu() && !at::GradMode::is_enabled() &&
-                            at::equal(t, t.select(0, 0).expand({n}));
+  // A sampler's step evaluates a whole batch at one timestep: on a CPU without autograd, the model then
+  // computes the embedding, and every resnet its projection of it, once per distinct label (an unconditional
+  // model: once), which the resnets broadcast or gather over the batch (2.5% of an unconditional sampling run
+  // went to these small products, more with guidance's doubled batch). Not on a GPU, where reading t would
+  // synchronize.
+  const bool one_timestep =
+      n > 1 && t.device().is_cpu() && !at::GradMode::is_enabled() && at::equal(t, t.select(0, 0).expand({n}));
   if (one_timestep) t = t.slice(0, 0, 1);
   at::Tensor emb =
       nn_detail::timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift)
@@ -219,9 +220,10 @@ at::Tensor UNet2DModelImpl::forward_impl(const at::Tensor& x_in, const at::Tenso
   if (m.class_embedding) {
     at::Tensor labels = batch_labels(class_labels, n, *cfg_.num_class_embeds, w.device());
     if (one_timestep) {
-      // Distinct labels in sorted order: rows [distinct] and each image's index into them. When every label is
-      // distinct the batch keeps its own order (no gain, and no gather).
-      auto [distinct, inverse, counts] = at::_unique2(labels, /*sorted=*/true, /*return_inverse=*/true, false);
+      // Distinct labels in sorted order: rows [distinct] and each image's index into them. When every label
+      // is distinct the batch keeps its own order (no gain, and no gather).
+      auto [distinct, inverse, counts] =
+          at::_unique2(labels, /*sorted=*/true, /*return_inverse=*/true, false);
       if (distinct.size(0) < n) {
         labels = distinct;
         if (distinct.size(0) > 1) rows = inverse.reshape({n});
