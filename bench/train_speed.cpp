@@ -323,8 +323,10 @@ void trace_one(const Options& o, const std::string& name, const at::Device& devi
   namespace pi = torch::profiler::impl;
   const pi::ProfilerConfig config(pi::ProfilerState::KINETO);
   std::set<pi::ActivityType> activities{pi::ActivityType::CPU};
-  if (device.is_cuda()) activities.insert(pi::ActivityType::CUDA);
-  if (device.is_cuda()) torch::cuda::synchronize();
+  if (device.is_cuda()) {
+    activities.insert(pi::ActivityType::CUDA);
+    torch::cuda::synchronize();  // earlier work stays out of the trace
+  }
   torch::autograd::profiler::prepareProfiler(config, activities);
   torch::autograd::profiler::enableProfiler(config, activities);
   try {
