@@ -140,17 +140,25 @@ TEST(Cuda, FusedGroupNormKernelsAreGroupNorm) {
   REQUIRE_CUDA();
   if (!diffuse::fused_norm_built()) GTEST_SKIP() << "built without the project's CUDA kernels";
   fused_norm_check::check_all_cases(at::Device("cuda"));
-  // The same block program on both devices: only the order of the block's sums differs.
+  fused_norm_check::check_all_cases(at::Device("cuda"), true);  // the NHWC kernels
+  // The same block programs on both devices: only the order of the block's sums differs.
   at::manual_seed(5);
   const at::Tensor x = at::randn({8, 64, 28, 28}), w = at::randn({64}), b = at::randn({64});
-  const at::Tensor cpu = diffuse::nn_detail::fused_group_norm(x, 32, w, b, 1e-5, true);
-  const at::Tensor gpu = diffuse::nn_detail::fused_group_norm(x.cuda(), 32, w.cuda(), b.cuda(), 1e-5, true);
-  std::printf("fused GroupNorm + SiLU, CUDA vs the CPU block program: rel L2 %.3g\n", rel_l2(gpu, cpu));
-  EXPECT_LT(rel_l2(gpu, cpu), 1e-6);
+  for (const at::MemoryFormat layout : {at::MemoryFormat::Contiguous, at::MemoryFormat::ChannelsLast}) {
+    const at::Tensor xl = x.contiguous(layout);
+    const at::Tensor cpu = diffuse::nn_detail::fused_group_norm(xl, 32, w, b, 1e-5, true);
+    const at::Tensor gpu =
+        diffuse::nn_detail::fused_group_norm(xl.cuda(), 32, w.cuda(), b.cuda(), 1e-5, true);
+    std::printf("fused GroupNorm + SiLU, CUDA vs the CPU block program, %s: rel L2 %.3g\n",
+                layout == at::MemoryFormat::ChannelsLast ? "NHWC" : "NCHW", rel_l2(gpu, cpu));
+    EXPECT_TRUE(gpu.is_contiguous(layout));
+    EXPECT_LT(rel_l2(gpu, cpu), 1e-6);
+  }
 }
 
 // DIFFUSE_CUDA_FUSED_NORM=1 / set_fused_norm(true): the U-Net with the fused kernels computes the network of
-// LibTorch's GroupNorm, in float32 and under bf16 autocast.
+// LibTorch's GroupNorm, in float32 and under bf16 autocast, on NCHW and (a channels-last forward) NHWC
+// activations.
 TEST(Cuda, FusedNormUNetFollowsLibTorchNorm) {
   REQUIRE_CUDA();
   if (!diffuse::fused_norm_built()) GTEST_SKIP() << "built without the project's CUDA kernels";
@@ -175,6 +183,22 @@ TEST(Cuda, FusedNormUNetFollowsLibTorchNorm) {
   EXPECT_EQ(out_bf.scalar_type(), at::kFloat);
   EXPECT_LT(rel_l2(out_bf, out32), 3e-2);
   EXPECT_LT(rel_l2(grad_bf, grad32), 6e-2);
+  // In a channels-last forward the NHWC kernels normalize every GroupNorm (group_norm_nhwc does not run).
+  n.net->set_channels_last(true);
+  const int64_t nhwc_calls = diffuse::nn_detail::group_norm_nhwc_calls();
+  auto [out_cl, grad_cl] = forward_backward(n.net, n.x, n.t, cuda, diffuse::Precision::kFloat32);
+  auto [out_clbf, grad_clbf] = forward_backward(n.net, n.x, n.t, cuda, diffuse::Precision::kBFloat16);
+  n.net->set_channels_last(false);
+  EXPECT_EQ(diffuse::nn_detail::group_norm_nhwc_calls(), nhwc_calls) << "a GroupNorm missed the NHWC kernels";
+  std::printf(
+      "fused-norm channels-last vs LibTorch GroupNorm NCHW on CUDA: float32 output rel L2 %.3g, gradient "
+      "%.3g; "
+      "bf16 %.3g / %.3g\n",
+      rel_l2(out_cl, out32), rel_l2(grad_cl, grad32), rel_l2(out_clbf, out32), rel_l2(grad_clbf, grad32));
+  EXPECT_LT(rel_l2(out_cl, out32), 1e-4);
+  EXPECT_LT(rel_l2(grad_cl, grad32), 1e-3);
+  EXPECT_LT(rel_l2(out_clbf, out32), 3e-2);
+  EXPECT_LT(rel_l2(grad_clbf, grad32), 6e-2);
 }
 
 TEST(Cuda, SamplingMatchesTheCpu) {

@@ -30,11 +30,13 @@ inline double rel_l2(const at::Tensor& a, const at::Tensor& ref) {
   return (a.to(at::kDouble).cpu() - r).norm().item<double>() / r.norm().item<double>();
 }
 
-// x, the upstream gradient and the parameters drawn from `seed`; x and the gradient hold values of `dtype` exactly,
-// so the reference sees what the kernels see. With `addend`: the normalization of x + a[:, :, None, ...] for a drawn
-// [N, C] float32 addend, whose gradient is checked too.
-inline Errors errors(const Case& k, at::ScalarType dtype, bool silu, const at::Device& device, bool addend = false,
-                     uint64_t seed = 0) {
+// x, the upstream gradient and the parameters drawn from `seed`; x and the gradient hold values of `dtype`
+// exactly, so the reference sees what the kernels see. With `addend`: the normalization of x + a[:, :, None,
+// ...] for a drawn [N, C] float32 addend, whose gradient is checked too. With `nhwc`: x and the upstream
+// gradient in channels-last memory (the kernels' NHWC block program), whose layout the output and x's
+// gradient must keep.
+inline Errors errors(const Case& k, at::ScalarType dtype, bool silu, const at::Device& device,
+                     bool addend = false, uint64_t seed = 0, bool nhwc = false) {
   at::manual_seed(seed);
   const int64_t c = k.shape[1];
   const double eps = 1e-5;
@@ -57,22 +59,32 @@ inline Errors errors(const Case& k, at::ScalarType dtype, bool silu, const at::D
   for (int64_t dim = 2; dim < static_cast<int64_t>(k.shape.size()); ++dim) pixels.push_back(dim);
   const at::Tensor da_ref = addend ? xd.grad().sum(pixels) : at::Tensor();
 
-  const at::Tensor xf = x.to(device).requires_grad_(), wf = w.to(device).requires_grad_(),
+  const at::MemoryFormat layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor xf = x.to(device).contiguous(layout).requires_grad_(), wf = w.to(device).requires_grad_(),
                    bf = b.to(device).requires_grad_();
   const at::Tensor af = addend ? a.to(device).requires_grad_() : at::Tensor();
   const at::Tensor yf = diffuse::nn_detail::fused_group_norm(xf, k.groups, wf, bf, eps, silu, af);
-  (yf.to(at::kFloat) * gy.to(device).to(at::kFloat)).sum().backward();
+  // The upstream gradient reaches the function in x's layout: y * gy with gy laid out so.
+  (yf * gy.to(device).contiguous(layout)).to(at::kFloat).sum().backward();
+  if (nhwc) {
+    EXPECT_TRUE(yf.is_contiguous(layout)) << "the output left NHWC memory";
+    EXPECT_TRUE(xf.grad().is_contiguous(layout)) << "x's gradient left NHWC memory";
+  }
   return {rel_l2(yf.detach(), yd.detach()), rel_l2(xf.grad(), xd.grad()), rel_l2(wf.grad(), wd.grad()),
           rel_l2(bf.grad(), bd.grad()), addend ? rel_l2(af.grad(), da_ref) : 0.0};
 }
 
-// The shapes: fewer pixels than a block's threads (the element cursor wraps channels), the fmnist U-Net's first
-// level, a pixel count that is not a multiple of the threads, one pixel per channel (six per group: with two, x^ is
-// +-1 and dx cancels to what eps leaves, where no relative bound holds), a mean 1000 times the spread, and a
-// [N, C, L] input.
+// The shapes: fewer pixels than a block's threads (the element cursor wraps channels), the fmnist U-Net's
+// first level, a pixel count that is not a multiple of the threads, one pixel per channel (six per group:
+// with two, x^ is
+// +-1 and dx cancels to what eps leaves, where no relative bound holds), a mean 1000 times the spread, a [N,
+// C, L] input, and one group of 64 channels (an NHWC block of one group, 64 lanes wide). In NHWC memory the
+// blocks take 4 groups of 2 channels (8 lanes, 32 rows), 16 (32 lanes), 3 of 4 (12 lanes, 21 rows: 252
+// threads), 8 of 2 and one of 64; [4, 6, 1, 1] is NCHW memory as well and keeps the NCHW program.
 inline std::vector<Case> cases() {
-  return {{{2, 8, 5, 7}, 4}, {{3, 64, 28, 28}, 32}, {{2, 12, 10, 30}, 3}, {{4, 6, 1, 1}, 1},
-          {{2, 16, 9, 9}, 8, 1000.0, 1.0}, {{2, 8, 17}, 2}};
+  return {{{2, 8, 5, 7}, 4}, {{3, 64, 28, 28}, 32},           {{2, 12, 10, 30}, 3},
+          {{4, 6, 1, 1}, 1}, {{2, 16, 9, 9}, 8, 1000.0, 1.0}, {{2, 8, 17}, 2},
+          {{2, 64, 3, 5}, 1}};
 }
 
 // Runs every case in both types, with and without SiLU, prints the distances and checks them. float32 arithmetic
@@ -80,16 +92,19 @@ inline std::vector<Case> cases() {
 // y and dx are rounded once to 8 significant bits (relative RMS ~1.6e-3), the parameters' gradients stay float32 sums.
 // With an addend, its gradient (up to 1.5e-6 on the CPU) comes from a closed form that loses a few digits where the
 // mean is 1000 times the spread.
-inline void check_all_cases(const at::Device& device) {
+inline void check_all_cases(const at::Device& device, bool nhwc = false) {
   for (const auto& k : cases()) {
+    if (nhwc && k.shape.size() != 4) continue;
     for (bool addend : {false, true}) {
       for (bool silu : {false, true}) {
         for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-          const Errors e = errors(k, dtype, silu, device, addend);
-          std::printf("  GroupNorm %-4s %-16s G=%-2lld offset %-4g addend %d silu %d %-8s y %.2e dx %.2e dw %.2e db %.2e "
-                      "da %.2e\n", device.str().c_str(), diffuse::nn_detail::shape_str(k.shape).c_str(),
-                      static_cast<long long>(k.groups), k.offset, addend, silu, c10::toString(dtype), e.y, e.dx, e.dw,
-                      e.db, e.da);
+          const Errors e = errors(k, dtype, silu, device, addend, 0, nhwc);
+          std::printf(
+              "  GroupNorm %-4s %s %-16s G=%-2lld offset %-4g addend %d silu %d %-8s y %.2e dx %.2e dw %.2e "
+              "db %.2e da %.2e\n",
+              device.str().c_str(), nhwc ? "NHWC" : "NCHW", diffuse::nn_detail::shape_str(k.shape).c_str(),
+              static_cast<long long>(k.groups), k.offset, addend, silu, c10::toString(dtype), e.y, e.dx, e.dw,
+              e.db, e.da);
           EXPECT_LT(e.y, dtype == at::kFloat ? 1e-6 : 3e-3);
           EXPECT_LT(e.dx, dtype == at::kFloat ? 1e-6 : 3e-3);
           EXPECT_LT(e.dw, 2e-6);

@@ -13,6 +13,9 @@ using diffuse::nn_detail::fused_group_norm;
 
 TEST(FusedNorm, BlockProgramIsGroupNorm) { fused_norm_check::check_all_cases(at::kCPU); }
 
+// The channels-last block program (NHWC memory read as it is): the same function, in x's layout.
+TEST(FusedNorm, NhwcBlockProgramIsGroupNorm) { fused_norm_check::check_all_cases(at::kCPU, true); }
+
 TEST(FusedNorm, WithoutAffineParametersAndInItsOwnType) {
   at::manual_seed(3);
   const at::Tensor x = at::randn({2, 6, 4, 4});
@@ -20,10 +23,16 @@ TEST(FusedNorm, WithoutAffineParametersAndInItsOwnType) {
   EXPECT_LT((y - at::group_norm(x, 3)).abs().max().item<double>(), 1e-5);
   EXPECT_EQ(fused_group_norm(x.to(at::kBFloat16), 3, at::Tensor(), at::Tensor(), 1e-5, true).scalar_type(),
             at::kBFloat16);
-  // A non-contiguous input is normalized as its contiguous copy.
-  const at::Tensor t = at::randn({2, 4, 4, 6}).permute({0, 3, 1, 2});
+  // An input in neither layout is normalized as its contiguous copy; NHWC memory as it is, in its own layout.
+  const at::Tensor t = at::randn({2, 4, 4, 6}).permute({0, 3, 2, 1});
+  ASSERT_FALSE(t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast));
   EXPECT_TRUE(at::allclose(fused_group_norm(t, 3, at::Tensor(), at::Tensor(), 1e-5, false),
                            fused_group_norm(t.contiguous(), 3, at::Tensor(), at::Tensor(), 1e-5, false)));
+  const at::Tensor nhwc = at::randn({2, 4, 4, 6}).permute({0, 3, 1, 2});
+  const at::Tensor yn = fused_group_norm(nhwc, 3, at::Tensor(), at::Tensor(), 1e-5, true);
+  EXPECT_TRUE(yn.is_contiguous(at::MemoryFormat::ChannelsLast));
+  EXPECT_TRUE(at::allclose(yn, fused_group_norm(nhwc.contiguous(), 3, at::Tensor(), at::Tensor(), 1e-5, true),
+                           1e-5, 1e-6));
 }
 
 TEST(FusedNorm, RefusesWhatItCannotNormalize) {
@@ -41,7 +50,9 @@ TEST(FusedNorm, RefusesWhatItCannotNormalize) {
                diffuse::Error);  // a parameter on another device
   EXPECT_FALSE(diffuse::nn_detail::fused_group_norm_applies(x.to(at::kHalf)));
   EXPECT_FALSE(diffuse::nn_detail::fused_group_norm_applies(x.permute({0, 2, 3, 1})));
+  EXPECT_FALSE(diffuse::nn_detail::fused_group_norm_applies(x.transpose(2, 3)));
   EXPECT_TRUE(diffuse::nn_detail::fused_group_norm_applies(x));
+  EXPECT_TRUE(diffuse::nn_detail::fused_group_norm_applies(x.contiguous(at::MemoryFormat::ChannelsLast)));
 }
 
 }  // namespace

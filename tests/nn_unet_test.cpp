@@ -629,6 +629,55 @@ TEST(UNet, FusedNormIsTheSameFunctionInTraining) {
   EXPECT_LT(rel_l2(g_fused16, g_ref), 1.15 * rel_l2(g_ref16, g_ref));
 }
 
+// The fused norm in a channels-last forward: every GroupNorm (+ SiLU) through the kernels' NHWC block program
+// (here run on the CPU), none through group_norm_nhwc's ATen composition; in training mode the output and
+// every gradient equal the NCHW fused pass's up to summation order in float32, and under bf16 autocast stay
+// within bf16's rounding of it and no further from float32 than the NCHW pass.
+TEST(UNet, FusedNormInChannelsLastIsTheSameFunction) {
+  UNet2DModel net = random_fmnist_unet(29);
+  net->train();
+  const at::Tensor x = at::randn({2, 1, 28, 28}), t = at::tensor({50.0f, 800.0f});
+  const at::Tensor r = at::randn({2, 1, 28, 28});
+  const int64_t norms = group_norm_count(net);
+  struct Reset {
+    UNet2DModel net;
+    ~Reset() {
+      net->set_channels_last(false);
+      net->set_precision(diffuse::Precision::kFloat32);
+      diffuse::set_fused_norm(false);
+    }
+  } reset{net};
+  const diffuse::nn_detail::FusedNormOnCpuForTests on_cpu;
+  diffuse::set_fused_norm(true);
+  auto pass = [&](bool channels_last, diffuse::Precision precision) {
+    net->set_channels_last(channels_last);
+    net->set_precision(precision);
+    const int64_t nhwc_before = diffuse::nn_detail::group_norm_nhwc_calls();
+    TrainingPass p = training_pass(net, x, t, r, 7, diffuse::nn_detail::fused_group_norm_calls);
+    EXPECT_EQ(p.calls, norms);
+    EXPECT_EQ(diffuse::nn_detail::group_norm_nhwc_calls(), nhwc_before);
+    EXPECT_TRUE(p.y.is_contiguous());
+    return std::make_pair(p.y, p.grads);
+  };
+  const auto [y_nchw, g_nchw] = pass(false, diffuse::Precision::kFloat32);
+  const auto [y_nhwc, g_nhwc] = pass(true, diffuse::Precision::kFloat32);
+  const auto [yb_nchw, gb_nchw] = pass(false, diffuse::Precision::kBFloat16);
+  const auto [yb_nhwc, gb_nhwc] = pass(true, diffuse::Precision::kBFloat16);
+  std::printf(
+      "fused norm, channels-last vs NCHW: float32 output rel L2 %.3g, gradients %.3g; bf16 %.3g / %.3g; bf16 "
+      "from float32: NHWC %.3g / %.3g, NCHW %.3g / %.3g\n",
+      rel_l2(y_nhwc, y_nchw), rel_l2(g_nhwc, g_nchw), rel_l2(yb_nhwc, yb_nchw), rel_l2(gb_nhwc, gb_nchw),
+      rel_l2(yb_nhwc, y_nchw), rel_l2(gb_nhwc, g_nchw), rel_l2(yb_nchw, y_nchw), rel_l2(gb_nchw, g_nchw));
+  EXPECT_GT(norms, 20);
+  EXPECT_GT(y_nchw.abs().max().item<double>(), 1e-2);
+  EXPECT_LT(rel_l2(y_nhwc, y_nchw), 1e-5);
+  EXPECT_LT(rel_l2(g_nhwc, g_nchw), 1e-5);
+  EXPECT_LT(rel_l2(yb_nhwc, yb_nchw), 3e-2);
+  EXPECT_LT(rel_l2(gb_nhwc, gb_nchw), 6e-2);
+  EXPECT_LT(rel_l2(yb_nhwc, y_nchw), 1.5 * rel_l2(yb_nchw, y_nchw));
+  EXPECT_LT(rel_l2(gb_nhwc, g_nchw), 1.5 * rel_l2(gb_nchw, g_nchw));
+}
+
 // CPU float32 training through the project's kernels (GroupNorm + SiLU, 1x1 convolutions, the last 3x3 convolution,
 // the attention's products; the Winograd switch is off in the library) against LibTorch in float64: the fmnist
 // preset's U-Net with random weights, output, input gradient and every parameter's gradient.

@@ -421,13 +421,15 @@ at::Tensor norm_impl(nn::GroupNorm& norm, const at::Tensor& x, bool silu) {
   // it is kept out of it.
   const bool on_reduced = g_reduced_norm && reduced && w.defined() && w.scalar_type() != x.scalar_type() &&
                           autocast_active(x.device());
+  // The fused kernels take NCHW and NHWC memory alike.
+  if (fused_norm_here(x))
+    return fused_group_norm(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
   if (t_channels_last && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     // The same arithmetic types as below: x's own under --reduced-norm, else the parameters'.
     c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
     return group_norm_nhwc(x, norm->options.num_groups(), w, b, norm->options.eps(),
                            on_reduced || !w.defined() ? x.scalar_type() : w.scalar_type(), silu);
   }
-  if (fused_norm_here(x)) return fused_group_norm(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
   if (group_norm_cpu_applies(x, w, b)) {
     return group_norm_cpu(x, norm->options.num_groups(), w, b, norm->options.eps(), silu);
   }

@@ -58,12 +58,12 @@ std::string shape_str(at::IntArrayRef sizes);
 // SiLU; in place when no graph is recorded (the input is a temporary of the caller).
 at::Tensor silu_temp(at::Tensor x);
 
-// GroupNorm under mixed precision (bf16 activations, float32 parameters): in float32 (the activations cast up, as
-// autocast does on CUDA; LibTorch's CPU kernel takes one dtype), or with set_reduced_precision_norm(true) on the
-// activations' own type with the affine parameters cast down (the kernels accumulate the statistics in float32).
-// Plain norm->forward otherwise.
-// With channels-last activations (a U-Net forward with set_channels_last(true), ChannelsLastScope), an input in
-// NHWC memory is normalized by group_norm_nhwc and stays in NHWC memory.
+// GroupNorm under mixed precision (bf16 activations, float32 parameters): in float32 (the activations cast
+// up, as autocast does on CUDA; LibTorch's CPU kernel takes one dtype), or with
+// set_reduced_precision_norm(true) on the activations' own type with the affine parameters cast down (the
+// kernels accumulate the statistics in float32). Plain norm->forward otherwise. With channels-last
+// activations (a U-Net forward with set_channels_last(true), ChannelsLastScope), an input in NHWC memory is
+// normalized by the fused kernels (set_fused_norm) or group_norm_nhwc, and stays in NHWC memory.
 at::Tensor group_norm(torch::nn::GroupNorm& norm, const at::Tensor& x);
 // SiLU(group_norm(norm, x)); in a channels-last forward one autograd function that keeps x instead of the
 // pre-activation for the backward pass.
@@ -79,13 +79,15 @@ at::Tensor group_norm_nhwc(const at::Tensor& x, int64_t groups, const at::Tensor
                            double eps, at::ScalarType dtype, bool silu = false);
 int64_t group_norm_nhwc_calls();  // how many times group_norm_nhwc ran in this process (for tests)
 
-// GroupNorm of contiguous x [N, C, ...] (float32 or bfloat16), then SiLU with `silu`, as one autograd function over
-// the project's kernels (src/nn/fused_norm.cpp): statistics and arithmetic in float32, loads and stores in x's type,
-// the output in x's type, x and the statistics kept for the backward pass (not the pre-activation). On CUDA the kernels
-// of src/nn/cuda/group_norm.cu (a build with them: fused_norm_built()); on the CPU the same block program run
-// serially, for tests. weight and bias ([C]) may be undefined. Autocast does not apply inside.
-// With `addend` ([N, C], any floating type, differentiable): the normalization of x + addend[:, :, None, None]
-// (ResnetBlock2D's time embedding, added inside the kernels instead of by a pass of its own).
+// GroupNorm of contiguous x [N, C, ...] or of NHWC x [N, C, H, W] (channels-last memory, kept: the output and
+// x's gradient come in x's layout) (float32 or bfloat16), then SiLU with `silu`, as one autograd function
+// over the project's kernels (src/nn/fused_norm.cpp): statistics and arithmetic in float32, loads and stores
+// in x's type, the output in x's type, x and the statistics kept for the backward pass (not the
+// pre-activation). On CUDA the kernels of src/nn/cuda/group_norm.cu (a build with them: fused_norm_built());
+// on the CPU the same block program run serially, for tests. weight and bias ([C]) may be undefined. Autocast
+// does not apply inside. With `addend` ([N, C], any floating type, differentiable): the normalization of x +
+// addend[:, :, None, None] (ResnetBlock2D's time embedding, added inside the kernels instead of by a pass of
+// its own).
 at::Tensor fused_group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                             double eps, bool silu = false, const at::Tensor& addend = at::Tensor());
 // Whether fused_group_norm takes x as it is on its device (type, layout, a build with the CUDA kernels).

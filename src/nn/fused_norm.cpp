@@ -1,6 +1,6 @@
-// GroupNorm (+ SiLU) as one autograd function over the project's own kernels: on CUDA the kernels of
-// src/nn/cuda/group_norm.cu (built with -DDIFFUSE_HAVE_CUDA_KERNELS), on the CPU the same block program run
-// serially (group_norm_kernel.h), which the tests compare with LibTorch's GroupNorm.
+// GroupNorm (+ SiLU) as one autograd function over the project's own kernels, for NCHW and NHWC memory: on
+// CUDA the kernels of src/nn/cuda/group_norm.cu (built with -DDIFFUSE_HAVE_CUDA_KERNELS), on the CPU the same
+// block programs run serially (group_norm_kernel.h), which the tests compare with LibTorch's GroupNorm.
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
@@ -92,11 +92,101 @@ void backward_serial(const Source<T>& src, const T* dy, const float* w, const fl
       if (d_addend) {
         for (int64_t k = 0; k < s.cg(); ++k) {
           const int64_t nc = g.per_channel(s, k);
-          d_addend[nc] = gn_kernel::addend_gradient(g, m, w[g.c0 + k], db_part[nc], d_addend[nc], a / d, bx / d);
+          d_addend[nc] =
+              gn_kernel::addend_gradient(g.hw, m, w[g.c0 + k], db_part[nc], d_addend[nc], a / d, bx / d);
         }
       }
       for (int64_t t = 0; t < threads; ++t) {
         gn_kernel::backward_write(g, src, dy, w, b, m, silu, a / d, bx / d, dx, t, threads);
+      }
+    }
+  });
+}
+
+// The channels-last block program (gn_kernel::NhwcTile) on the CPU: each phase runs the block's threads one
+// after another, then the phase's reductions as the CUDA kernels run them between their barriers.
+template <class T>
+void nhwc_forward_serial(const Source<T>& src, const float* w, const float* b, T* y, float* stats, float eps,
+                         bool silu) {
+  const Shape& s = src.shape;
+  const gn_kernel::NhwcTile tile = gn_kernel::nhwc_tile(s);
+  const int64_t threads = tile.threads(), width = tile.width, cg = s.cg();
+  const float d = static_cast<float>(cg * s.hw);
+  at::parallel_for(0, s.n * (s.groups / tile.per_block), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> vals(static_cast<size_t>(2 * threads)), cols(static_cast<size_t>(2 * width));
+    std::vector<float> m0s(static_cast<size_t>(tile.per_block));
+    std::vector<Moments> moms(static_cast<size_t>(tile.per_block));
+    std::vector<gn_kernel::NhwcThread> th;
+    for (int64_t block = begin; block < end; ++block) {
+      th.clear();
+      for (int64_t t = 0; t < threads; ++t) th.emplace_back(s, tile, block, t);
+      for (int64_t t = 0; t < threads; ++t) vals[t] = gn_kernel::nhwc_forward_sum(src, tile, th[t]);
+      for (int64_t t = 0; t < width; ++t) cols[t] = gn_kernel::column_sum(vals.data(), tile, t);
+      for (int64_t j = 0; j < tile.per_block; ++j) m0s[j] = gn_kernel::group_sum(cols.data(), cg, j) / d;
+      for (int64_t t = 0; t < threads; ++t) {
+        gn_kernel::nhwc_forward_centred_sums(src, tile, th[t], m0s[th[t].group_in_block(s)], vals[t],
+                                             vals[threads + t]);
+      }
+      for (int64_t t = 0; t < width; ++t) {
+        cols[t] = gn_kernel::column_sum(vals.data(), tile, t);
+        cols[width + t] = gn_kernel::column_sum(vals.data() + threads, tile, t);
+      }
+      for (int64_t j = 0; j < tile.per_block; ++j) {
+        moms[j] = gn_kernel::moments_from(m0s[j], gn_kernel::group_sum(cols.data(), cg, j),
+                                          gn_kernel::group_sum(cols.data() + width, cg, j), cg * s.hw, eps);
+        moms[j].write(stats, th[0].stats + j);
+      }
+      for (int64_t t = 0; t < threads; ++t) {
+        gn_kernel::nhwc_forward_write(src, tile, th[t], w, b, moms[th[t].group_in_block(s)], silu, y);
+      }
+    }
+  });
+}
+
+template <class T>
+void nhwc_backward_serial(const Source<T>& src, const T* dy, const float* w, const float* b,
+                          const float* stats, bool silu, T* dx, float* dw_part, float* db_part,
+                          float* d_addend) {
+  const Shape& s = src.shape;
+  const gn_kernel::NhwcTile tile = gn_kernel::nhwc_tile(s);
+  const int64_t threads = tile.threads(), width = tile.width, cg = s.cg();
+  const float d = static_cast<float>(cg * s.hw);
+  at::parallel_for(0, s.n * (s.groups / tile.per_block), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> vals(static_cast<size_t>(3 * threads)), cols(static_cast<size_t>(3 * width));
+    std::vector<float> ab(static_cast<size_t>(2 * tile.per_block));
+    std::vector<gn_kernel::NhwcThread> th;
+    std::vector<Moments> moms;
+    for (int64_t block = begin; block < end; ++block) {
+      th.clear();
+      moms.clear();
+      for (int64_t t = 0; t < threads; ++t) {
+        th.emplace_back(s, tile, block, t);
+        moms.push_back(Moments::read(stats, th[t].stats));
+      }
+      for (int64_t t = 0; t < threads; ++t) {
+        gn_kernel::nhwc_backward_sums(src, tile, th[t], dy, w, b, moms[t], silu, vals[t], vals[threads + t],
+                                      vals[2 * threads + t]);
+      }
+      for (int64_t t = 0; t < width; ++t) {
+        for (int64_t q = 0; q < 3; ++q)
+          cols[q * width + t] = gn_kernel::column_sum(vals.data() + q * threads, tile, t);
+        dw_part[th[t].per_channel(s)] = cols[t];
+        db_part[th[t].per_channel(s)] = cols[width + t];
+      }
+      const float* wb = w + th[0].c;  // the block's first channel's weight
+      for (int64_t j = 0; j < tile.per_block; ++j) {
+        ab[2 * j] = gn_kernel::group_sum(cols.data() + width, cg, j, wb) / d;
+        ab[2 * j + 1] = gn_kernel::group_sum(cols.data(), cg, j, wb) / d;
+      }
+      for (int64_t t = 0; t < width && d_addend; ++t) {
+        const int64_t j = th[t].group_in_block(s);
+        d_addend[th[t].per_channel(s)] = gn_kernel::addend_gradient(
+            s.hw, moms[t], w[th[t].c], cols[width + t], cols[2 * width + t], ab[2 * j], ab[2 * j + 1]);
+      }
+      for (int64_t t = 0; t < threads; ++t) {
+        const int64_t j = th[t].group_in_block(s);
+        gn_kernel::nhwc_backward_write(src, tile, th[t], dy, w, b, moms[t], silu, ab[2 * j], ab[2 * j + 1],
+                                       dx);
       }
     }
   });
@@ -141,15 +231,16 @@ T* maybe_ptr(const at::Tensor& t) {
 }
 
 void run_forward(const at::Tensor& x, const at::Tensor& addend, const at::Tensor& w, const at::Tensor& b,
-                 const at::Tensor& y, const at::Tensor& stats, int64_t groups, double eps, bool silu) {
+                 const at::Tensor& y, const at::Tensor& stats, int64_t groups, double eps, bool silu,
+                 bool nhwc) {
   const Shape s = shape_of(x, groups);
   const float e = static_cast<float>(eps);
   if (x.is_cuda()) {
 #ifdef DIFFUSE_FUSED_NORM_CUDA
     const CudaLaunch launch(x);
-    check_launch(gn_cuda::forward(x.scalar_type() == at::kBFloat16, x.data_ptr(), maybe_ptr<float>(addend),
-                                  ptr<float>(w), ptr<float>(b), y.data_ptr(), ptr<float>(stats), s, e, silu,
-                                  launch.stream),
+    check_launch((nhwc ? gn_cuda::forward_nhwc : gn_cuda::forward)(
+                     x.scalar_type() == at::kBFloat16, x.data_ptr(), maybe_ptr<float>(addend), ptr<float>(w),
+                     ptr<float>(b), y.data_ptr(), ptr<float>(stats), s, e, silu, launch.stream),
                  "forward");
     return;
 #else
@@ -158,22 +249,27 @@ void run_forward(const at::Tensor& x, const at::Tensor& addend, const at::Tensor
   }
   in_element_type(x, [&](auto type) {
     using T = decltype(type);
-    forward_serial(Source<T>{ptr<T>(x), maybe_ptr<float>(addend), s}, ptr<float>(w), ptr<float>(b), ptr<T>(y),
-                   ptr<float>(stats), e, silu);
+    const Source<T> src{ptr<T>(x), maybe_ptr<float>(addend), s};
+    if (nhwc) {
+      nhwc_forward_serial(src, ptr<float>(w), ptr<float>(b), ptr<T>(y), ptr<float>(stats), e, silu);
+    } else {
+      forward_serial(src, ptr<float>(w), ptr<float>(b), ptr<T>(y), ptr<float>(stats), e, silu);
+    }
   });
 }
 
 void run_backward(const at::Tensor& x, const at::Tensor& addend, const at::Tensor& dy, const at::Tensor& w,
-                  const at::Tensor& b, const at::Tensor& stats, int64_t groups, bool silu, const at::Tensor& dx,
-                  const at::Tensor& dw_part, const at::Tensor& db_part, const at::Tensor& d_addend) {
+                  const at::Tensor& b, const at::Tensor& stats, int64_t groups, bool silu, bool nhwc,
+                  const at::Tensor& dx, const at::Tensor& dw_part, const at::Tensor& db_part,
+                  const at::Tensor& d_addend) {
   const Shape s = shape_of(x, groups);
   if (x.is_cuda()) {
 #ifdef DIFFUSE_FUSED_NORM_CUDA
     const CudaLaunch launch(x);
-    check_launch(gn_cuda::backward(x.scalar_type() == at::kBFloat16, x.data_ptr(), maybe_ptr<float>(addend),
-                                   dy.data_ptr(), ptr<float>(w), ptr<float>(b), ptr<float>(stats), s, silu,
-                                   dx.data_ptr(), ptr<float>(dw_part), ptr<float>(db_part),
-                                   maybe_ptr<float>(d_addend), launch.stream),
+    check_launch((nhwc ? gn_cuda::backward_nhwc : gn_cuda::backward)(
+                     x.scalar_type() == at::kBFloat16, x.data_ptr(), maybe_ptr<float>(addend), dy.data_ptr(),
+                     ptr<float>(w), ptr<float>(b), ptr<float>(stats), s, silu, dx.data_ptr(),
+                     ptr<float>(dw_part), ptr<float>(db_part), maybe_ptr<float>(d_addend), launch.stream),
                  "backward");
     return;
 #else
@@ -182,24 +278,40 @@ void run_backward(const at::Tensor& x, const at::Tensor& addend, const at::Tenso
   }
   in_element_type(x, [&](auto type) {
     using T = decltype(type);
-    backward_serial(Source<T>{ptr<T>(x), maybe_ptr<float>(addend), s}, ptr<T>(dy), ptr<float>(w), ptr<float>(b),
-                    ptr<float>(stats), silu, ptr<T>(dx), ptr<float>(dw_part), ptr<float>(db_part),
-                    maybe_ptr<float>(d_addend));
+    const Source<T> src{ptr<T>(x), maybe_ptr<float>(addend), s};
+    if (nhwc) {
+      nhwc_backward_serial(src, ptr<T>(dy), ptr<float>(w), ptr<float>(b), ptr<float>(stats), silu, ptr<T>(dx),
+                           ptr<float>(dw_part), ptr<float>(db_part), maybe_ptr<float>(d_addend));
+    } else {
+      backward_serial(src, ptr<T>(dy), ptr<float>(w), ptr<float>(b), ptr<float>(stats), silu, ptr<T>(dx),
+                      ptr<float>(dw_part), ptr<float>(db_part), maybe_ptr<float>(d_addend));
+    }
   });
 }
 
-// x: contiguous [N, C, ...] float32 or bfloat16; addend: contiguous float32 [N, C] or empty; weight, bias:
-// contiguous float32 [C]. Keeps x, the addend and the moments.
+// Whether x [N, C, H, W] lies in NHWC memory (channels-last contiguous, and not also NCHW contiguous, as with
+// one channel or one pixel): the kernels' channels-last block program then takes it as it is.
+bool nhwc_memory(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+at::MemoryFormat memory_format(bool nhwc) {
+  return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// x: contiguous [N, C, ...] or NHWC [N, C, H, W], float32 or bfloat16; addend: contiguous float32 [N, C] or
+// empty; weight, bias: contiguous float32 [C]. Keeps x, the addend and the moments. y, dx take x's layout.
 struct FusedGroupNormFn : public torch::autograd::Function<FusedGroupNormFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& addend,
                             const at::Tensor& weight, const at::Tensor& bias, int64_t groups, double eps, bool silu) {
+    const bool nhwc = nhwc_memory(x);
     const at::TensorOptions f32 = x.options().dtype(at::kFloat);
-    at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+    at::Tensor y = at::empty_like(x, memory_format(nhwc));
     at::Tensor stats = at::empty({x.size(0), groups, 3}, f32);  // gn_kernel::Moments
-    run_forward(x, addend, weight, bias, y, stats, groups, eps, silu);
+    run_forward(x, addend, weight, bias, y, stats, groups, eps, silu, nhwc);
     ctx->save_for_backward({x, addend, weight, bias, stats});
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["silu"] = silu;
+    ctx->saved_data["nhwc"] = nhwc;
     return y;
   }
 
@@ -208,14 +320,15 @@ struct FusedGroupNormFn : public torch::autograd::Function<FusedGroupNormFn> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &addend = saved[1], &weight = saved[2], &bias = saved[3], &stats = saved[4];
     const int64_t groups = ctx->saved_data["groups"].toInt();
-    const at::Tensor dy = grads[0].to(x.scalar_type()).contiguous();
+    const bool nhwc = ctx->saved_data["nhwc"].toBool();
+    const at::Tensor dy = grads[0].to(x.scalar_type()).contiguous(memory_format(nhwc));
     const at::TensorOptions f32 = x.options().dtype(at::kFloat);
     const std::vector<int64_t> nc{x.size(0), x.size(1)};
-    at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+    at::Tensor dx = at::empty_like(x, memory_format(nhwc));
     at::Tensor dw_part = at::empty(nc, f32), db_part = at::empty(nc, f32);
     at::Tensor d_addend = addend.numel() > 0 ? at::empty(nc, f32) : at::Tensor();
-    run_backward(x, addend, dy, weight, bias, stats, groups, ctx->saved_data["silu"].toBool(), dx, dw_part, db_part,
-                 d_addend);
+    run_backward(x, addend, dy, weight, bias, stats, groups, ctx->saved_data["silu"].toBool(), nhwc, dx,
+                 dw_part, db_part, d_addend);
     return {ctx->needs_input_grad(0) ? dx : at::Tensor(),
             addend.numel() > 0 && ctx->needs_input_grad(1) ? d_addend : at::Tensor(),
             ctx->needs_input_grad(2) ? dw_part.sum(0) : at::Tensor(),
@@ -229,8 +342,9 @@ struct FusedGroupNormFn : public torch::autograd::Function<FusedGroupNormFn> {
 }  // namespace
 
 bool fused_group_norm_applies(const at::Tensor& x) {
-  return x.dim() >= 2 && x.numel() > 0 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
-         x.is_contiguous() && (x.is_cpu() || (x.is_cuda() && fused_norm_built()));
+  return x.dim() >= 2 && x.numel() > 0 &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+         (x.is_contiguous() || nhwc_memory(x)) && (x.is_cpu() || (x.is_cuda() && fused_norm_built()));
 }
 
 at::Tensor fused_group_norm(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
@@ -264,8 +378,11 @@ at::Tensor fused_group_norm(const at::Tensor& x, int64_t groups, const at::Tenso
       c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA}));
   ++g_fused_norm_calls;
   const at::TensorOptions f32 = x.options().dtype(at::kFloat);
+  // NHWC memory as it is, where a block's run of channels fits the kernels; any other layout as a contiguous
+  // copy.
+  const bool nhwc = nhwc_memory(x) && c / groups <= gn_kernel::kNhwcMaxWidth;
   return FusedGroupNormFn::apply(
-      x.contiguous(), addend.defined() ? addend.to(at::kFloat).contiguous() : at::empty({0}, f32),
+      nhwc ? x : x.contiguous(), addend.defined() ? addend.to(at::kFloat).contiguous() : at::empty({0}, f32),
       weight.defined() ? weight.to(at::kFloat).contiguous() : at::ones({c}, f32),
       bias.defined() ? bias.to(at::kFloat).contiguous() : at::zeros({c}, f32), groups, eps, silu);
 }

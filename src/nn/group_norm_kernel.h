@@ -1,25 +1,27 @@
-// The fused GroupNorm (+ SiLU) kernels' arithmetic, written once for the CUDA kernels (src/nn/cuda/group_norm.cu)
-// and for a serial run of the same block program on the CPU (src/nn/fused_norm.cpp), which is how the tests check
-// the indexing and the formulas on a machine without a GPU.
+// The fused GroupNorm (+ SiLU) kernels' arithmetic, written once for the CUDA kernels
+// (src/nn/cuda/group_norm.cu) and for a serial run of the same block program on the CPU
+// (src/nn/fused_norm.cpp), which is how the tests check the indexing and the formulas on a machine without a
+// GPU.
 //
-// Layout: x is NCHW and contiguous. One thread block normalizes one (image n, group g): the group's elements are
-// one contiguous run of D = (C / G) * HW values starting at (n C + g C/G) HW. Each of the block's T threads
-// takes the elements t, t + T, t + 2T, ... of that run (of one channel's HW values in the backward pass), its
-// partial sums are added up over the block, and the next phase reads the totals.
+// Layout: x is NCHW and contiguous (channels-last memory has a block program of its own, NhwcTile below). One
+// thread block normalizes one (image n, group g): the group's elements are one contiguous run of D = (C / G)
+// * HW values starting at (n C + g C/G) HW. Each of the block's T threads takes the elements t, t + T, t +
+// 2T, ... of that run (of one channel's HW values in the backward pass), its partial sums are added up over
+// the block, and the next phase reads the totals.
 //
-// Forward, three passes over the group: a first mean m0, then sums of x - m0 and (x - m0)^2 (centred passes instead of
-// E[x^2] - E[x]^2, so inputs whose mean is far larger than their spread keep their digits in float32), then
-// y = x^ w_c + b_c, SiLU(y) with `silu`, stored in x's type, where x^ = ((x - m0) - shift) rstd and the mean is
-// m0 + shift, kept as the two float32 numbers (Moments, [N, G, 3]): x - m0 is exact where x is near the mean, and
-// the mean's own rounding (ulp(1000) = 6e-5 for a mean of 1000) stays out of x^.
-// Backward, from x and the moments (the pre-activation recomputed, not kept): with u = dL/dy SiLU'(pre) (or dL/dy),
-// per channel c of the group dw_c^(n) = sum u x^ and db_c^(n) = sum u over its HW pixels, then
-// dx = rstd (u w_c - (sum_c w_c db_c + x^ sum_c w_c dw_c) / D).
-// Optionally x is read as x + a_{n,c} for an addend a [N, C] (ResnetBlock2D's time embedding, which would otherwise
-// take a pass of its own forward and a reduction backward); a's gradient, dx summed over the channel's pixels, is
-// rstd (w_c db_c - HW (sum_c w_c db_c) / D - (sum_c w_c dw_c) / D sum x^), from one more per-channel sum.
-// All arithmetic is float32; only the loads and stores are in the tensor's type (float32 or bfloat16, the latter
-// kept as its 16 bits and rounded to nearest even like c10::BFloat16).
+// Forward, three passes over the group: a first mean m0, then sums of x - m0 and (x - m0)^2 (centred passes
+// instead of E[x^2] - E[x]^2, so inputs whose mean is far larger than their spread keep their digits in
+// float32), then y = x^ w_c + b_c, SiLU(y) with `silu`, stored in x's type, where x^ = ((x - m0) - shift)
+// rstd and the mean is m0 + shift, kept as the two float32 numbers (Moments, [N, G, 3]): x - m0 is exact
+// where x is near the mean, and the mean's own rounding (ulp(1000) = 6e-5 for a mean of 1000) stays out of
+// x^. Backward, from x and the moments (the pre-activation recomputed, not kept): with u = dL/dy SiLU'(pre)
+// (or dL/dy), per channel c of the group dw_c^(n) = sum u x^ and db_c^(n) = sum u over its HW pixels, then dx
+// = rstd (u w_c - (sum_c w_c db_c + x^ sum_c w_c dw_c) / D). Optionally x is read as x + a_{n,c} for an
+// addend a [N, C] (ResnetBlock2D's time embedding, which would otherwise take a pass of its own forward and a
+// reduction backward); a's gradient, dx summed over the channel's pixels, is rstd (w_c db_c - HW (sum_c w_c
+// db_c) / D - (sum_c w_c dw_c) / D sum x^), from one more per-channel sum. All arithmetic is float32; only
+// the loads and stores are in the tensor's type (float32 or bfloat16, the latter kept as its 16 bits and
+// rounded to nearest even like c10::BFloat16).
 #pragma once
 
 #include <cmath>
@@ -227,8 +229,9 @@ DIFFUSE_HD void backward_write(const Group& g, const Source<T>& src, const T* dy
   }
 }
 // The addend's gradient for channel c: dx summed over its HW pixels, rstd (w_c db_c - HW a - bx sum x^).
-DIFFUSE_HD float addend_gradient(const Group& g, const Moments& m, float w, float db, float sum_x, float a, float bx) {
-  return m.rstd * (w * db - static_cast<float>(g.hw) * a - bx * sum_x);
+DIFFUSE_HD float addend_gradient(int64_t hw, const Moments& m, float w, float db, float sum_x, float a,
+                                 float bx) {
+  return m.rstd * (w * db - static_cast<float>(hw) * a - bx * sum_x);
 }
 
 // Threads per block: whole warps, no more than the work of one channel (backward) or group needs, at most 256.
@@ -236,6 +239,130 @@ inline int64_t block_threads(const Shape& s) {
   int64_t t = 32;
   while (t < 256 && t < s.hw) t *= 2;
   return t;
+}
+
+// ---- channels-last (NHWC) ----
+// x is [N, C, H, W] in NHWC memory: element (n, c, p) lies at (n HW + p) C + c, so a group's elements are
+// runs of C/G neighbouring values, one run per pixel. One block takes `per_block` neighbouring groups of one
+// image (a run of `width` = per_block C/G channels: 32 where C/G divides 32 and G allows) and arranges its
+// threads as `rows` rows of `width` lanes: lane l of row r reads channel c_first + l at the pixels r, r +
+// rows, ... (a row reads `width` neighbouring values of one pixel), so each thread stays on one channel. A
+// channel's sums are its lane's column added over the rows, a group's the sum of its C/G columns; both are
+// separate phases of the block program (column_sum, then group_sum), between which the CUDA kernels
+// synchronize the block.
+struct NhwcTile {
+  int64_t per_block;  // groups per block
+  int64_t width;      // lanes: channels per block
+  int64_t rows;
+  DIFFUSE_HD int64_t threads() const { return rows * width; }
+};
+// The widest run the kernels take: C/G at most this.
+constexpr int64_t kNhwcMaxWidth = 1024;
+inline NhwcTile nhwc_tile(const Shape& s) {
+  const int64_t cg = s.cg();
+  int64_t k = cg >= 32 ? 1 : 32 / cg;
+  while (s.groups % k != 0) --k;
+  const int64_t width = k * cg;
+  return {k, width, width >= 256 ? 1 : 256 / width};
+}
+
+// Thread t of block b: its image, channel, group ([N, G] index) and row, and where its channel's values
+// start.
+struct NhwcThread {
+  int64_t image, c, stats, row, lane, start;
+  DIFFUSE_HD NhwcThread(const Shape& s, const NhwcTile& tile, int64_t block, int64_t t) {
+    const int64_t blocks_per_image = s.groups / tile.per_block;
+    image = block / blocks_per_image;
+    lane = t % tile.width;
+    row = t / tile.width;
+    const int64_t g = (block % blocks_per_image) * tile.per_block + lane / s.cg();
+    c = g * s.cg() + lane % s.cg();
+    stats = image * s.groups + g;
+    start = image * s.hw * s.c + c;
+  }
+  DIFFUSE_HD int64_t per_channel(const Shape& s) const { return image * s.c + c; }  // into [N, C]
+  // The group's index within the block (for the group sums).
+  DIFFUSE_HD int64_t group_in_block(const Shape& s) const { return lane / s.cg(); }
+};
+
+template <class T>
+DIFFUSE_HD float nhwc_at(const Source<T>& src, const NhwcThread& th, int64_t p) {
+  return load(src.x, th.start + p * src.shape.c);
+}
+template <class T>
+DIFFUSE_HD float nhwc_addend(const Source<T>& src, const NhwcThread& th) {
+  return src.addend ? src.addend[th.per_channel(src.shape)] : 0.0f;
+}
+
+template <class T>
+DIFFUSE_HD float nhwc_forward_sum(const Source<T>& src, const NhwcTile& tile, const NhwcThread& th) {
+  const float add = nhwc_addend(src, th);
+  float s = 0.0f;
+  for (int64_t p = th.row; p < src.shape.hw; p += tile.rows) s += nhwc_at(src, th, p) + add;
+  return s;
+}
+template <class T>
+DIFFUSE_HD void nhwc_forward_centred_sums(const Source<T>& src, const NhwcTile& tile, const NhwcThread& th,
+                                          float m0, float& s1, float& s2) {
+  const float add = nhwc_addend(src, th);
+  s1 = 0.0f;
+  s2 = 0.0f;
+  for (int64_t p = th.row; p < src.shape.hw; p += tile.rows) {
+    const float v = (nhwc_at(src, th, p) + add) - m0;
+    s1 += v;
+    s2 += v * v;
+  }
+}
+template <class T>
+DIFFUSE_HD void nhwc_forward_write(const Source<T>& src, const NhwcTile& tile, const NhwcThread& th,
+                                   const float* w, const float* b, const Moments& m, bool silu, T* y) {
+  const float add = nhwc_addend(src, th), wc = w[th.c], bc = b[th.c];
+  for (int64_t p = th.row; p < src.shape.hw; p += tile.rows) {
+    float v = m.normalize(nhwc_at(src, th, p) + add) * wc + bc;
+    if (silu) v *= sigmoid(v);
+    store(y, th.start + p * src.shape.c, v);
+  }
+}
+// This thread's share of its channel's sum u x^, sum u and sum x^.
+template <class T>
+DIFFUSE_HD void nhwc_backward_sums(const Source<T>& src, const NhwcTile& tile, const NhwcThread& th,
+                                   const T* dy, const float* w, const float* b, const Moments& m, bool silu,
+                                   float& sum_ux, float& sum_u, float& sum_x) {
+  const float add = nhwc_addend(src, th), wc = w[th.c], bc = b[th.c];
+  sum_ux = 0.0f;
+  sum_u = 0.0f;
+  sum_x = 0.0f;
+  for (int64_t p = th.row; p < src.shape.hw; p += tile.rows) {
+    const float xhat = m.normalize(nhwc_at(src, th, p) + add);
+    const float u = upstream(dy, th.start + p * src.shape.c, xhat, wc, bc, silu);
+    sum_ux += u * xhat;
+    sum_u += u;
+    sum_x += xhat;
+  }
+}
+template <class T>
+DIFFUSE_HD void nhwc_backward_write(const Source<T>& src, const NhwcTile& tile, const NhwcThread& th,
+                                    const T* dy, const float* w, const float* b, const Moments& m, bool silu,
+                                    float a, float bx, T* dx) {
+  const float add = nhwc_addend(src, th), wc = w[th.c], bc = b[th.c];
+  for (int64_t p = th.row; p < src.shape.hw; p += tile.rows) {
+    const int64_t i = th.start + p * src.shape.c;
+    const float xhat = m.normalize(nhwc_at(src, th, p) + add);
+    const float u = upstream(dy, i, xhat, wc, bc, silu);
+    store(dx, i, m.rstd * (u * wc - a - xhat * bx));
+  }
+}
+// The block's reductions over per-thread values vals[t] (t = row * width + lane): lane l's column, then group
+// j's columns (cols[j C/G ... (j + 1) C/G - 1]); `weights` (w[c_first ...], or nullptr) scales each column.
+DIFFUSE_HD float column_sum(const float* vals, const NhwcTile& tile, int64_t lane) {
+  float s = 0.0f;
+  for (int64_t r = 0; r < tile.rows; ++r) s += vals[r * tile.width + lane];
+  return s;
+}
+DIFFUSE_HD float group_sum(const float* cols, int64_t cg, int64_t j, const float* weights = nullptr) {
+  float s = 0.0f;
+  for (int64_t k = j * cg; k < (j + 1) * cg; ++k) s += weights ? weights[k] * cols[k] : cols[k];
+  return s;
 }
 
 }  // namespace gn_kernel

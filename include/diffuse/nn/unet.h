@@ -135,10 +135,10 @@ bool reduced_precision_norm();
 // of LibTorch's GroupNorm, SiLU and autocast's casts around them: per normalization one kernel forward
 // (statistics by two passes, then the affine map and SiLU) and one backward (the pre-activation recomputed
 // from the kept input), float32 arithmetic on float32 or bfloat16 activations, the output in the activations'
-// type. Applies to NCHW activations on CUDA in a build with the kernels (fused_norm_built(): a CUDA LibTorch
-// and nvcc); elsewhere, and in a channels-last forward, the other paths run. Off by default in the library
-// (bench_train_speed --fused-norm 1); the program turns it on (faster in every configuration session 16 timed
-// on an H100; DIFFUSE_CUDA_FUSED_NORM=0).
+// type. Applies to NCHW and, in a channels-last forward, NHWC activations (a kernel pair for each layout) on
+// CUDA in a build with the kernels (fused_norm_built(): a CUDA LibTorch and nvcc); elsewhere the other paths
+// run. Off by default in the library (bench_train_speed --fused-norm 1); the program turns it on (faster in
+// every configuration session 16 timed on an H100; DIFFUSE_CUDA_FUSED_NORM=0).
 void set_fused_norm(bool on);
 bool fused_norm();
 bool fused_norm_built();

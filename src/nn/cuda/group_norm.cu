@@ -11,6 +11,8 @@ namespace {
 using gn_kernel::Bf16;
 using gn_kernel::Group;
 using gn_kernel::Moments;
+using gn_kernel::NhwcThread;
+using gn_kernel::NhwcTile;
 using gn_kernel::Shape;
 using gn_kernel::Source;
 
@@ -85,10 +87,94 @@ __global__ void backward_kernel(const T* __restrict__ x, const float* __restrict
   if (d_addend && t == 0) {
     for (int64_t k = 0; k < shape.cg(); ++k) {
       const int64_t nc = g.per_channel(shape, k);
-      d_addend[nc] = gn_kernel::addend_gradient(g, m, w[g.c0 + k], db_part[nc], d_addend[nc], a / d, bx / d);
+      d_addend[nc] =
+          gn_kernel::addend_gradient(g.hw, m, w[g.c0 + k], db_part[nc], d_addend[nc], a / d, bx / d);
     }
   }
   gn_kernel::backward_write(g, src, dy, w, b, m, silu, a / d, bx / d, dx, t, threads);
+}
+
+// ---- channels-last: the block program of gn_kernel::NhwcTile; shared memory holds the per-thread values,
+// then the columns, then the groups' results ----
+template <class T>
+__global__ void nhwc_forward_kernel(const T* __restrict__ x, const float* __restrict__ addend,
+                                    const float* __restrict__ w, const float* __restrict__ b,
+                                    T* __restrict__ y, float* __restrict__ stats, Shape shape, NhwcTile tile,
+                                    float eps, bool silu) {
+  extern __shared__ float shared[];
+  const int64_t threads = tile.threads(), width = tile.width, cg = shape.cg();
+  float* vals = shared;                // [2, threads]
+  float* cols = vals + 2 * threads;    // [2, width]
+  float* m0s = cols + 2 * width;       // [per_block]
+  float* moms = m0s + tile.per_block;  // [per_block, 3]
+  const int64_t t = threadIdx.x;
+  const NhwcThread th(shape, tile, blockIdx.x, t);
+  const Source<T> src{x, addend, shape};
+  const int64_t j = th.group_in_block(shape);
+  const float d = static_cast<float>(cg * shape.hw);
+  vals[t] = gn_kernel::nhwc_forward_sum(src, tile, th);
+  __syncthreads();
+  if (t < width) cols[t] = gn_kernel::column_sum(vals, tile, t);
+  __syncthreads();
+  if (t < tile.per_block) m0s[t] = gn_kernel::group_sum(cols, cg, t) / d;
+  __syncthreads();
+  const float m0 = m0s[j];
+  gn_kernel::nhwc_forward_centred_sums(src, tile, th, m0, vals[t], vals[threads + t]);
+  __syncthreads();
+  if (t < width) {
+    cols[t] = gn_kernel::column_sum(vals, tile, t);
+    cols[width + t] = gn_kernel::column_sum(vals + threads, tile, t);
+  }
+  __syncthreads();
+  if (t < tile.per_block) {
+    const Moments m = gn_kernel::moments_from(m0s[t], gn_kernel::group_sum(cols, cg, t),
+                                              gn_kernel::group_sum(cols + width, cg, t), cg * shape.hw, eps);
+    m.write(moms, t);
+    m.write(stats, th.stats - j + t);
+  }
+  __syncthreads();
+  gn_kernel::nhwc_forward_write(src, tile, th, w, b, Moments::read(moms, j), silu, y);
+}
+
+template <class T>
+__global__ void nhwc_backward_kernel(const T* __restrict__ x, const float* __restrict__ addend,
+                                     const T* __restrict__ dy, const float* __restrict__ w,
+                                     const float* __restrict__ b, const float* __restrict__ stats,
+                                     Shape shape, NhwcTile tile, bool silu, T* __restrict__ dx,
+                                     float* __restrict__ dw_part, float* __restrict__ db_part,
+                                     float* __restrict__ d_addend) {
+  extern __shared__ float shared[];
+  const int64_t threads = tile.threads(), width = tile.width, cg = shape.cg();
+  float* vals = shared;              // [3, threads]
+  float* cols = vals + 3 * threads;  // [3, width]: sum u x^, sum u, sum x^ per channel
+  float* ab = cols + 3 * width;      // [per_block, 2]: a, bx
+  const int64_t t = threadIdx.x;
+  const NhwcThread th(shape, tile, blockIdx.x, t);
+  const Source<T> src{x, addend, shape};
+  const int64_t j = th.group_in_block(shape);
+  const Moments m = Moments::read(stats, th.stats);
+  gn_kernel::nhwc_backward_sums(src, tile, th, dy, w, b, m, silu, vals[t], vals[threads + t],
+                                vals[2 * threads + t]);
+  __syncthreads();
+  if (t < width) {
+    for (int q = 0; q < 3; ++q) cols[q * width + t] = gn_kernel::column_sum(vals + q * threads, tile, t);
+    dw_part[th.per_channel(shape)] = cols[t];
+    db_part[th.per_channel(shape)] = cols[width + t];
+  }
+  __syncthreads();
+  const float d = static_cast<float>(cg * shape.hw);
+  const float* wb = w + (th.c - th.lane);  // the block's first channel's weight
+  if (t < tile.per_block) {
+    ab[2 * t] = gn_kernel::group_sum(cols + width, cg, t, wb) / d;
+    ab[2 * t + 1] = gn_kernel::group_sum(cols, cg, t, wb) / d;
+  }
+  __syncthreads();
+  const float a = ab[2 * j], bx = ab[2 * j + 1];
+  if (d_addend && t < width) {
+    d_addend[th.per_channel(shape)] =
+        gn_kernel::addend_gradient(shape.hw, m, w[th.c], cols[width + t], cols[2 * width + t], a, bx);
+  }
+  gn_kernel::nhwc_backward_write(src, tile, th, dy, w, b, m, silu, a, bx, dx);
 }
 
 const char* launched() {
@@ -127,6 +213,45 @@ const char* backward(bool bf16, const void* x, const float* addend, const void* 
     backward_kernel<float><<<grid, block, 0, s>>>(static_cast<const float*>(x), addend, static_cast<const float*>(dy),
                                                   w, b, stats, shape, silu, static_cast<float*>(dx), dw_part, db_part,
                                                   d_addend);
+  }
+  return launched();
+}
+
+const char* forward_nhwc(bool bf16, const void* x, const float* addend, const float* w, const float* b,
+                         void* y, float* stats, const Shape& shape, float eps, bool silu, void* stream) {
+  const NhwcTile tile = gn_kernel::nhwc_tile(shape);
+  const dim3 grid(static_cast<unsigned>(shape.n * (shape.groups / tile.per_block)));
+  const dim3 block(static_cast<unsigned>(tile.threads()));
+  const size_t smem =
+      sizeof(float) * static_cast<size_t>(2 * tile.threads() + 2 * tile.width + 4 * tile.per_block);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (bf16) {
+    nhwc_forward_kernel<Bf16><<<grid, block, smem, s>>>(static_cast<const Bf16*>(x), addend, w, b,
+                                                        static_cast<Bf16*>(y), stats, shape, tile, eps, silu);
+  } else {
+    nhwc_forward_kernel<float><<<grid, block, smem, s>>>(
+        static_cast<const float*>(x), addend, w, b, static_cast<float*>(y), stats, shape, tile, eps, silu);
+  }
+  return launched();
+}
+
+const char* backward_nhwc(bool bf16, const void* x, const float* addend, const void* dy, const float* w,
+                          const float* b, const float* stats, const Shape& shape, bool silu, void* dx,
+                          float* dw_part, float* db_part, float* d_addend, void* stream) {
+  const NhwcTile tile = gn_kernel::nhwc_tile(shape);
+  const dim3 grid(static_cast<unsigned>(shape.n * (shape.groups / tile.per_block)));
+  const dim3 block(static_cast<unsigned>(tile.threads()));
+  const size_t smem =
+      sizeof(float) * static_cast<size_t>(3 * tile.threads() + 3 * tile.width + 2 * tile.per_block);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (bf16) {
+    nhwc_backward_kernel<Bf16><<<grid, block, smem, s>>>(
+        static_cast<const Bf16*>(x), addend, static_cast<const Bf16*>(dy), w, b, stats, shape, tile, silu,
+        static_cast<Bf16*>(dx), dw_part, db_part, d_addend);
+  } else {
+    nhwc_backward_kernel<float><<<grid, block, smem, s>>>(
+        static_cast<const float*>(x), addend, static_cast<const float*>(dy), w, b, stats, shape, tile, silu,
+        static_cast<float*>(dx), dw_part, db_part, d_addend);
   }
   return launched();
 }

@@ -18,5 +18,14 @@ const char* backward(bool bf16, const void* x, const float* addend, const void* 
                      const float* stats, const gn_kernel::Shape& shape, bool silu, void* dx, float* dw_part,
                      float* db_part, float* d_addend, void* stream);
 
+// The same for x, y, dy, dx [N, C, H, W] in NHWC memory (channels-last contiguous); the other arguments as
+// above.
+const char* forward_nhwc(bool bf16, const void* x, const float* addend, const float* w, const float* b,
+                         void* y, float* stats, const gn_kernel::Shape& shape, float eps, bool silu,
+                         void* stream);
+const char* backward_nhwc(bool bf16, const void* x, const float* addend, const void* dy, const float* w,
+                          const float* b, const float* stats, const gn_kernel::Shape& shape, bool silu,
+                          void* dx, float* dw_part, float* db_part, float* d_addend, void* stream);
+
 }  // namespace gn_cuda
 }  // namespace diffuse
