@@ -31,6 +31,10 @@ TEST(FusedNorm, WithoutAffineParametersAndInItsOwnType) {
   const at::Tensor nhwc = at::randn({2, 4, 4, 6}).permute({0, 3, 1, 2});
   const at::Tensor yn = fused_group_norm(nhwc, 3, at::Tensor(), at::Tensor(), 1e-5, true);
   EXPECT_TRUE(yn.is_contiguous(at::MemoryFormat::ChannelsLast));
+  // Groups wider than the NHWC kernels' blocks (C/G > 512) are normalized as a contiguous copy.
+  const at::Tensor wide = at::randn({1, 1024, 2, 3}).contiguous(at::MemoryFormat::ChannelsLast);
+  EXPECT_TRUE(at::allclose(fused_group_norm(wide, 1, at::Tensor(), at::Tensor(), 1e-5, false),
+                           at::group_norm(wide, 1), 1e-4, 1e-5));
   EXPECT_TRUE(at::allclose(yn, fused_group_norm(nhwc.contiguous(), 3, at::Tensor(), at::Tensor(), 1e-5, true),
                            1e-5, 1e-6));
 }

@@ -256,8 +256,9 @@ struct NhwcTile {
   int64_t rows;
   DIFFUSE_HD int64_t threads() const { return rows * width; }
 };
-// The widest run the kernels take: C/G at most this.
-constexpr int64_t kNhwcMaxWidth = 1024;
+// The widest run the kernels take (C/G at most this; wider groups go through a contiguous copy): with rows of
+// at least 256 / width lanes, a block has at most 512 threads (the kernels' launch bound).
+constexpr int64_t kNhwcMaxWidth = 512;
 inline NhwcTile nhwc_tile(const Shape& s) {
   const int64_t cg = s.cg();
   int64_t k = cg >= 32 ? 1 : 32 / cg;

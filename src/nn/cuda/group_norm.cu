@@ -97,10 +97,10 @@ __global__ void backward_kernel(const T* __restrict__ x, const float* __restrict
 // ---- channels-last: the block program of gn_kernel::NhwcTile; shared memory holds the per-thread values,
 // then the columns, then the groups' results ----
 template <class T>
-__global__ void nhwc_forward_kernel(const T* __restrict__ x, const float* __restrict__ addend,
-                                    const float* __restrict__ w, const float* __restrict__ b,
-                                    T* __restrict__ y, float* __restrict__ stats, Shape shape, NhwcTile tile,
-                                    float eps, bool silu) {
+__global__ void __launch_bounds__(gn_kernel::kNhwcMaxWidth)
+    nhwc_forward_kernel(const T* __restrict__ x, const float* __restrict__ addend,
+                        const float* __restrict__ w, const float* __restrict__ b, T* __restrict__ y,
+                        float* __restrict__ stats, Shape shape, NhwcTile tile, float eps, bool silu) {
   extern __shared__ float shared[];
   const int64_t threads = tile.threads(), width = tile.width, cg = shape.cg();
   float* vals = shared;                // [2, threads]
@@ -119,7 +119,10 @@ __global__ void nhwc_forward_kernel(const T* __restrict__ x, const float* __rest
   if (t < tile.per_block) m0s[t] = gn_kernel::group_sum(cols, cg, t) / d;
   __syncthreads();
   const float m0 = m0s[j];
-  gn_kernel::nhwc_forward_centred_sums(src, tile, th, m0, vals[t], vals[threads + t]);
+  float s1, s2;
+  gn_kernel::nhwc_forward_centred_sums(src, tile, th, m0, s1, s2);
+  vals[t] = s1;
+  vals[threads + t] = s2;
   __syncthreads();
   if (t < width) {
     cols[t] = gn_kernel::column_sum(vals, tile, t);
@@ -137,12 +140,12 @@ __global__ void nhwc_forward_kernel(const T* __restrict__ x, const float* __rest
 }
 
 template <class T>
-__global__ void nhwc_backward_kernel(const T* __restrict__ x, const float* __restrict__ addend,
-                                     const T* __restrict__ dy, const float* __restrict__ w,
-                                     const float* __restrict__ b, const float* __restrict__ stats,
-                                     Shape shape, NhwcTile tile, bool silu, T* __restrict__ dx,
-                                     float* __restrict__ dw_part, float* __restrict__ db_part,
-                                     float* __restrict__ d_addend) {
+__global__ void __launch_bounds__(gn_kernel::kNhwcMaxWidth)
+    nhwc_backward_kernel(const T* __restrict__ x, const float* __restrict__ addend, const T* __restrict__ dy,
+                         const float* __restrict__ w, const float* __restrict__ b,
+                         const float* __restrict__ stats, Shape shape, NhwcTile tile, bool silu,
+                         T* __restrict__ dx, float* __restrict__ dw_part, float* __restrict__ db_part,
+                         float* __restrict__ d_addend) {
   extern __shared__ float shared[];
   const int64_t threads = tile.threads(), width = tile.width, cg = shape.cg();
   float* vals = shared;              // [3, threads]
@@ -153,8 +156,11 @@ __global__ void nhwc_backward_kernel(const T* __restrict__ x, const float* __res
   const Source<T> src{x, addend, shape};
   const int64_t j = th.group_in_block(shape);
   const Moments m = Moments::read(stats, th.stats);
-  gn_kernel::nhwc_backward_sums(src, tile, th, dy, w, b, m, silu, vals[t], vals[threads + t],
-                                vals[2 * threads + t]);
+  float sum_ux, sum_u, sum_x;
+  gn_kernel::nhwc_backward_sums(src, tile, th, dy, w, b, m, silu, sum_ux, sum_u, sum_x);
+  vals[t] = sum_ux;
+  vals[threads + t] = sum_u;
+  vals[2 * threads + t] = sum_x;
   __syncthreads();
   if (t < width) {
     for (int q = 0; q < 3; ++q) cols[q * width + t] = gn_kernel::column_sum(vals + q * threads, tile, t);
