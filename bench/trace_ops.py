@@ -2,13 +2,15 @@
 """Per-operator self time of chrome://tracing files written by the autograd profiler (bench_train_speed
 --profile, reference_unet.py --profile), side by side: where one implementation spends time the other does not.
 With --kernels, the GPU's work instead (Kineto traces of a CUDA run: kernels, copies and fills by name, their summed
-durations; the host's operators left out).
+durations; the host's operators left out), followed by the kernels' time per kind (convolutions, cuDNN's layout
+transposes, GEMMs, attention, GroupNorm, optimizer, ...), to see at a glance where a step's GPU time goes.
 
   python3 bench/trace_ops.py /tmp/cpp-train.trace /tmp/py-train.trace [--top 25] [--kernels]
 """
 import argparse
 import collections
 import json
+import re
 
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -47,6 +49,49 @@ def self_times(path, kernels=False):
     return out
 
 
+# Kinds of GPU work by kernel name, first match wins (names as CUDA 12-13, cuDNN 9 and PyTorch 2.x print them).
+KINDS = (
+    ("memcpy / memset", r"^Memcpy|^Memset|^\[memcpy|^\[memset"),
+    ("layout transposes (cuDNN NCHW<->NHWC)", r"nchwToNhwc|nhwcToNchw|nchw2nhwc|nhwc2nchw|convertTensor"),
+    ("GroupNorm, fused (diffuse)", r"gn_cuda"),
+    ("GroupNorm, LibTorch", r"[Gg]roup_?[Nn]orm|RowwiseMoments|ComputeFusedParams|Welford|ComputeInternalGradients"),
+    ("attention (SDPA)", r"flash|fmha|attention|_efficient_attention|cutlassF|cutlassB"),
+    ("convolution (cuDNN)", r"fprop|dgrad|wgrad|implicit_convolve|cudnn|[Cc]onv|cutlass_.*_(nhwc|nchw)"),
+    ("GEMM (cuBLAS)", r"gemm|cublas|Kernel2|sm\d+_.*_tn|sm\d+_.*_nt|sm\d+_.*_nn"),
+    ("optimizer / EMA", r"adam|Adam|multi_tensor|foreach|lerp"),
+    ("dropout", r"dropout"),
+    ("reductions", r"reduce_kernel|Reduce"),
+    ("upsample / pad / cat", r"upsample|pad|CatArray|cat_"),
+    ("copies and casts", r"copy|Copy|cast"),
+    ("elementwise", r"elementwise|vectorized|unrolled"),
+)
+
+
+def kind_of(name):
+    for kind, pattern in KINDS:
+        if re.search(pattern, name):
+            return kind
+    return "other"
+
+
+def print_kinds(traces, tables, totals):
+    rows = []
+    for t in tables:
+        per = collections.defaultdict(float)
+        for name, (us, _) in t.items():
+            per[kind_of(name)] += us
+        rows.append(per)
+    kinds = [k for k, _ in KINDS] + ["other"]
+    head = "".join(f" | {t[-40:]} ms (%)" for t in traces)
+    print(f"\n| kind of kernel{head} |\n|---" + "|---" * len(tables) + "|")
+    for k in kinds:
+        if not any(r.get(k) for r in rows):
+            continue
+        cells = "".join(f" | {r.get(k, 0.0) / 1e3:.3f} ({100.0 * r.get(k, 0.0) / max(tot, 1e-9):.1f})"
+                        for r, tot in zip(rows, totals))
+        print(f"| {k}{cells} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("traces", nargs="+")
@@ -62,6 +107,8 @@ def main():
         cells = "".join(f" | {t[n][0] / 1e3:.3f} ({t[n][1]})" if n in t else " | -" for t in tables)
         print(f"| {n}{cells} |")
     print("| total" + "".join(f" | {x / 1e3:.3f}" for x in totals) + " |")
+    if args.kernels:
+        print_kinds(args.traces, tables, totals)
 
 
 if __name__ == "__main__":
