@@ -112,7 +112,7 @@ void nhwc_forward_serial(const Source<T>& src, const float* w, const float* b, T
   const gn_kernel::NhwcTile tile = gn_kernel::nhwc_tile(s);
   const int64_t threads = tile.threads(), width = tile.width, cg = s.cg();
   const float d = static_cast<float>(cg * s.hw);
-  at::parallel_for(0, s.n * (s.groups / tile.per_block), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tile.blocks(s), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> vals(static_cast<size_t>(2 * threads)), cols(static_cast<size_t>(2 * width));
     std::vector<float> m0s(static_cast<size_t>(tile.per_block));
     std::vector<Moments> moms(static_cast<size_t>(tile.per_block));
@@ -151,7 +151,7 @@ void nhwc_backward_serial(const Source<T>& src, const T* dy, const float* w, con
   const gn_kernel::NhwcTile tile = gn_kernel::nhwc_tile(s);
   const int64_t threads = tile.threads(), width = tile.width, cg = s.cg();
   const float d = static_cast<float>(cg * s.hw);
-  at::parallel_for(0, s.n * (s.groups / tile.per_block), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tile.blocks(s), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> vals(static_cast<size_t>(3 * threads)), cols(static_cast<size_t>(3 * width));
     std::vector<float> ab(static_cast<size_t>(2 * tile.per_block));
     std::vector<gn_kernel::NhwcThread> th;

@@ -255,6 +255,7 @@ struct NhwcTile {
   int64_t width;      // lanes: channels per block
   int64_t rows;
   DIFFUSE_HD int64_t threads() const { return rows * width; }
+  DIFFUSE_HD int64_t blocks(const Shape& s) const { return s.n * (s.groups / per_block); }
 };
 // The widest run the kernels take (C/G at most this; wider groups go through a contiguous copy): with rows of
 // at least 256 / width lanes, a block has at most 512 threads (the kernels' launch bound).

@@ -226,7 +226,7 @@ const char* backward(bool bf16, const void* x, const float* addend, const void* 
 const char* forward_nhwc(bool bf16, const void* x, const float* addend, const float* w, const float* b,
                          void* y, float* stats, const Shape& shape, float eps, bool silu, void* stream) {
   const NhwcTile tile = gn_kernel::nhwc_tile(shape);
-  const dim3 grid(static_cast<unsigned>(shape.n * (shape.groups / tile.per_block)));
+  const dim3 grid(static_cast<unsigned>(tile.blocks(shape)));
   const dim3 block(static_cast<unsigned>(tile.threads()));
   const size_t smem =
       sizeof(float) * static_cast<size_t>(2 * tile.threads() + 2 * tile.width + 4 * tile.per_block);
@@ -245,7 +245,7 @@ const char* backward_nhwc(bool bf16, const void* x, const float* addend, const v
                           const float* b, const float* stats, const Shape& shape, bool silu, void* dx,
                           float* dw_part, float* db_part, float* d_addend, void* stream) {
   const NhwcTile tile = gn_kernel::nhwc_tile(shape);
-  const dim3 grid(static_cast<unsigned>(shape.n * (shape.groups / tile.per_block)));
+  const dim3 grid(static_cast<unsigned>(tile.blocks(shape)));
   const dim3 block(static_cast<unsigned>(tile.threads()));
   const size_t smem =
       sizeof(float) * static_cast<size_t>(3 * tile.threads() + 3 * tile.width + 2 * tile.per_block);
