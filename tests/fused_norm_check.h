@@ -79,8 +79,9 @@ inline Errors errors(const Case& k, at::ScalarType dtype, bool silu, const at::D
 // with two, x^ is
 // +-1 and dx cancels to what eps leaves, where no relative bound holds), a mean 1000 times the spread, a [N,
 // C, L] input, and one group of 64 channels (an NHWC block of one group, 64 lanes wide). In NHWC memory the
-// blocks take 4 groups of 2 channels (8 lanes, 32 rows), 16 (32 lanes), 3 of 4 (12 lanes, 21 rows: 252
-// threads), 8 of 2 and one of 64; [4, 6, 1, 1] is NCHW memory as well and keeps the NCHW program.
+// blocks take 4 groups of 2 channels (8 lanes, 35 rows: one pixel per thread), 16 (32 lanes, 32 rows), 3 of 4
+// (12 lanes, 85 rows: 1,020 threads), 8 of 2 (16 lanes, 64 rows) and one of 64 (64 lanes, 15 rows);
+// [4, 6, 1, 1] is NCHW memory as well and keeps the NCHW program.
 inline std::vector<Case> cases() {
   return {{{2, 8, 5, 7}, 4}, {{3, 64, 28, 28}, 32},           {{2, 12, 10, 30}, 3},
           {{4, 6, 1, 1}, 1}, {{2, 16, 9, 9}, 8, 1000.0, 1.0}, {{2, 8, 17}, 2},

@@ -6,6 +6,7 @@
 #include "diffuse/nn/unet.h"
 #include "fused_norm_check.h"
 #include "nn/blocks.h"
+#include "nn/group_norm_kernel.h"
 
 namespace {
 
@@ -15,6 +16,32 @@ TEST(FusedNorm, BlockProgramIsGroupNorm) { fused_norm_check::check_all_cases(at:
 
 // The channels-last block program (NHWC memory read as it is): the same function, in x's layout.
 TEST(FusedNorm, NhwcBlockProgramIsGroupNorm) { fused_norm_check::check_all_cases(at::kCPU, true); }
+
+// The NHWC blocks fit the CUDA kernels' launch bound and cover every group once, whatever the channels,
+// groups and pixels: whole groups per block, at most kNhwcMaxThreads threads, no more rows than pixels.
+TEST(FusedNorm, NhwcTilesFitTheKernels) {
+  namespace gk = diffuse::gn_kernel;
+  int64_t shapes = 0;
+  for (int64_t c : {3, 6, 32, 64, 96, 128, 192, 256, 384, 512, 640, 896, 1024}) {
+    for (int64_t groups = 1; groups <= c; ++groups) {
+      if (c % groups != 0 || c / groups > gk::kNhwcMaxWidth) continue;
+      for (int64_t hw : {1, 16, 49, 196, 784, 1024}) {
+        const gk::Shape s{2, c, hw, groups};
+        const gk::NhwcTile t = gk::nhwc_tile(s);
+        ASSERT_GE(t.per_block, 1);
+        EXPECT_EQ(groups % t.per_block, 0) << c << " channels, " << groups << " groups";
+        EXPECT_EQ(t.width, t.per_block * s.cg());
+        EXPECT_LE(t.threads(), gk::kNhwcMaxThreads)
+            << c << " channels, " << groups << " groups, " << hw << " px";
+        EXPECT_GE(t.rows, 1);
+        EXPECT_LE(t.rows, hw);
+        EXPECT_EQ(t.blocks(s) * t.per_block, s.n * groups);
+        ++shapes;
+      }
+    }
+  }
+  EXPECT_GT(shapes, 500);
+}
 
 TEST(FusedNorm, WithoutAffineParametersAndInItsOwnType) {
   at::manual_seed(3);

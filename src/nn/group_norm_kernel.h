@@ -24,6 +24,7 @@
 // rounded to nearest even like c10::BFloat16).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -257,15 +258,19 @@ struct NhwcTile {
   DIFFUSE_HD int64_t threads() const { return rows * width; }
   DIFFUSE_HD int64_t blocks(const Shape& s) const { return s.n * (s.groups / per_block); }
 };
-// The widest run the kernels take (C/G at most this; wider groups go through a contiguous copy): with rows of
-// at least 256 / width lanes, a block has at most 512 threads (the kernels' launch bound).
+// The widest run the kernels take (C/G at most this; wider groups go through a contiguous copy).
 constexpr int64_t kNhwcMaxWidth = 512;
+// Threads per block at most (the kernels' launch bound). Blocks are few (one per run of groups of an image:
+// 256 for the fmnist U-Net's first level at batch 128, where the NCHW program has 4,096), so each takes as
+// many rows as there are pixels, up to this, to keep the GPU's memory busy.
+constexpr int64_t kNhwcMaxThreads = 1024;
 inline NhwcTile nhwc_tile(const Shape& s) {
   const int64_t cg = s.cg();
   int64_t k = cg >= 32 ? 1 : 32 / cg;
   while (s.groups % k != 0) --k;
   const int64_t width = k * cg;
-  return {k, width, width >= 256 ? 1 : 256 / width};
+  const int64_t rows = std::max<int64_t>(1, std::min(kNhwcMaxThreads / width, s.hw));
+  return {k, width, rows};
 }
 
 // Thread t of block b: its image, channel, group ([N, G] index) and row, and where its channel's values

@@ -97,7 +97,7 @@ __global__ void backward_kernel(const T* __restrict__ x, const float* __restrict
 // ---- channels-last: the block program of gn_kernel::NhwcTile; shared memory holds the per-thread values,
 // then the columns, then the groups' results ----
 template <class T>
-__global__ void __launch_bounds__(gn_kernel::kNhwcMaxWidth)
+__global__ void __launch_bounds__(gn_kernel::kNhwcMaxThreads)
     nhwc_forward_kernel(const T* __restrict__ x, const float* __restrict__ addend,
                         const float* __restrict__ w, const float* __restrict__ b, T* __restrict__ y,
                         float* __restrict__ stats, Shape shape, NhwcTile tile, float eps, bool silu) {
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(gn_kernel::kNhwcMaxWidth)
 }
 
 template <class T>
-__global__ void __launch_bounds__(gn_kernel::kNhwcMaxWidth)
+__global__ void __launch_bounds__(gn_kernel::kNhwcMaxThreads)
     nhwc_backward_kernel(const T* __restrict__ x, const float* __restrict__ addend, const T* __restrict__ dy,
                          const float* __restrict__ w, const float* __restrict__ b,
                          const float* __restrict__ stats, Shape shape, NhwcTile tile, bool silu,
