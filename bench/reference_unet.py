@@ -516,7 +516,10 @@ def sync(device):
 def report(args, bench, params, device, seconds, total, extra):
     img_s = args.batch * len(seconds) / max(total, 1e-12)
     med = statistics.median(seconds) if seconds else 0.0
-    rec = {"impl": "pytorch" if KERNELS == "plain" else "pytorch-" + KERNELS, "bench": bench,
+    impl = "pytorch" if KERNELS == "plain" else "pytorch-" + KERNELS
+    if bench == "train" and args.step == "lean":
+        impl += "-lean"
+    rec = {"impl": impl, "bench": bench,
            "preset": args.preset, "device": str(device), "batch": args.batch, "threads": torch.get_num_threads(),
            "params": params, "iters": len(seconds), "seconds": total,
            "img_per_s": img_s, "img_per_s_median": args.batch / med if med > 0 else img_s,
@@ -588,19 +591,25 @@ def linear_betas(process):
 
 
 def bench_train(args, preset, device, steps, warmup):
-    """One step of diffusers' train_unconditional recipe: add_noise, eps MSE, backward, clip, AdamW, EMA."""
-    cfg, t = preset["model"], preset.get("train", {})
+    """One step of diffusers' train_unconditional recipe: add_noise, eps MSE, backward, clip, AdamW, EMA.
+    --step lean: the bare step (no dropout, Adam, no clipping, warm-up schedule or EMA), as a minimal PyTorch
+    training loop is often written; it does less than the C++ step and is timed only to place the recipe's figure."""
+    cfg, t = dict(preset["model"]), preset.get("train", {})
+    lean = args.step == "lean"
+    if lean:
+        cfg["dropout"] = 0.0
     torch.manual_seed(args.seed)
     model = UNet2DModel(cfg).to(device).train()
     params = [p for p in model.parameters()]
-    kw = {"foreach": True} if "foreach" in torch.optim.AdamW.__init__.__code__.co_varnames else {}
-    opt = torch.optim.AdamW(params, lr=t.get("lr", 2e-4), betas=(t.get("beta1", 0.9), t.get("beta2", 0.999)),
-                            eps=t.get("adam_eps", 1e-8), weight_decay=t.get("weight_decay", 0.0), **kw)
+    opt_class = torch.optim.Adam if lean else torch.optim.AdamW
+    kw = {"foreach": True} if "foreach" in opt_class.__init__.__code__.co_varnames else {}
+    opt = opt_class(params, lr=t.get("lr", 2e-4), betas=(t.get("beta1", 0.9), t.get("beta2", 0.999)),
+                    eps=t.get("adam_eps", 1e-8), weight_decay=0.0 if lean else t.get("weight_decay", 0.0), **kw)
     warm = max(int(t.get("warmup_steps", 200)), 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    ema = [p.detach().clone() for p in params]
+    sched = None if lean else torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    ema = None if lean else [p.detach().clone() for p in params]
     ema_decay = t.get("ema_decay", 0.9999)
-    grad_clip = t.get("grad_clip", 1.0)
+    grad_clip = 0.0 if lean else t.get("grad_clip", 1.0)
     alphas_cumprod = torch.cumprod(1.0 - linear_betas(preset.get("process", {})), 0).float().to(device)
     T = alphas_cumprod.numel()
     s, c = cfg.get("sample_size", 32), cfg.get("in_channels", 3)
@@ -632,12 +641,15 @@ def bench_train(args, preset, device, steps, warmup):
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         opt.zero_grad(set_to_none=True)
         # EMA with warm-up decay min(decay, (1 + n) / (10 + n)) (diffusers EMAModel).
         d = min(ema_decay, (2.0 + step) / (11.0 + step))
         with torch.no_grad():
-            if hasattr(torch, "_foreach_lerp_"):
+            if ema is None:
+                pass
+            elif hasattr(torch, "_foreach_lerp_"):
                 torch._foreach_lerp_(ema, params, 1.0 - d)
             else:
                 torch._foreach_mul_(ema, d)
@@ -726,6 +738,9 @@ def main():
                    help="1: torch.backends.cudnn.benchmark (cuDNN times its algorithms per shape, keeps the fastest)")
     p.add_argument("--kernel-table", type=int, default=0, metavar="N",
                    help="CUDA: after the timing, profile 3 more iterations and print the N kernels with the most GPU time")
+    p.add_argument("--step", default="recipe", choices=["recipe", "lean"],
+                   help="training step: the C++ trainer's recipe (dropout, AdamW, clipping, warm-up, EMA), or lean: "
+                        "Adam alone without dropout (does less than the C++ step; reported as impl pytorch-lean)")
     p.add_argument("--check-fixtures", metavar="DIR", help="compare with diffusers' outputs in DIR and exit")
     args = p.parse_args()
 
