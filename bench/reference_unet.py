@@ -546,10 +546,26 @@ def trace_one(args, name, iteration):
     print(f"# {'pytorch' if KERNELS == 'plain' else 'pytorch-' + KERNELS}: one {name} iteration traced to {path}")
 
 
-def kernel_table(args, name, iteration, device):
+def device_busy_ms(averages):
+    """The GPU's summed kernel, copy and fill time in a profile (ms), or None where this torch does not say."""
+    try:
+        from torch.autograd import DeviceType
+        total = 0.0
+        for e in averages:
+            if getattr(e, "device_type", None) != DeviceType.CUDA:
+                continue
+            us = getattr(e, "self_device_time_total", None)
+            total += float(us if us is not None else getattr(e, "self_cuda_time_total", 0.0))
+        return total / 1e3
+    except Exception:  # noqa: BLE001 (an older or newer profiler API: the table still prints)
+        return None
+
+
+def kernel_table(args, name, iteration, device, timed_s=None):
     """--kernel-table N: three more iterations under torch.profiler, then the N operators and kernels with the
     most self time on the device (where a CUDA step spends the GPU's time: convolutions, normalization, copies;
-    on the CPU, the operators' own time)."""
+    on the CPU, the operators' own time). On CUDA also the GPU's busy time per iteration against `timed_s`, the
+    timed iterations' wall time each: far below it, the eager step waits for the host launching its kernels."""
     if args.kernel_table <= 0:
         return
     from torch.profiler import ProfilerActivity, profile
@@ -570,6 +586,11 @@ def kernel_table(args, name, iteration, device):
             continue
     print(f"# kernel table: {name}, 3 iterations, {args.preset} batch {args.batch} {PRECISION}")
     print(table if table is not None else f"(this torch {torch.__version__} sorts by none of {keys})", flush=True)
+    busy = device_busy_ms(averages) if cuda else None
+    if busy is not None and timed_s:
+        per = busy / 3.0
+        print(f"# GPU busy {per:.2f} ms per {name} iteration (kernels, copies, fills) against {1e3 * timed_s:.2f} ms "
+              f"of wall time per timed iteration: {100.0 * per / (1e3 * timed_s):.0f}%", flush=True)
 
 
 def peak_memory(device):
@@ -674,7 +695,7 @@ def bench_train(args, preset, device, steps, warmup):
     extra["gflop_fwd_per_img"] = forward_gflops_per_image(model, model.cfg, device)
     report(args, "train", sum(p.numel() for p in params), device, seconds, total, extra)
     trace_one(args, "train", lambda: step_once(warmup + steps))
-    kernel_table(args, "train", lambda: step_once(warmup + steps), device)
+    kernel_table(args, "train", lambda: step_once(warmup + steps), device, total / max(steps, 1))
 
 
 def bench_sample(args, preset, device, evals, warmup):
@@ -715,7 +736,7 @@ def bench_sample(args, preset, device, evals, warmup):
         with torch.no_grad():
             model(x, t, y)
     trace_one(args, "sample", evaluate)
-    kernel_table(args, "sample", evaluate, device)
+    kernel_table(args, "sample", evaluate, device, total / max(evals, 1))
 
 
 def main():
