@@ -578,6 +578,18 @@ TrainingPass training_pass(UNet2DModel& net, const at::Tensor& x, const at::Tens
   return {y.detach(), at::cat(grads), moved};
 }
 
+// Puts a test's U-Net and the process-wide normalization switches back to their defaults when the test ends
+// (passed, failed or skipped): NCHW, float32, LibTorch's GroupNorm in float32.
+struct NormDefaultsAtExit {
+  UNet2DModel net;
+  ~NormDefaultsAtExit() {
+    net->set_channels_last(false);
+    net->set_precision(diffuse::Precision::kFloat32);
+    diffuse::set_fused_norm(false);
+    diffuse::set_reduced_precision_norm(false);
+  }
+};
+
 // Turns the process-wide Winograd switch off again when a test ends (passed, failed or skipped).
 struct WinogradOffAtExit {
   ~WinogradOffAtExit() {
@@ -597,13 +609,7 @@ TEST(UNet, FusedNormIsTheSameFunctionInTraining) {
   const at::Tensor x = at::randn({2, 1, 28, 28}), t = at::tensor({30.0f, 700.0f});
   const at::Tensor r = at::randn({2, 1, 28, 28});
   const int64_t norms = group_norm_count(net);
-  struct Reset {
-    UNet2DModel net;
-    ~Reset() {
-      net->set_precision(diffuse::Precision::kFloat32);
-      diffuse::set_fused_norm(false);
-    }
-  } reset{net};
+  const NormDefaultsAtExit reset{net};
   const diffuse::nn_detail::FusedNormOnCpuForTests on_cpu;
   auto pass = [&](bool fused, diffuse::Precision precision) {
     diffuse::set_fused_norm(fused);
@@ -639,14 +645,7 @@ TEST(UNet, FusedNormInChannelsLastIsTheSameFunction) {
   const at::Tensor x = at::randn({2, 1, 28, 28}), t = at::tensor({50.0f, 800.0f});
   const at::Tensor r = at::randn({2, 1, 28, 28});
   const int64_t norms = group_norm_count(net);
-  struct Reset {
-    UNet2DModel net;
-    ~Reset() {
-      net->set_channels_last(false);
-      net->set_precision(diffuse::Precision::kFloat32);
-      diffuse::set_fused_norm(false);
-    }
-  } reset{net};
+  const NormDefaultsAtExit reset{net};
   const diffuse::nn_detail::FusedNormOnCpuForTests on_cpu;
   diffuse::set_fused_norm(true);
   auto pass = [&](bool channels_last, diffuse::Precision precision) {
@@ -850,14 +849,7 @@ TEST(UNet, ChannelsLastIsTheSameFunction) {
   const at::Tensor x = at::randn({3, 1, 28, 28}), t = at::tensor({3.0f, 400.0f, 999.0f});
   const at::Tensor r = at::randn({3, 1, 28, 28});
   const int64_t norms = group_norm_count(net);
-  struct Reset {
-    UNet2DModel net;
-    ~Reset() {
-      net->set_channels_last(false);
-      net->set_precision(diffuse::Precision::kFloat32);
-      diffuse::set_reduced_precision_norm(false);
-    }
-  } reset{net};
+  const NormDefaultsAtExit reset{net};
   auto pass = [&](bool channels_last, diffuse::Precision precision) {
     net->set_channels_last(channels_last);
     net->set_precision(precision);
