@@ -635,6 +635,26 @@ TEST(UNet, FusedNormIsTheSameFunctionInTraining) {
   EXPECT_LT(rel_l2(g_fused16, g_ref), 1.15 * rel_l2(g_ref16, g_ref));
 }
 
+// With the fused norm on, conv1's bias joins the normalization's addend (ResnetBlock2D); where the fused
+// kernels do not take the activations (here float64), it is added to conv1's output instead: the same
+// function and gradients as with the fused norm off.
+TEST(UNet, Conv1BiasWithoutTheFusedKernelsIsAddedToTheConvolution) {
+  UNet2DModel net = random_fmnist_unet(31);
+  net->train();
+  net->to(at::kDouble);
+  const at::Tensor x = at::randn({2, 1, 28, 28}, at::kDouble), t = at::tensor({10.0f, 600.0f});
+  const at::Tensor r = at::randn({2, 1, 28, 28}, at::kDouble);
+  const NormDefaultsAtExit reset{net};
+  const diffuse::nn_detail::FusedNormOnCpuForTests on_cpu;
+  const TrainingPass off = training_pass(net, x, t, r, 3, diffuse::nn_detail::fused_group_norm_calls);
+  diffuse::set_fused_norm(true);
+  const TrainingPass on = training_pass(net, x, t, r, 3, diffuse::nn_detail::fused_group_norm_calls);
+  EXPECT_EQ(on.calls, 0);
+  EXPECT_LT(rel_l2(on.y, off.y), 1e-12);
+  EXPECT_LT(rel_l2(on.grads, off.grads), 1e-12);
+  EXPECT_GT(off.grads.abs().max().item<double>(), 1e-3);
+}
+
 // The fused norm in a channels-last forward: every GroupNorm (+ SiLU) through the kernels' NHWC block program
 // (here run on the CPU), none through group_norm_nhwc's ATen composition; in training mode the output and
 // every gradient equal the NCHW fused pass's up to summation order in float32, and under bf16 autocast stay

@@ -479,11 +479,25 @@ ResnetBlock2DImpl::ResnetBlock2DImpl(int64_t in_channels, int64_t out_channels, 
 
 at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& temb_act) {
   at::Tensor h = group_norm_silu(norm1, x);
-  h = conv3x3(conv1, h);
   // time_embedding_norm "default": additive, broadcast over H, W (inside the fused normalization, or in place: conv1's
   // backward does not need its output).
   at::Tensor e = time_emb_proj->forward(temb_act);
   if (const at::Tensor& rows = embedding_rows(); rows.defined()) e = e.index_select(0, rows);
+  const at::Tensor& b1 = conv1->bias;
+  if (b1.defined() && (x.is_cuda() || nn_detail::fused_norm_on_cpu_for_tests()) && fused_norm()) {
+    // conv1's bias is per channel like the time embedding: where the fused kernels normalize, it joins the
+    // addend they add as they read (LibTorch would add it in a pass of its own and sum its gradient in
+    // another); its gradient is the addend's, summed over the images.
+    h = keep_layout(
+        at::conv2d(h, conv1->weight, at::Tensor(), /*stride=*/1, /*padding=*/1));  // as constructed
+    if (nn_detail::fused_norm_here(h)) {
+      e = e + b1;
+    } else {
+      h.add_(b1.to(h.scalar_type()).view({1, -1, 1, 1}));
+    }
+  } else {
+    h = conv3x3(conv1, h);
+  }
   h = group_norm_silu_after_add(norm2, h, e);
   if (dropout_p_ > 0.0 && is_training()) h = nn_detail::dropout(h, dropout_p_);
   h = conv3x3(conv2, h);
