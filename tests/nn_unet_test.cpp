@@ -600,22 +600,29 @@ struct WinogradOffAtExit {
 
 }  // namespace
 
-// The U-Net with every GroupNorm (+ SiLU) through the fused autograd function (set_fused_norm; here its CPU block
-// program, on a GPU the CUDA kernels): in training mode, output and every gradient as with LibTorch's GroupNorm in
-// float32, and under bf16 autocast no further from float32 than LibTorch's path.
+// The U-Net with every GroupNorm (+ SiLU) through the fused autograd function (set_fused_norm; here its CPU
+// block program, on a GPU the CUDA kernels), conv1's bias in the normalization's addend and each attention's
+// q, k, v as one convolution: in training mode, output and every gradient as with LibTorch's GroupNorm and
+// three projections in float32, and under bf16 autocast no further from float32 than LibTorch's path.
 TEST(UNet, FusedNormIsTheSameFunctionInTraining) {
   UNet2DModel net = random_fmnist_unet(19);
   net->train();
   const at::Tensor x = at::randn({2, 1, 28, 28}), t = at::tensor({30.0f, 700.0f});
   const at::Tensor r = at::randn({2, 1, 28, 28});
   const int64_t norms = group_norm_count(net);
+  int64_t attentions = 0;
+  for (const auto& m : net->modules(/*include_self=*/false))
+    attentions += m->as<diffuse::nn_detail::Attention>() != nullptr;
+  ASSERT_GT(attentions, 0);
   const NormDefaultsAtExit reset{net};
   const diffuse::nn_detail::FusedNormOnCpuForTests on_cpu;
   auto pass = [&](bool fused, diffuse::Precision precision) {
     diffuse::set_fused_norm(fused);
     net->set_precision(precision);
+    const int64_t qkv_before = diffuse::nn_detail::fused_qkv_calls();
     TrainingPass p = training_pass(net, x, t, r, 5, diffuse::nn_detail::fused_group_norm_calls);
     EXPECT_EQ(p.calls, fused ? norms : 0);
+    EXPECT_EQ(diffuse::nn_detail::fused_qkv_calls() - qkv_before, fused ? attentions : 0);
     EXPECT_EQ(p.y.scalar_type(), at::kFloat);
     return std::make_pair(p.y, p.grads);
   };

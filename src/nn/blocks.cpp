@@ -123,6 +123,7 @@ std::atomic<bool> g_reduced_norm{false};
 thread_local bool t_channels_last = false;
 thread_local at::Tensor t_embedding_rows;
 std::atomic<int64_t> g_nhwc_norm_calls{0};
+std::atomic<int64_t> g_fused_qkv_calls{0};
 
 c10::DispatchKeySet autocast_keys() {
   return c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA});
@@ -140,6 +141,7 @@ EmbeddingRowsScope::EmbeddingRowsScope(at::Tensor rows) : before_(std::move(t_em
 EmbeddingRowsScope::~EmbeddingRowsScope() { t_embedding_rows = std::move(before_); }
 
 int64_t group_norm_nhwc_calls() { return g_nhwc_norm_calls; }
+int64_t fused_qkv_calls() { return g_fused_qkv_calls; }
 
 at::Tensor keep_layout(const at::Tensor& t) {
   return t_channels_last && t.dim() == 4 ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
@@ -413,6 +415,19 @@ bool fused_norm_here(const at::Tensor& x) {
   return (x.is_cuda() || fused_norm_on_cpu_for_tests()) && fused_norm() && fused_group_norm_applies(x);
 }
 
+// Whether the attention's q, k, v projections of h run as one convolution: with the fused paths
+// (set_fused_norm) on CUDA, or on the CPU in tests, where all three have a bias of the weights' type.
+bool fused_qkv_here(const at::Tensor& h, const nn::Linear& q, const nn::Linear& k, const nn::Linear& v) {
+  if (!((h.is_cuda() || fused_norm_on_cpu_for_tests()) && fused_norm())) return false;
+  for (const nn::Linear* p : {&q, &k, &v}) {
+    if (!(*p)->bias.defined() || (*p)->bias.scalar_type() != q->weight.scalar_type() ||
+        (*p)->weight.scalar_type() != q->weight.scalar_type()) {
+      return false;
+    }
+  }
+  return true;
+}
+
 at::Tensor norm_impl(nn::GroupNorm& norm, const at::Tensor& x, bool silu) {
   const at::Tensor& w = norm->weight;
   const at::Tensor& b = norm->bias;
@@ -543,8 +558,24 @@ at::Tensor AttentionImpl::forward(const at::Tensor& x) {
   // LibTorch's CPU kernels for SDPA call the BLAS LibTorch was built with (Debian's reference BLAS made them half of
   // LibTorch 2.6's sampling time).
   const bool sdpa = unet_has_sdpa() && !(x.device().is_cpu() && nn_detail::has_fast_cpu_gemm());
-  at::Tensor o = attention(split_heads(project(to_q)), split_heads(project(to_k)), split_heads(project(to_v)),
-                           scale, sdpa);
+  at::Tensor q, k, v;
+  if (nn_detail::fused_qkv_here(h, to_q, to_k, to_v)) {
+    // One 1x1 convolution for the three projections (their weights and biases stacked each call): one GEMM
+    // and one bias pass instead of three, and backward one data gradient instead of three added up; split's
+    // backward is one concatenation.
+    ++nn_detail::g_fused_qkv_calls;
+    const std::vector<at::Tensor> qkv = conv1x1(h, at::cat({to_q->weight, to_k->weight, to_v->weight}),
+                                                at::cat({to_q->bias, to_k->bias, to_v->bias}))
+                                            .split(inner, 1);
+    q = qkv[0];
+    k = qkv[1];
+    v = qkv[2];
+  } else {
+    q = project(to_q);
+    k = project(to_k);
+    v = project(to_v);
+  }
+  at::Tensor o = attention(split_heads(q), split_heads(k), split_heads(v), scale, sdpa);
   // Back to [N, inner, H, W] (a view when attention() returned channel-major memory), then to_out.0.
   o = keep_layout(o.transpose(2, 3).reshape({n, inner, height, width}));
   o = conv1x1(o, out_proj->weight, out_proj->bias, x);  // plus the residual

@@ -78,6 +78,8 @@ at::Tensor group_norm_silu(torch::nn::GroupNorm& norm, const at::Tensor& x);
 at::Tensor group_norm_nhwc(const at::Tensor& x, int64_t groups, const at::Tensor& weight, const at::Tensor& bias,
                            double eps, at::ScalarType dtype, bool silu = false);
 int64_t group_norm_nhwc_calls();  // how many times group_norm_nhwc ran in this process (for tests)
+// How many attention blocks computed q, k, v as one convolution (set_fused_norm's paths; for tests).
+int64_t fused_qkv_calls();
 
 // GroupNorm of contiguous x [N, C, ...] or of NHWC x [N, C, H, W] (channels-last memory, kept: the output and
 // x's gradient come in x's layout) (float32 or bfloat16), then SiLU with `silu`, as one autograd function
@@ -93,9 +95,10 @@ at::Tensor fused_group_norm(const at::Tensor& x, int64_t groups, const at::Tenso
 // Whether fused_group_norm takes x as it is on its device (type, layout, a build with the CUDA kernels).
 bool fused_group_norm_applies(const at::Tensor& x);
 int64_t fused_group_norm_calls();  // how many times fused_group_norm ran in this process (for tests)
-// For tests: while one lives, set_fused_norm(true) also sends the CPU activations of this thread's U-Net forwards
-// through fused_group_norm (its serial block program), so that the network's use of the fused autograd function
-// is checked where there is no GPU.
+// For tests: while one lives, set_fused_norm(true) also sends the CPU activations of this thread's U-Net
+// forwards through fused_group_norm (its serial block program) and the attention's q, k, v projections
+// through one convolution, as on CUDA, so that the network's use of the fused paths is checked where there is
+// no GPU.
 class FusedNormOnCpuForTests {
  public:
   FusedNormOnCpuForTests();

@@ -137,8 +137,10 @@ bool reduced_precision_norm();
 // from the kept input), float32 arithmetic on float32 or bfloat16 activations, the output in the activations'
 // type. Applies to NCHW and, in a channels-last forward, NHWC activations (a kernel pair for each layout) on
 // CUDA in a build with the kernels (fused_norm_built(): a CUDA LibTorch and nvcc); elsewhere the other paths
-// run. Off by default in the library (bench_train_speed --fused-norm 1); the program turns it on (faster in
-// every configuration session 16 timed on an H100; DIFFUSE_CUDA_FUSED_NORM=0).
+// run. With it, on CUDA, ResnetBlock2D's first convolution leaves its bias to the normalization's addend, and
+// the attention computes q, k, v as one 1x1 convolution (session 17; neither timed on a GPU yet). Off by
+// default in the library (bench_train_speed --fused-norm 1); the program turns it on (faster in every
+// configuration session 16 timed on an H100; DIFFUSE_CUDA_FUSED_NORM=0).
 void set_fused_norm(bool on);
 bool fused_norm();
 bool fused_norm_built();
