@@ -667,14 +667,13 @@ def bench_train(args, preset, device, steps, warmup):
         opt.zero_grad(set_to_none=True)
         # EMA with warm-up decay min(decay, (1 + n) / (10 + n)) (diffusers EMAModel).
         d = min(ema_decay, (2.0 + step) / (11.0 + step))
-        with torch.no_grad():
-            if ema is None:
-                pass
-            elif hasattr(torch, "_foreach_lerp_"):
-                torch._foreach_lerp_(ema, params, 1.0 - d)
-            else:
-                torch._foreach_mul_(ema, d)
-                torch._foreach_add_(ema, params, alpha=1.0 - d)
+        if ema is not None:
+            with torch.no_grad():
+                if hasattr(torch, "_foreach_lerp_"):
+                    torch._foreach_lerp_(ema, params, 1.0 - d)
+                else:
+                    torch._foreach_mul_(ema, d)
+                    torch._foreach_add_(ema, params, alpha=1.0 - d)
         state["loss"] = loss.detach() if device.type == "cuda" else loss.item()
 
     for i in range(warmup):

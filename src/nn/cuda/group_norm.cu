@@ -183,6 +183,21 @@ __global__ void __launch_bounds__(gn_kernel::kNhwcMaxThreads)
   gn_kernel::nhwc_backward_write(src, tile, th, dy, w, b, m, silu, a, bx, dx);
 }
 
+// The NHWC kernels' launch: one block per tile, the tile's threads, and shared memory of `per_thread` floats
+// per thread, `per_lane` per lane and `per_group` per group of the block.
+struct NhwcLaunch {
+  NhwcLaunch(const Shape& shape, int64_t per_thread, int64_t per_lane, int64_t per_group)
+      : tile(gn_kernel::nhwc_tile(shape)),
+        grid(static_cast<unsigned>(tile.blocks(shape))),
+        block(static_cast<unsigned>(tile.threads())),
+        smem(sizeof(float) * static_cast<size_t>(per_thread * tile.threads() + per_lane * tile.width +
+                                                 per_group * tile.per_block)) {}
+  static cudaStream_t stream(void* s) { return static_cast<cudaStream_t>(s); }
+  NhwcTile tile;
+  dim3 grid, block;
+  size_t smem;
+};
+
 const char* launched() {
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
@@ -225,18 +240,13 @@ const char* backward(bool bf16, const void* x, const float* addend, const void* 
 
 const char* forward_nhwc(bool bf16, const void* x, const float* addend, const float* w, const float* b,
                          void* y, float* stats, const Shape& shape, float eps, bool silu, void* stream) {
-  const NhwcTile tile = gn_kernel::nhwc_tile(shape);
-  const dim3 grid(static_cast<unsigned>(tile.blocks(shape)));
-  const dim3 block(static_cast<unsigned>(tile.threads()));
-  const size_t smem =
-      sizeof(float) * static_cast<size_t>(2 * tile.threads() + 2 * tile.width + 4 * tile.per_block);
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const NhwcLaunch l(shape, 2, 2, 4);  // shared: vals [2, threads], cols [2, width], m0 and moments per group
   if (bf16) {
-    nhwc_forward_kernel<Bf16><<<grid, block, smem, s>>>(static_cast<const Bf16*>(x), addend, w, b,
-                                                        static_cast<Bf16*>(y), stats, shape, tile, eps, silu);
+    nhwc_forward_kernel<Bf16><<<l.grid, l.block, l.smem, l.stream(stream)>>>(
+        static_cast<const Bf16*>(x), addend, w, b, static_cast<Bf16*>(y), stats, shape, l.tile, eps, silu);
   } else {
-    nhwc_forward_kernel<float><<<grid, block, smem, s>>>(
-        static_cast<const float*>(x), addend, w, b, static_cast<float*>(y), stats, shape, tile, eps, silu);
+    nhwc_forward_kernel<float><<<l.grid, l.block, l.smem, l.stream(stream)>>>(
+        static_cast<const float*>(x), addend, w, b, static_cast<float*>(y), stats, shape, l.tile, eps, silu);
   }
   return launched();
 }
@@ -244,19 +254,14 @@ const char* forward_nhwc(bool bf16, const void* x, const float* addend, const fl
 const char* backward_nhwc(bool bf16, const void* x, const float* addend, const void* dy, const float* w,
                           const float* b, const float* stats, const Shape& shape, bool silu, void* dx,
                           float* dw_part, float* db_part, float* d_addend, void* stream) {
-  const NhwcTile tile = gn_kernel::nhwc_tile(shape);
-  const dim3 grid(static_cast<unsigned>(tile.blocks(shape)));
-  const dim3 block(static_cast<unsigned>(tile.threads()));
-  const size_t smem =
-      sizeof(float) * static_cast<size_t>(3 * tile.threads() + 3 * tile.width + 2 * tile.per_block);
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const NhwcLaunch l(shape, 3, 3, 2);  // shared: vals [3, threads], cols [3, width], a and bx per group
   if (bf16) {
-    nhwc_backward_kernel<Bf16><<<grid, block, smem, s>>>(
-        static_cast<const Bf16*>(x), addend, static_cast<const Bf16*>(dy), w, b, stats, shape, tile, silu,
+    nhwc_backward_kernel<Bf16><<<l.grid, l.block, l.smem, l.stream(stream)>>>(
+        static_cast<const Bf16*>(x), addend, static_cast<const Bf16*>(dy), w, b, stats, shape, l.tile, silu,
         static_cast<Bf16*>(dx), dw_part, db_part, d_addend);
   } else {
-    nhwc_backward_kernel<float><<<grid, block, smem, s>>>(
-        static_cast<const float*>(x), addend, static_cast<const float*>(dy), w, b, stats, shape, tile, silu,
+    nhwc_backward_kernel<float><<<l.grid, l.block, l.smem, l.stream(stream)>>>(
+        static_cast<const float*>(x), addend, static_cast<const float*>(dy), w, b, stats, shape, l.tile, silu,
         static_cast<float*>(dx), dw_part, db_part, d_addend);
   }
   return launched();
