@@ -1,37 +1,44 @@
 // Training and sampling throughput of a preset's U-Net, in the format of bench/reference_unet.py so that
 // scripts/bench can put both side by side.
-//   train:  one full trainer step (batch from the resident uint8 set, the loss's host draws, then the trainer's
-//           TrainStep: loss, backward, global gradient clipping, AdamW over the flat buffer, EMA update; the loss
-//           to the host on a CPU), images/s.
+//   train:  one full trainer step (batch from the resident uint8 set, the loss's host draws, then the
+//   trainer's
+//           TrainStep: loss, backward, global gradient clipping, AdamW over the flat buffer, EMA update; the
+//           loss to the host on a CPU), images/s.
 //   sample: one network evaluation at the batch (eval mode, NoGradGuard), images/s per evaluation.
 //
 //   bench_train_speed [--preset fmnist] [--batch 64] [--threads 0] [--device cpu|cuda|auto]
 //                     [--mode train|sample|both] [--steps N] [--evals N] [--warmup N] [--data synthetic|SPEC]
 //                     [--profile PREFIX] [--cudnn-benchmark 0|1] [--cuda-graph 0|1] [--channels-last 0|1]
 //                     [--cpu-winograd 0|1] [--grad-buffer transient|persistent] [--reduced-norm 0|1]
-//                     [--fused-norm 0|1]
+//                     [--fused-norm 0|1] [--flat-cast 0|1]
 // One JSON line per measurement on stdout, each followed by a human line starting with "# ".
 // --profile traces one more iteration per measurement (bench/trace_ops.py compares traces op by op).
 // --cudnn-benchmark 1 lets cuDNN time its convolution algorithms on the first call of each shape and keep the
 // fastest (torch.backends.cudnn.benchmark); the warm-up iterations absorb the search.
-// --cuda-graph 1 (train, CUDA) runs the trainer's step as it does under `diffuse train --cuda-graph`: captured
-// once after its eager warm-up steps, then replayed (the warm-up iterations include the capture); in sample mode
-// each evaluation is replayed as under `diffuse sample --cuda-graph` (diffuse::CudaGraphFunction).
-// --cpu-winograd 1 computes the 3x3 convolutions of CPU float32 training and inference with Winograd kernels, as
-// the `diffuse` program does (diffuse::set_cpu_winograd: oneDNN 2's where it has them, else the project's own);
-// `own` or `onednn` takes only that set (diffuse::set_cpu_winograd_kernel); 0, the default, keeps LibTorch's
-// convolution on both sides.
-// --reduced-norm 1 (with --precision bf16|fp16) runs GroupNorm on the reduced-precision activations instead of in
-// float32 (diffuse::set_reduced_precision_norm), an experiment for the GPU.
-// --fused-norm 1 (CUDA, a build with the project's kernels) runs GroupNorm and the SiLU after it through the fused
-// kernels of src/nn/cuda/group_norm.cu (diffuse::set_fused_norm; the program: DIFFUSE_CUDA_FUSED_NORM=1).
+// --cuda-graph 1 (train, CUDA) runs the trainer's step as it does under `diffuse train --cuda-graph`:
+// captured once after its eager warm-up steps, then replayed (the warm-up iterations include the capture); in
+// sample mode each evaluation is replayed as under `diffuse sample --cuda-graph`
+// (diffuse::CudaGraphFunction).
+// --cpu-winograd 1 computes the 3x3 convolutions of CPU float32 training and inference with Winograd kernels,
+// as the `diffuse` program does (diffuse::set_cpu_winograd: oneDNN 2's where it has them, else the project's
+// own); `own` or `onednn` takes only that set (diffuse::set_cpu_winograd_kernel); 0, the default, keeps
+// LibTorch's convolution on both sides.
+// --reduced-norm 1 (with --precision bf16|fp16) runs GroupNorm on the reduced-precision activations instead
+// of in float32 (diffuse::set_reduced_precision_norm), an experiment for the GPU.
+// --fused-norm 1 (CUDA, a build with the project's kernels) runs GroupNorm and the SiLU after it through the
+// fused kernels of src/nn/cuda/group_norm.cu (diffuse::set_fused_norm; the program:
+// DIFFUSE_CUDA_FUSED_NORM=1).
+// --flat-cast 0 (with --precision bf16|fp16, training) leaves the parameters' casts to autocast, one per
+// parameter each way, instead of one cast of the flat buffer forward and one of the gradients backward
+// (diffuse::set_flat_parameter_cast, the default 1: the same values, ~370 fewer kernels per fmnist step).
 // --grad-buffer: transient (the default, as `diffuse train` in one process) frees the gradient between steps;
 // persistent keeps it allocated as the data-parallel all-reduce needs (diffuse::GradStorage).
 // Peak memory (peak_mem_mib) counts the bytes held by tensors during the timed iterations: the CUDA caching
 // allocator's statistics, or on a CPU with LibTorch 1.x a count kept by a wrapper around c10's CPU allocator.
 // With --cuda-graph it also covers the warm-up and the capture (a replay allocates nothing).
-// --channels-last 1 (train and sample) runs the U-Net on NHWC activations (UNet2DModelImpl::set_channels_last, as
-// `diffuse train|sample --channels-last`): an experiment for the GPU, whose tensor-core convolutions are NHWC.
+// --channels-last 1 (train and sample) runs the U-Net on NHWC activations
+// (UNet2DModelImpl::set_channels_last, as `diffuse train|sample --channels-last`): an experiment for the GPU,
+// whose tensor-core convolutions are NHWC.
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
@@ -110,6 +117,7 @@ struct Options {
   std::string grad_buffer = "transient";  // train: diffuse::GradStorage
   bool reduced_norm = false;  // GroupNorm on the bf16/fp16 activations (diffuse::set_reduced_precision_norm)
   bool fused_norm = false;    // GroupNorm + SiLU through the project's CUDA kernels (diffuse::set_fused_norm)
+  bool flat_cast = true;  // mixed precision: one cast of the flat buffer (diffuse::set_flat_parameter_cast)
 };
 
 void set_winograd(const Options& o) {
@@ -128,7 +136,7 @@ void set_winograd(const Options& o) {
       << "                         [--profile PREFIX] [--cudnn-benchmark 0|1]\n"
       << "                         [--cuda-graph 0|1] [--channels-last 0|1] [--cpu-winograd 0|1|own|onednn]\n"
       << "                         [--grad-buffer transient|persistent] [--reduced-norm 0|1]\n"
-      << "                         [--fused-norm 0|1]\n";
+      << "                         [--fused-norm 0|1] [--flat-cast 0|1]\n";
   std::exit(diffuse::kExitBadInput);
 }
 
@@ -187,6 +195,9 @@ Options parse(int argc, char** argv) {
     } else if (flag == "--fused-norm") {
       if (value != "0" && value != "1") usage("--fused-norm: 0 or 1");
       o.fused_norm = value == "1";
+    } else if (flag == "--flat-cast") {
+      if (value != "0" && value != "1") usage("--flat-cast: 0 or 1");
+      o.flat_cast = value == "1";
     } else if (flag == "--grad-buffer") {
       if (value != "transient" && value != "persistent") usage("--grad-buffer: transient or persistent");
       o.grad_buffer = value;
@@ -379,6 +390,7 @@ void report(const std::string& bench, const Options& o, const diffuse::RunConfig
                    {"grad_buffer", bench == "train" ? o.grad_buffer : ""},
                    {"reduced_norm", o.reduced_norm},
                    {"fused_norm", o.fused_norm},
+                   {"flat_cast", o.flat_cast},
                    {"omp_wait_policy", env_or("OMP_WAIT_POLICY", "")}};
   if (peak_mib >= 0) j["peak_mem_mib"] = peak_mib;
   if (bench == "train") j["last_loss"] = last_loss;
@@ -555,6 +567,7 @@ int main(int argc, char** argv) {
       usage("--fused-norm 1: needs a CUDA device and a build with the project's CUDA kernels");
     }
     diffuse::set_fused_norm(o.fused_norm);
+    diffuse::set_flat_parameter_cast(o.flat_cast);
     const int64_t steps = o.steps >= 0 ? o.steps : (cuda ? 50 : 10);
     const int64_t evals = o.evals >= 0 ? o.evals : (cuda ? 100 : 20);
     int64_t warmup = o.warmup >= 0 ? o.warmup : (cuda ? 10 : 2);

@@ -1,9 +1,9 @@
 // The training loop on the tiny preset (8x8 Fashion-MNIST): it learns, it resumes bit-identically,
 // and it stops cleanly on a diverging loss; the optimizer against the textbook update.
 #include <ATen/CPUGeneratorImpl.h>
-#include <gtest/gtest.h>
-
+#include <ATen/record_function.h>
 #include <dlfcn.h>
+#include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -21,6 +21,7 @@
 #include "diffuse/train/step.h"
 #include "diffuse/train/trainer.h"
 #include "model_util.h"
+#include "nn/blocks.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -324,13 +325,15 @@ struct FiveSteps {
   at::Tensor params, ema;
   std::vector<double> losses;
 };
-FiveSteps train_five_steps(GradStorage storage, bool channels_last, bool flat_channels_last) {
+FiveSteps train_five_steps(GradStorage storage, bool channels_last, bool flat_channels_last,
+                           Precision precision = Precision::kFloat32) {
   RunConfig cfg = load_preset("tiny");
   cfg.model.dropout = 0.1;  // the same dropout masks on both sides (the same seeds)
   torch::manual_seed(5);
   UNet2DModel net(cfg.model);
   net->train();
   net->set_channels_last(channels_last);
+  net->set_precision(precision);
   FlatParameters flat(net->named_parameters(), storage, flat_channels_last);
   for (const auto& p : net->parameters()) {
     if (flat_channels_last && p.dim() == 4 && p.size(1) > 1 && p.size(2) > 1) {
@@ -406,6 +409,88 @@ TEST(Optim, ChannelsLastFlatLayoutTrainsAsTheContiguousOne) {
   }
   // A shuffled layout would not be a small difference: the trained parameters moved far more than 1e-5.
   EXPECT_GT(((reference.params - reference.ema).norm() / reference.params.norm()).item<double>(), 1e-4);
+}
+
+// Puts the process-wide switches a mixed-precision test turns back to their defaults when it ends.
+struct MixedPrecisionSwitchesAtExit {
+  ~MixedPrecisionSwitchesAtExit() {
+    set_flat_parameter_cast(true);
+    set_fused_norm(false);
+  }
+};
+
+// Mixed precision (bf16) over the flat buffer: the convolutions' and linear layers' weights and biases cast
+// to bf16 by one kernel per forward and their gradients back by one concatenation and one cast
+// (set_flat_parameter_cast) train bit for bit as autocast's per-parameter casts do: either gradient storage
+// and layout, and with the fused paths (on the CPU for tests), where conv1's bias stays float32 for the
+// normalization's addend.
+TEST(Optim, FlatParameterCastTrainsAsAutocastsCasts) {
+  set_threads(1);
+  const MixedPrecisionSwitchesAtExit reset;
+  for (const bool fused : {false, true}) {
+    const nn_detail::FusedNormOnCpuForTests on_cpu;
+    set_fused_norm(fused);
+    for (const bool nhwc : {false, true}) {
+      for (const GradStorage storage : {GradStorage::kTransient, GradStorage::kPersistent}) {
+        SCOPED_TRACE(std::string(fused ? "fused paths, " : "") + (nhwc ? "channels-last, " : "") +
+                     (storage == GradStorage::kTransient ? "transient" : "persistent") + " gradient");
+        set_flat_parameter_cast(false);
+        const int64_t before = flat_parameter_casts();
+        const FiveSteps autocast = train_five_steps(storage, nhwc, nhwc, Precision::kBFloat16);
+        EXPECT_EQ(flat_parameter_casts(), before);
+        set_flat_parameter_cast(true);
+        const FiveSteps at_once = train_five_steps(storage, nhwc, nhwc, Precision::kBFloat16);
+        EXPECT_EQ(flat_parameter_casts(), before + 5);  // every step's forward
+        EXPECT_TRUE(at::equal(at_once.params, autocast.params));
+        EXPECT_TRUE(at::equal(at_once.ema, autocast.ema));
+        EXPECT_EQ(at_once.losses, autocast.losses);
+        // The runs trained: the parameters moved away from the EMA's trailing copy.
+        EXPECT_GT(((autocast.params - autocast.ema).norm() / autocast.params.norm()).item<double>(), 1e-4);
+      }
+    }
+  }
+}
+
+// How many times aten::_to_copy (a cast's or a layout copy's kernel) runs in one forward and backward of the
+// fmnist U-Net in bf16 over a flat buffer, and the number of parameters autocast casts (all but GroupNorm's).
+std::pair<int64_t, int64_t> casts_in_a_training_pass() {
+  static thread_local int64_t count = 0;
+  RunConfig cfg = load_preset("fmnist");
+  torch::manual_seed(5);
+  UNet2DModel net(cfg.model);
+  net->train();
+  net->set_precision(Precision::kBFloat16);
+  FlatParameters flat(net->named_parameters(), GradStorage::kTransient, false);
+  int64_t cast_params = 0;
+  for (const auto& item : net->named_parameters())
+    cast_params += item.key().find("norm") == std::string::npos;
+  const at::Tensor x = at::randn({2, 1, 28, 28}), t = at::tensor({50.0f, 800.0f});
+  count = 0;
+  const at::CallbackHandle handle = at::addThreadLocalCallback(
+      at::RecordFunctionCallback([](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+        count += std::string(fn.name()) == "aten::_to_copy";
+        return nullptr;
+      }));
+  net->forward(x, t).square().mean().backward();
+  flat.gather_grad();
+  at::removeCallback(handle);
+  return {count, cast_params};
+}
+
+// The flat cast replaces autocast's cast per parameter, forward and backward, by one cast each way.
+TEST(Optim, FlatParameterCastIsOneKernelEachWay) {
+  const MixedPrecisionSwitchesAtExit reset;
+  set_flat_parameter_cast(false);
+  const auto [per_parameter, cast_params] = casts_in_a_training_pass();
+  set_flat_parameter_cast(true);
+  const int64_t at_once = casts_in_a_training_pass().first;
+  std::printf(
+      "aten::_to_copy in a bf16 training pass of the fmnist U-Net: %lld with autocast's casts, %lld with "
+      "the flat cast (%lld parameters cast)\n",
+      static_cast<long long>(per_parameter), static_cast<long long>(at_once),
+      static_cast<long long>(cast_params));
+  EXPECT_GT(cast_params, 150);
+  EXPECT_EQ(per_parameter - at_once, 2 * cast_params - 2);
 }
 
 TEST(Optim, TransientGradientRefusesTheStepBeforeItIsGathered) {

@@ -460,6 +460,10 @@ at::Tensor norm_impl(nn::GroupNorm& norm, const at::Tensor& x, bool silu) {
 }
 }  // namespace
 
+bool conv1_bias_folded(const c10::Device& device) {
+  return (device.is_cuda() || fused_norm_on_cpu_for_tests()) && fused_norm();
+}
+
 at::Tensor group_norm(nn::GroupNorm& norm, const at::Tensor& x) { return norm_impl(norm, x, false); }
 at::Tensor group_norm_silu(nn::GroupNorm& norm, const at::Tensor& x) { return norm_impl(norm, x, true); }
 
@@ -499,7 +503,7 @@ at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& tem
   at::Tensor e = time_emb_proj->forward(temb_act);
   if (const at::Tensor& rows = embedding_rows(); rows.defined()) e = e.index_select(0, rows);
   const at::Tensor& b1 = conv1->bias;
-  if (b1.defined() && (x.is_cuda() || nn_detail::fused_norm_on_cpu_for_tests()) && fused_norm()) {
+  if (b1.defined() && nn_detail::conv1_bias_folded(x.device())) {
     // conv1's bias is per channel like the time embedding: where the fused kernels normalize, it joins the
     // addend they add as they read (LibTorch would add it in a pass of its own and sum its gradient in
     // another); its gradient is the addend's, summed over the images.

@@ -81,6 +81,19 @@ int64_t group_norm_nhwc_calls();  // how many times group_norm_nhwc ran in this 
 // How many attention blocks computed q, k, v as one convolution (set_fused_norm's paths; for tests).
 int64_t fused_qkv_calls();
 
+// Mixed precision's copies of float32 parameters for one forward, where all of `params` lie in one buffer
+// (in_one_buffer: FlatParameters' layout in training): the range covering them cast to `dtype` by one kernel,
+// each result in its parameter's sizes and strides; backward one concatenation of the incoming gradients and
+// one cast back, each parameter's gradient in its parameter's layout. The values of autocast's per-parameter
+// casts, bit for bit, in two kernels each way instead of one per parameter. Empty when the parameters are not
+// in one buffer.
+bool in_one_buffer(const std::vector<at::Tensor>& params);
+std::vector<at::Tensor> cast_parameters_in_one_buffer(const std::vector<at::Tensor>& params,
+                                                      at::ScalarType dtype);
+// Whether ResnetBlock2D leaves conv1's bias to the fused normalization's addend for activations on `device`
+// (set_fused_norm; CUDA, or the CPU in tests): the addend then reads the float32 bias.
+bool conv1_bias_folded(const c10::Device& device);
+
 // GroupNorm of contiguous x [N, C, ...] or of NHWC x [N, C, H, W] (channels-last memory, kept: the output and
 // x's gradient come in x's layout) (float32 or bfloat16), then SiLU with `silu`, as one autograd function
 // over the project's kernels (src/nn/fused_norm.cpp): statistics and arithmetic in float32, loads and stores

@@ -5,6 +5,7 @@
 
 #include <torch/nn/modules/embedding.h>
 
+#include <atomic>
 
 #include "diffuse/common.h"
 #include "nn/blocks.h"
@@ -81,7 +82,58 @@ struct UNet2DModelImpl::Impl {
   nn::GroupNorm conv_norm_out{nullptr};
   nn::Conv2d conv_out{nullptr};
   int64_t size_multiple = 1;  // H and W must be multiples of this (2 ^ number of downsamplers)
+  // The places of the convolutions' and linear layers' weights and biases in their modules (the tensors
+  // autocast casts), in registration order, and which of them are ResnetBlock2D conv1 biases
+  // (nn_detail::conv1_bias_folded).
+  std::vector<at::Tensor*> cast_slots;
+  std::vector<bool> conv1_bias;
 };
+
+namespace {
+
+std::atomic<bool> g_cast_in_one_buffer{true};
+std::atomic<int64_t> g_casts_in_one_buffer{0};
+
+// Under mixed precision, for one forward of a network whose parameters lie in one buffer (FlatParameters):
+// the convolutions' and linear layers' weights and biases cast at once
+// (nn_detail::cast_parameters_in_one_buffer) and put in the modules' places, the float32 parameters back on
+// exit. Autocast leaves tensors already in its dtype alone, so the network computes what autocast's
+// per-parameter casts would give it, bit for bit; the registered parameters (parameters(), the optimizer's)
+// stay the float32 ones. ResnetBlock2D's conv1 biases stay float32 where the fused normalization's addend
+// reads them. Parameters not in one buffer: nothing changes.
+class ReducedPrecisionWeights {
+ public:
+  ReducedPrecisionWeights(const std::vector<at::Tensor*>& slots, const std::vector<bool>& conv1_bias,
+                          const c10::Device& device, at::ScalarType dtype) {
+    if (!g_cast_in_one_buffer) return;
+    const bool keep_conv1_bias = nn_detail::conv1_bias_folded(device);
+    std::vector<at::Tensor*> taken;
+    std::vector<at::Tensor> params;
+    for (size_t i = 0; i < slots.size(); ++i) {
+      if (!slots[i]->defined() || (keep_conv1_bias && conv1_bias[i])) continue;
+      taken.push_back(slots[i]);
+      params.push_back(*slots[i]);
+    }
+    const std::vector<at::Tensor> cast = nn_detail::cast_parameters_in_one_buffer(params, dtype);
+    if (cast.empty()) return;
+    ++g_casts_in_one_buffer;
+    saved_.reserve(taken.size());
+    for (size_t i = 0; i < taken.size(); ++i) {
+      saved_.emplace_back(taken[i], std::move(*taken[i]));
+      *taken[i] = cast[i];
+    }
+  }
+  ~ReducedPrecisionWeights() {
+    for (auto& [slot, param] : saved_) *slot = std::move(param);
+  }
+  ReducedPrecisionWeights(const ReducedPrecisionWeights&) = delete;
+  ReducedPrecisionWeights& operator=(const ReducedPrecisionWeights&) = delete;
+
+ private:
+  std::vector<std::pair<at::Tensor*, at::Tensor>> saved_;
+};
+
+}  // namespace
 
 UNet2DModelImpl::UNet2DModelImpl(const UNetConfig& cfg) : cfg_(cfg), impl_(std::make_shared<Impl>()) {
   validate_unet_config(cfg_);
@@ -116,7 +168,22 @@ UNet2DModelImpl::UNet2DModelImpl(const UNetConfig& cfg) : cfg_(cfg), impl_(std::
       "conv_norm_out", nn::GroupNorm(nn::GroupNormOptions(cfg_.norm_num_groups, c0).eps(cfg_.norm_eps)));
   m.conv_out =
       register_module("conv_out", nn::Conv2d(nn::Conv2dOptions(c0, cfg_.out_channels, 3).padding(1)));
+  for (const auto& item : named_modules("", /*include_self=*/false)) {
+    const bool resnet_conv1 =
+        item.key().size() > 6 && item.key().compare(item.key().size() - 6, 6, ".conv1") == 0;
+    if (auto* conv = item.value()->as<nn::Conv2dImpl>()) {
+      m.cast_slots.insert(m.cast_slots.end(), {&conv->weight, &conv->bias});
+      m.conv1_bias.insert(m.conv1_bias.end(), {false, resnet_conv1});
+    } else if (auto* linear = item.value()->as<nn::LinearImpl>()) {
+      m.cast_slots.insert(m.cast_slots.end(), {&linear->weight, &linear->bias});
+      m.conv1_bias.insert(m.conv1_bias.end(), {false, false});
+    }
+  }
 }
+
+void set_flat_parameter_cast(bool on) { g_cast_in_one_buffer = on; }
+bool flat_parameter_cast() { return g_cast_in_one_buffer; }
+int64_t flat_parameter_casts() { return g_casts_in_one_buffer; }
 
 int64_t UNet2DModelImpl::num_parameters() const {
   int64_t total = 0;
@@ -183,22 +250,26 @@ at::Tensor UNet2DModelImpl::forward(const at::Tensor& x_in, const at::Tensor& ti
                       " times), got " + std::to_string(height) + "x" + std::to_string(width));
   }
   nn_detail::ChannelsLastScope layout(channels_last_);
+  const c10::Device device = w.device();
+  const at::ScalarType dtype =
+      w.scalar_type();  // the parameters' (w is reassigned under ReducedPrecisionWeights)
   at::Tensor out;
   if (precision_ != Precision::kFloat32) {
-    AutocastGuard autocast(w.device(), precision_);
-    out = forward_impl(x_in, timesteps, class_labels).to(w.scalar_type());
+    AutocastGuard autocast(device, precision_);
+    const ReducedPrecisionWeights weights(m.cast_slots, m.conv1_bias, device, autocast_target(device));
+    out = forward_impl(x_in, timesteps, class_labels, dtype).to(dtype);
   } else {
-    out = forward_impl(x_in, timesteps, class_labels);
+    out = forward_impl(x_in, timesteps, class_labels, dtype);
   }
   return channels_last_ ? out.contiguous() : out;
 }
 
 at::Tensor UNet2DModelImpl::forward_impl(const at::Tensor& x_in, const at::Tensor& timesteps,
-                                         const at::Tensor& class_labels) {
+                                         const at::Tensor& class_labels, at::ScalarType dtype) {
   Impl& m = *impl_;
   const at::Tensor& w = m.conv_in->weight;
   const int64_t n = x_in.size(0);
-  at::Tensor x = x_in.to(w.device(), w.scalar_type());
+  at::Tensor x = x_in.to(w.device(), dtype);
   if (channels_last_) x = x.contiguous(at::MemoryFormat::ChannelsLast);
   if (cfg_.center_input_sample) x = 2 * x - 1.0;
 
@@ -214,7 +285,7 @@ at::Tensor UNet2DModelImpl::forward_impl(const at::Tensor& x_in, const at::Tenso
   if (one_timestep) t = t.slice(0, 0, 1);
   at::Tensor emb =
       nn_detail::timestep_embedding(t, cfg_.block_out_channels[0], cfg_.flip_sin_to_cos, cfg_.freq_shift)
-          .to(w.scalar_type());
+          .to(dtype);
   emb = m.linear_2->forward(nn_detail::silu_temp(m.linear_1->forward(emb)));
   at::Tensor rows;  // with one timestep and several labels: the embedding row of each image
   if (m.class_embedding) {

@@ -83,7 +83,9 @@ class UNet2DModelImpl : public torch::nn::Module {
   bool channels_last() const { return channels_last_; }
 
  private:
-  at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& timesteps, const at::Tensor& class_labels);
+  // dtype: the parameters' (float32 unless the model was converted).
+  at::Tensor forward_impl(const at::Tensor& x, const at::Tensor& timesteps, const at::Tensor& class_labels,
+                          at::ScalarType dtype);
   struct Impl;
   UNetConfig cfg_;
   Precision precision_ = Precision::kFloat32;
@@ -130,6 +132,17 @@ int64_t cpu_winograd_calls();
 // kernel is no faster than its float32 one).
 void set_reduced_precision_norm(bool on);
 bool reduced_precision_norm();
+
+// Mixed precision (set_precision) on parameters that lie in one buffer, as a training run keeps them
+// (FlatParameters): each forward casts the convolutions' and linear layers' weights and biases to autocast's
+// type by one kernel over the buffer, and backward casts their gradients back by one concatenation and one
+// cast, instead of autocast's cast per parameter each way (~150 small kernels each way in the fmnist U-Net's
+// training step, ~20% of its kernels). The same values bit for bit. On by default; off leaves the casts to
+// autocast (bench_train_speed
+// --flat-cast 0). flat_parameter_casts counts the forwards that cast at once (for tests).
+void set_flat_parameter_cast(bool on);
+bool flat_parameter_cast();
+int64_t flat_parameter_casts();
 
 // GroupNorm and the SiLU after it on CUDA by this project's fused kernels (src/nn/cuda/group_norm.cu) instead
 // of LibTorch's GroupNorm, SiLU and autocast's casts around them: per normalization one kernel forward
