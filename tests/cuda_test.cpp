@@ -156,9 +156,10 @@ TEST(Cuda, FusedGroupNormKernelsAreGroupNorm) {
   }
 }
 
-// DIFFUSE_CUDA_FUSED_NORM=1 / set_fused_norm(true): the U-Net with the fused paths (the kernels, conv1's bias
-// in their addend, one convolution for q, k, v) computes the network of LibTorch's GroupNorm, in float32 and
-// under bf16 autocast, on NCHW and (a channels-last forward) NHWC activations.
+// DIFFUSE_CUDA_FUSED_NORM=1 / set_fused_norm(true): the U-Net with the fused paths (the kernels, the resnets'
+// time projections as one GEMM with conv1's biases, their addend; one convolution for q, k, v) computes the
+// network of LibTorch's GroupNorm, in float32 and under bf16 autocast, on NCHW and (a channels-last forward)
+// NHWC activations.
 TEST(Cuda, FusedNormUNetFollowsLibTorchNorm) {
   REQUIRE_CUDA();
   if (!diffuse::fused_norm_built()) GTEST_SKIP() << "built without the project's CUDA kernels";
@@ -172,7 +173,10 @@ TEST(Cuda, FusedNormUNetFollowsLibTorchNorm) {
   diffuse::set_fused_norm(true);
   const int64_t calls = diffuse::nn_detail::fused_group_norm_calls();
   const int64_t qkv_calls = diffuse::nn_detail::fused_qkv_calls();
+  const int64_t batched = diffuse::nn_detail::batched_time_addend_calls();
   auto [out_f, grad_f] = forward_backward(n.net, n.x, n.t, cuda, diffuse::Precision::kFloat32);
+  EXPECT_GT(diffuse::nn_detail::batched_time_addend_calls(), batched)
+      << "each resnet projected its own embedding";
   EXPECT_GT(diffuse::nn_detail::fused_group_norm_calls(), calls) << "the fused kernels did not run";
   EXPECT_GT(diffuse::nn_detail::fused_qkv_calls(), qkv_calls)
       << "the attention's q, k, v were three convolutions";

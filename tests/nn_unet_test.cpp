@@ -614,15 +614,21 @@ TEST(UNet, FusedNormIsTheSameFunctionInTraining) {
   for (const auto& m : net->modules(/*include_self=*/false))
     attentions += m->as<diffuse::nn_detail::Attention>() != nullptr;
   ASSERT_GT(attentions, 0);
+  int64_t resnets = 0;
+  for (const auto& m : net->modules(/*include_self=*/false))
+    resnets += m->as<diffuse::nn_detail::ResnetBlock2D>() != nullptr;
+  ASSERT_GT(resnets, 10);
   const NormDefaultsAtExit reset{net};
   const diffuse::nn_detail::FusedNormOnCpuForTests on_cpu;
   auto pass = [&](bool fused, diffuse::Precision precision) {
     diffuse::set_fused_norm(fused);
     net->set_precision(precision);
     const int64_t qkv_before = diffuse::nn_detail::fused_qkv_calls();
+    const int64_t batched_before = diffuse::nn_detail::batched_time_addend_calls();
     TrainingPass p = training_pass(net, x, t, r, 5, diffuse::nn_detail::fused_group_norm_calls);
     EXPECT_EQ(p.calls, fused ? norms : 0);
     EXPECT_EQ(diffuse::nn_detail::fused_qkv_calls() - qkv_before, fused ? attentions : 0);
+    EXPECT_EQ(diffuse::nn_detail::batched_time_addend_calls() - batched_before, fused ? resnets : 0);
     EXPECT_EQ(p.y.scalar_type(), at::kFloat);
     return std::make_pair(p.y, p.grads);
   };
@@ -642,9 +648,10 @@ TEST(UNet, FusedNormIsTheSameFunctionInTraining) {
   EXPECT_LT(rel_l2(g_fused16, g_ref), 1.15 * rel_l2(g_ref16, g_ref));
 }
 
-// With the fused norm on, conv1's bias joins the normalization's addend (ResnetBlock2D); where the fused
-// kernels do not take the activations (here float64), it is added to conv1's output instead: the same
-// function and gradients as with the fused norm off.
+// With the fused paths on, the resnets' time projections are one GEMM with conv1's biases in its bias, and
+// each resnet's addend joins the normalization (ResnetBlock2D); where the fused kernels do not take the
+// activations (here float64), the addend, conv1's bias included, is added to conv1's output instead: the same
+// function and gradients as with the fused paths off.
 TEST(UNet, Conv1BiasWithoutTheFusedKernelsIsAddedToTheConvolution) {
   UNet2DModel net = random_fmnist_unet(31);
   net->train();

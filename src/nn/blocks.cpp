@@ -122,8 +122,10 @@ namespace {
 std::atomic<bool> g_reduced_norm{false};
 thread_local bool t_channels_last = false;
 thread_local at::Tensor t_embedding_rows;
+thread_local std::vector<std::pair<const ResnetBlock2DImpl*, at::Tensor>> t_time_addends;
 std::atomic<int64_t> g_nhwc_norm_calls{0};
 std::atomic<int64_t> g_fused_qkv_calls{0};
+std::atomic<int64_t> g_batched_time_addend_calls{0};
 
 c10::DispatchKeySet autocast_keys() {
   return c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA});
@@ -140,7 +142,43 @@ EmbeddingRowsScope::EmbeddingRowsScope(at::Tensor rows) : before_(std::move(t_em
 }
 EmbeddingRowsScope::~EmbeddingRowsScope() { t_embedding_rows = std::move(before_); }
 
+const at::Tensor* time_addend(const ResnetBlock2DImpl* resnet) {
+  for (const auto& [r, e] : t_time_addends) {
+    if (r == resnet) return &e;
+  }
+  return nullptr;
+}
+
+// One GEMM for every resnet's projection of SiLU(embedding): their weights stacked [sum C, temb], their
+// biases plus conv1's as its bias, the result split into views [N, C] (split's backward is one
+// concatenation). In the parameters' type, outside autocast: float32 addends for the fused normalization,
+// which reads them in float32. Instead of a GEMM per resnet forward and three backward, an addition of
+// conv1's bias forward and its reduction backward, and the embedding's gradient summed over the resnets.
+TimeAddendsScope::TimeAddendsScope(const std::vector<ResnetBlock2DImpl*>& resnets, const at::Tensor& temb_act)
+    : before_(std::move(t_time_addends)) {
+  std::vector<at::Tensor> weights, biases;
+  std::vector<int64_t> sizes;
+  for (const ResnetBlock2DImpl* r : resnets) {
+    const nn::Linear& p = r->time_projection();
+    const at::Tensor& b1 = r->first_conv()->bias;
+    weights.push_back(p->weight);
+    sizes.push_back(p->weight.size(0));
+    at::Tensor b = p->bias.defined() ? p->bias : at::zeros({p->weight.size(0)}, p->weight.options());
+    biases.push_back(b1.defined() ? b + b1 : b);
+  }
+  std::vector<at::Tensor> parts;
+  {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
+    const at::Tensor w = at::cat(weights);
+    parts = at::addmm(at::cat(biases), temb_act.to(w.scalar_type()), w.t()).split_with_sizes(sizes, 1);
+  }
+  for (size_t i = 0; i < resnets.size(); ++i) addends_.emplace_back(resnets[i], std::move(parts[i]));
+  t_time_addends = addends_;
+}
+TimeAddendsScope::~TimeAddendsScope() { t_time_addends = std::move(before_); }
+
 int64_t group_norm_nhwc_calls() { return g_nhwc_norm_calls; }
+int64_t batched_time_addend_calls() { return g_batched_time_addend_calls; }
 int64_t fused_qkv_calls() { return g_fused_qkv_calls; }
 
 at::Tensor keep_layout(const at::Tensor& t) {
@@ -418,7 +456,7 @@ bool fused_norm_here(const at::Tensor& x) {
 // Whether the attention's q, k, v projections of h run as one convolution: with the fused paths
 // (set_fused_norm) on CUDA, or on the CPU in tests, where all three have a bias of the weights' type.
 bool fused_qkv_here(const at::Tensor& h, const nn::Linear& q, const nn::Linear& k, const nn::Linear& v) {
-  if (!((h.is_cuda() || fused_norm_on_cpu_for_tests()) && fused_norm())) return false;
+  if (!fused_paths_on(h.device())) return false;
   for (const nn::Linear* p : {&q, &k, &v}) {
     if (!(*p)->bias.defined() || (*p)->bias.scalar_type() != q->weight.scalar_type() ||
         (*p)->weight.scalar_type() != q->weight.scalar_type()) {
@@ -460,7 +498,7 @@ at::Tensor norm_impl(nn::GroupNorm& norm, const at::Tensor& x, bool silu) {
 }
 }  // namespace
 
-bool conv1_bias_folded(const c10::Device& device) {
+bool fused_paths_on(const c10::Device& device) {
   return (device.is_cuda() || fused_norm_on_cpu_for_tests()) && fused_norm();
 }
 
@@ -500,24 +538,21 @@ at::Tensor ResnetBlock2DImpl::forward(const at::Tensor& x, const at::Tensor& tem
   at::Tensor h = group_norm_silu(norm1, x);
   // time_embedding_norm "default": additive, broadcast over H, W (inside the fused normalization, or in place: conv1's
   // backward does not need its output).
-  at::Tensor e = time_emb_proj->forward(temb_act);
-  if (const at::Tensor& rows = embedding_rows(); rows.defined()) e = e.index_select(0, rows);
-  const at::Tensor& b1 = conv1->bias;
-  if (b1.defined() && nn_detail::conv1_bias_folded(x.device())) {
-    // conv1's bias is per channel like the time embedding: where the fused kernels normalize, it joins the
-    // addend they add as they read (LibTorch would add it in a pass of its own and sum its gradient in
-    // another); its gradient is the addend's, summed over the images.
+  const at::Tensor& rows = embedding_rows();
+  if (const at::Tensor* batched = nn_detail::time_addend(this)) {
+    ++g_batched_time_addend_calls;
+    // Projected with every other resnet's, conv1's bias included (TimeAddendsScope): conv1's bias is per
+    // channel like the embedding, so it joins the addend the fused kernels add as they read, instead of a
+    // pass of its own and a reduction for its gradient; where the kernels do not take h the addend is added
+    // in place.
     h = keep_layout(
         at::conv2d(h, conv1->weight, at::Tensor(), /*stride=*/1, /*padding=*/1));  // as constructed
-    if (nn_detail::fused_norm_here(h)) {
-      e = e + b1;
-    } else {
-      h.add_(b1.to(h.scalar_type()).view({1, -1, 1, 1}));
-    }
+    h = group_norm_silu_after_add(norm2, h, rows.defined() ? batched->index_select(0, rows) : *batched);
   } else {
-    h = conv3x3(conv1, h);
+    at::Tensor e = time_emb_proj->forward(temb_act);
+    if (rows.defined()) e = e.index_select(0, rows);
+    h = group_norm_silu_after_add(norm2, conv3x3(conv1, h), e);
   }
-  h = group_norm_silu_after_add(norm2, h, e);
   if (dropout_p_ > 0.0 && is_training()) h = nn_detail::dropout(h, dropout_p_);
   h = conv3x3(conv2, h);
   if (conv_shortcut) {

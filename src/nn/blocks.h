@@ -90,9 +90,27 @@ int64_t fused_qkv_calls();
 bool in_one_buffer(const std::vector<at::Tensor>& params);
 std::vector<at::Tensor> cast_parameters_in_one_buffer(const std::vector<at::Tensor>& params,
                                                       at::ScalarType dtype);
-// Whether ResnetBlock2D leaves conv1's bias to the fused normalization's addend for activations on `device`
-// (set_fused_norm; CUDA, or the CPU in tests): the addend then reads the float32 bias.
-bool conv1_bias_folded(const c10::Device& device);
+// Whether a U-Net forward on `device` takes the fused paths (set_fused_norm; CUDA, or the CPU in tests): the
+// time embedding's projections of all its resnets as one GEMM in the parameters' type with conv1's biases
+// folded in (TimeAddendsScope), read by the fused normalization as its addend, and the attention's q, k, v as
+// one convolution.
+bool fused_paths_on(const c10::Device& device);
+// The time embedding's addend of each ResnetBlock2D of a U-Net forward, computed for all of them at once
+// (time_addends) and set for the forward's duration; a resnet finds its own by its address (nullptr: it
+// projects the embedding itself).
+class ResnetBlock2DImpl;
+const at::Tensor* time_addend(const ResnetBlock2DImpl* resnet);
+int64_t batched_time_addend_calls();  // how many resnet forwards took a batched addend (for tests)
+class TimeAddendsScope {
+ public:
+  TimeAddendsScope(const std::vector<ResnetBlock2DImpl*>& resnets, const at::Tensor& temb_act);
+  ~TimeAddendsScope();
+  TimeAddendsScope(const TimeAddendsScope&) = delete;
+  TimeAddendsScope& operator=(const TimeAddendsScope&) = delete;
+
+ private:
+  std::vector<std::pair<const ResnetBlock2DImpl*, at::Tensor>> addends_, before_;
+};
 
 // GroupNorm of contiguous x [N, C, ...] or of NHWC x [N, C, H, W] (channels-last memory, kept: the output and
 // x's gradient come in x's layout) (float32 or bfloat16), then SiLU with `silu`, as one autograd function
@@ -174,6 +192,9 @@ class ResnetBlock2DImpl : public torch::nn::Module {
                     double eps, double dropout, double output_scale_factor);
   // temb_act: SiLU(time embedding) [N, temb_channels], computed once per forward by the model.
   at::Tensor forward(const at::Tensor& x, const at::Tensor& temb_act);
+  // For the model's batched time projections (TimeAddendsScope).
+  const torch::nn::Linear& time_projection() const { return time_emb_proj; }
+  const torch::nn::Conv2d& first_conv() const { return conv1; }
 
  private:
   torch::nn::GroupNorm norm1{nullptr};

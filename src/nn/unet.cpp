@@ -6,6 +6,8 @@
 #include <torch/nn/modules/embedding.h>
 
 #include <atomic>
+#include <optional>
+#include <set>
 
 #include "diffuse/common.h"
 #include "nn/blocks.h"
@@ -82,11 +84,12 @@ struct UNet2DModelImpl::Impl {
   nn::GroupNorm conv_norm_out{nullptr};
   nn::Conv2d conv_out{nullptr};
   int64_t size_multiple = 1;  // H and W must be multiples of this (2 ^ number of downsamplers)
+  std::vector<nn_detail::ResnetBlock2DImpl*> resnets;  // all of them, for their batched time projections
   // The places of the convolutions' and linear layers' weights and biases in their modules (the tensors
-  // autocast casts), in registration order, and which of them are ResnetBlock2D conv1 biases
-  // (nn_detail::conv1_bias_folded).
+  // autocast casts), in registration order, and which of them the fused paths read in the parameters' type
+  // (the resnets' time projections and conv1 biases: nn_detail::TimeAddendsScope).
   std::vector<at::Tensor*> cast_slots;
-  std::vector<bool> conv1_bias;
+  std::vector<bool> time_addend_parameter;
 };
 
 namespace {
@@ -99,18 +102,20 @@ std::atomic<int64_t> g_casts_in_one_buffer{0};
 // (nn_detail::cast_parameters_in_one_buffer) and put in the modules' places, the float32 parameters back on
 // exit. Autocast leaves tensors already in its dtype alone, so the network computes what autocast's
 // per-parameter casts would give it, bit for bit; the registered parameters (parameters(), the optimizer's)
-// stay the float32 ones. ResnetBlock2D's conv1 biases stay float32 where the fused normalization's addend
-// reads them. Parameters not in one buffer: nothing changes.
+// stay the float32 ones. With the fused paths the resnets' time projections and conv1 biases stay float32:
+// one GEMM outside autocast makes the fused normalization's float32 addends of them
+// (nn_detail::TimeAddendsScope). Parameters not in one buffer: nothing changes.
 class ReducedPrecisionWeights {
  public:
-  ReducedPrecisionWeights(const std::vector<at::Tensor*>& slots, const std::vector<bool>& conv1_bias,
-                          const c10::Device& device, at::ScalarType dtype) {
+  ReducedPrecisionWeights(const std::vector<at::Tensor*>& slots,
+                          const std::vector<bool>& time_addend_parameter, const c10::Device& device,
+                          at::ScalarType dtype) {
     if (!g_cast_in_one_buffer) return;
-    const bool keep_conv1_bias = nn_detail::conv1_bias_folded(device);
+    const bool keep_time_addend = nn_detail::fused_paths_on(device);
     std::vector<at::Tensor*> taken;
     std::vector<at::Tensor> params;
     for (size_t i = 0; i < slots.size(); ++i) {
-      if (!slots[i]->defined() || (keep_conv1_bias && conv1_bias[i])) continue;
+      if (!slots[i]->defined() || (keep_time_addend && time_addend_parameter[i])) continue;
       taken.push_back(slots[i]);
       params.push_back(*slots[i]);
     }
@@ -168,15 +173,28 @@ UNet2DModelImpl::UNet2DModelImpl(const UNetConfig& cfg) : cfg_(cfg), impl_(std::
       "conv_norm_out", nn::GroupNorm(nn::GroupNormOptions(cfg_.norm_num_groups, c0).eps(cfg_.norm_eps)));
   m.conv_out =
       register_module("conv_out", nn::Conv2d(nn::Conv2dOptions(c0, cfg_.out_channels, 3).padding(1)));
+  std::set<const at::Tensor*> time_addend_slots;
   for (const auto& item : named_modules("", /*include_self=*/false)) {
-    const bool resnet_conv1 =
-        item.key().size() > 6 && item.key().compare(item.key().size() - 6, 6, ".conv1") == 0;
+    if (auto* r = item.value()->as<nn_detail::ResnetBlock2DImpl>()) {
+      m.resnets.push_back(r);
+      time_addend_slots.insert(
+          {&r->first_conv()->bias, &r->time_projection()->weight, &r->time_projection()->bias});
+    }
+  }
+  for (const auto& item : named_modules("", /*include_self=*/false)) {
+    at::Tensor *w = nullptr, *b = nullptr;
     if (auto* conv = item.value()->as<nn::Conv2dImpl>()) {
-      m.cast_slots.insert(m.cast_slots.end(), {&conv->weight, &conv->bias});
-      m.conv1_bias.insert(m.conv1_bias.end(), {false, resnet_conv1});
+      w = &conv->weight;
+      b = &conv->bias;
     } else if (auto* linear = item.value()->as<nn::LinearImpl>()) {
-      m.cast_slots.insert(m.cast_slots.end(), {&linear->weight, &linear->bias});
-      m.conv1_bias.insert(m.conv1_bias.end(), {false, false});
+      w = &linear->weight;
+      b = &linear->bias;
+    } else {
+      continue;
+    }
+    for (at::Tensor* p : {w, b}) {
+      m.cast_slots.push_back(p);
+      m.time_addend_parameter.push_back(time_addend_slots.count(p) > 0);
     }
   }
 }
@@ -256,7 +274,8 @@ at::Tensor UNet2DModelImpl::forward(const at::Tensor& x_in, const at::Tensor& ti
   at::Tensor out;
   if (precision_ != Precision::kFloat32) {
     AutocastGuard autocast(device, precision_);
-    const ReducedPrecisionWeights weights(m.cast_slots, m.conv1_bias, device, autocast_target(device));
+    const ReducedPrecisionWeights weights(m.cast_slots, m.time_addend_parameter, device,
+                                          autocast_target(device));
     out = forward_impl(x_in, timesteps, class_labels, dtype).to(dtype);
   } else {
     out = forward_impl(x_in, timesteps, class_labels, dtype);
@@ -308,6 +327,8 @@ at::Tensor UNet2DModelImpl::forward_impl(const at::Tensor& x_in, const at::Tenso
   // Every resnet applies SiLU to the embedding first: do it once.
   const at::Tensor temb_act = nn_detail::silu_temp(emb);
   const nn_detail::EmbeddingRowsScope embedding_rows(rows);
+  std::optional<nn_detail::TimeAddendsScope> time_addends;
+  if (nn_detail::fused_paths_on(w.device())) time_addends.emplace(m.resnets, temb_act);
 
   at::Tensor h = nn_detail::conv3x3(m.conv_in, x);
   std::vector<at::Tensor> skips;
