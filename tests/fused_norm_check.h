@@ -32,18 +32,21 @@ inline double rel_l2(const at::Tensor& a, const at::Tensor& ref) {
 
 // x, the upstream gradient and the parameters drawn from `seed`; x and the gradient hold values of `dtype`
 // exactly, so the reference sees what the kernels see. With `addend`: the normalization of x + a[:, :, None,
-// ...] for a drawn [N, C] float32 addend, whose gradient is checked too. With `nhwc`: x and the upstream
-// gradient in channels-last memory (the kernels' NHWC block program), whose layout the output and x's
-// gradient must keep.
+// ...] for a drawn [N, C] float32 addend, whose gradient is checked too; with `strided`, a is a view of
+// columns 1 ... C of an [N, C + 3] tensor (rows C + 3 apart, as the U-Net's batched time projections give
+// them). With `nhwc`: x and the upstream gradient in channels-last memory (the kernels' NHWC block program),
+// whose layout the output and x's gradient must keep.
 inline Errors errors(const Case& k, at::ScalarType dtype, bool silu, const at::Device& device,
-                     bool addend = false, uint64_t seed = 0, bool nhwc = false) {
+                     bool addend = false, uint64_t seed = 0, bool nhwc = false, bool strided = false) {
   at::manual_seed(seed);
   const int64_t c = k.shape[1];
   const double eps = 1e-5;
   const at::Tensor x = (at::randn(k.shape, at::kDouble) * k.spread + k.offset).to(dtype);
   const at::Tensor gy = at::randn(k.shape).to(dtype);
   const at::Tensor w = at::randn({c}) * 0.5 + 1.0, b = at::randn({c}) * 0.3;
-  const at::Tensor a = addend ? at::randn({k.shape[0], c}) * k.spread : at::Tensor();
+  const int64_t a_cols = strided ? c + 3 : c, a_first = strided ? 1 : 0;
+  const at::Tensor a_all = addend ? at::randn({k.shape[0], a_cols}) * k.spread : at::Tensor();
+  const at::Tensor a = addend ? a_all.narrow(1, a_first, c) : at::Tensor();
   std::vector<int64_t> broadcast{k.shape[0], c};
   broadcast.resize(k.shape.size(), 1);
 
@@ -62,7 +65,9 @@ inline Errors errors(const Case& k, at::ScalarType dtype, bool silu, const at::D
   const at::MemoryFormat layout = nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor xf = x.to(device).contiguous(layout).requires_grad_(), wf = w.to(device).requires_grad_(),
                    bf = b.to(device).requires_grad_();
-  const at::Tensor af = addend ? a.to(device).requires_grad_() : at::Tensor();
+  const at::Tensor af_all = addend ? a_all.to(device).requires_grad_() : at::Tensor();
+  const at::Tensor af = addend ? af_all.narrow(1, a_first, c) : at::Tensor();
+  if (strided) EXPECT_FALSE(af.is_contiguous());
   const at::Tensor yf = diffuse::nn_detail::fused_group_norm(xf, k.groups, wf, bf, eps, silu, af);
   // The upstream gradient reaches the function in x's layout: y * gy with gy laid out so.
   (yf * gy.to(device).contiguous(layout)).to(at::kFloat).sum().backward();
@@ -71,7 +76,7 @@ inline Errors errors(const Case& k, at::ScalarType dtype, bool silu, const at::D
     EXPECT_TRUE(xf.grad().is_contiguous(layout)) << "x's gradient left NHWC memory";
   }
   return {rel_l2(yf.detach(), yd.detach()), rel_l2(xf.grad(), xd.grad()), rel_l2(wf.grad(), wd.grad()),
-          rel_l2(bf.grad(), bd.grad()), addend ? rel_l2(af.grad(), da_ref) : 0.0};
+          rel_l2(bf.grad(), bd.grad()), addend ? rel_l2(af_all.grad().narrow(1, a_first, c), da_ref) : 0.0};
 }
 
 // The shapes: fewer pixels than a block's threads (the element cursor wraps channels), the fmnist U-Net's
@@ -96,10 +101,10 @@ inline std::vector<Case> cases() {
 inline void check_all_cases(const at::Device& device, bool nhwc = false) {
   for (const auto& k : cases()) {
     if (nhwc && k.shape.size() != 4) continue;
-    for (bool addend : {false, true}) {
+    for (int addend : {0, 1, 2}) {  // none, contiguous, rows apart
       for (bool silu : {false, true}) {
         for (at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
-          const Errors e = errors(k, dtype, silu, device, addend, 0, nhwc);
+          const Errors e = errors(k, dtype, silu, device, addend > 0, 0, nhwc, addend == 2);
           std::printf(
               "  GroupNorm %-4s %s %-16s G=%-2lld offset %-4g addend %d silu %d %-8s y %.2e dx %.2e dw %.2e "
               "db %.2e da %.2e\n",

@@ -34,8 +34,11 @@ std::atomic<bool> g_fused_norm{false};
 std::atomic<int64_t> g_fused_norm_calls{0};
 thread_local bool t_fused_norm_on_cpu = false;
 
-Shape shape_of(const at::Tensor& x, int64_t groups) {
-  return Shape{x.size(0), x.size(1), x.numel() / (x.size(0) * x.size(1)), groups};
+// With an addend: its row stride too (fused_group_norm hands the kernels rows of contiguous channels).
+Shape shape_of(const at::Tensor& x, int64_t groups, const at::Tensor& addend) {
+  Shape s{x.size(0), x.size(1), x.numel() / (x.size(0) * x.size(1)), groups};
+  s.addend_row = addend.defined() && addend.numel() > 0 ? addend.stride(0) : s.c;
+  return s;
 }
 
 // ---- the block program on the CPU: blocks in parallel, each block's threads one after another ----
@@ -233,7 +236,7 @@ T* maybe_ptr(const at::Tensor& t) {
 void run_forward(const at::Tensor& x, const at::Tensor& addend, const at::Tensor& w, const at::Tensor& b,
                  const at::Tensor& y, const at::Tensor& stats, int64_t groups, double eps, bool silu,
                  bool nhwc) {
-  const Shape s = shape_of(x, groups);
+  const Shape s = shape_of(x, groups, addend);
   const float e = static_cast<float>(eps);
   if (x.is_cuda()) {
 #ifdef DIFFUSE_FUSED_NORM_CUDA
@@ -262,7 +265,7 @@ void run_backward(const at::Tensor& x, const at::Tensor& addend, const at::Tenso
                   const at::Tensor& b, const at::Tensor& stats, int64_t groups, bool silu, bool nhwc,
                   const at::Tensor& dx, const at::Tensor& dw_part, const at::Tensor& db_part,
                   const at::Tensor& d_addend) {
-  const Shape s = shape_of(x, groups);
+  const Shape s = shape_of(x, groups, addend);
   if (x.is_cuda()) {
 #ifdef DIFFUSE_FUSED_NORM_CUDA
     const CudaLaunch launch(x);
@@ -386,10 +389,16 @@ at::Tensor fused_group_norm(const at::Tensor& x, int64_t groups, const at::Tenso
   // NHWC memory as it is, where a block's run of channels fits the kernels; any other layout as a contiguous
   // copy.
   const bool nhwc = nhwc_memory(x) && c / groups <= gn_kernel::kNhwcMaxWidth;
-  return FusedGroupNormFn::apply(
-      nhwc ? x : x.contiguous(), addend.defined() ? addend.to(at::kFloat).contiguous() : at::empty({0}, f32),
-      weight.defined() ? weight.to(at::kFloat).contiguous() : at::ones({c}, f32),
-      bias.defined() ? bias.to(at::kFloat).contiguous() : at::zeros({c}, f32), groups, eps, silu);
+  // The addend's rows may lie apart (views of one batched projection, TimeAddendsScope) or repeat (stride 0):
+  // the kernels take any row stride, its channels contiguous.
+  at::Tensor a = addend.defined() ? addend.to(at::kFloat) : at::empty({0}, f32);
+  if (a.numel() > 0 && (a.stride(1) != 1 || (a.size(0) > 1 && a.stride(0) != 0 && a.stride(0) < c))) {
+    a = a.contiguous();
+  }
+  return FusedGroupNormFn::apply(nhwc ? x : x.contiguous(), a,
+                                 weight.defined() ? weight.to(at::kFloat).contiguous() : at::ones({c}, f32),
+                                 bias.defined() ? bias.to(at::kFloat).contiguous() : at::zeros({c}, f32),
+                                 groups, eps, silu);
 }
 
 int64_t fused_group_norm_calls() { return g_fused_norm_calls; }

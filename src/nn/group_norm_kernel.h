@@ -91,6 +91,8 @@ DIFFUSE_HD float rsqrt(float v) {
 // The problem, shared by every block.
 struct Shape {
   int64_t n, c, hw, groups;
+  int64_t addend_row =
+      0;  // elements from one image's addend row to the next (C when contiguous, 0 broadcast)
   DIFFUSE_HD int64_t cg() const { return c / groups; }
 };
 
@@ -112,15 +114,16 @@ struct Group {
   DIFFUSE_HD int64_t per_channel(const Shape& s, int64_t k) const { return image * s.c + c0 + k; }  // into [N, C]
 };
 
-// The normalized input: x [N, C, HW], plus a per-(image, channel) addend [N, C] (float32) when `addend` is set
-// (a time embedding added to the activations just before the normalization, fused into it).
+// The normalized input: x [N, C, HW], plus a per-(image, channel) addend [N, C] (float32; its channels
+// contiguous, its rows shape.addend_row apart) when `addend` is set (a time embedding added to the
+// activations just before the normalization, fused into it).
 template <class T>
 struct Source {
   const T* x;
   const float* addend;
   Shape shape;
   DIFFUSE_HD float channel_addend(const Group& g, int64_t k) const {
-    return addend ? addend[g.per_channel(shape, k)] : 0.0f;
+    return addend ? addend[g.image * shape.addend_row + g.c0 + k] : 0.0f;
   }
   DIFFUSE_HD float at(const Group& g, int64_t i, int64_t k) const { return load(x, g.base + i) + channel_addend(g, k); }
 };
@@ -298,7 +301,7 @@ DIFFUSE_HD float nhwc_at(const Source<T>& src, const NhwcThread& th, int64_t p) 
 }
 template <class T>
 DIFFUSE_HD float nhwc_addend(const Source<T>& src, const NhwcThread& th) {
-  return src.addend ? src.addend[th.per_channel(src.shape)] : 0.0f;
+  return src.addend ? src.addend[th.image * src.shape.addend_row + th.c] : 0.0f;
 }
 
 template <class T>

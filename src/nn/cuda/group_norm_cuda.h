@@ -8,8 +8,9 @@
 namespace diffuse {
 namespace gn_cuda {
 
-// x, y: [N, C, HW] contiguous, float32 (bf16 = false) or bfloat16; addend: [N, C] float32 added to x before the
-// normalization, or nullptr; w, b: [C] float32; stats: [N, G, 3] float32 (gn_kernel::Moments).
+// x, y: [N, C, HW] contiguous, float32 (bf16 = false) or bfloat16; addend: [N, C] float32 added to x before
+// the normalization (channels contiguous, rows shape.addend_row apart), or nullptr; w, b: [C] float32; stats:
+// [N, G, 3] float32 (gn_kernel::Moments).
 const char* forward(bool bf16, const void* x, const float* addend, const float* w, const float* b, void* y,
                     float* stats, const gn_kernel::Shape& shape, float eps, bool silu, void* stream);
 // dy, dx like x; dw_part, db_part: [N, C] float32 (sum over N for the parameters' gradients); d_addend: [N, C]
