@@ -149,6 +149,19 @@ const at::Tensor* time_addend(const ResnetBlock2DImpl* resnet) {
   return nullptr;
 }
 
+// a + b, b's gradient a copy of a's: AccumulateGrad keeps the views the concatenations' backward hands each
+// parameter as that parameter's gradient, which must not share memory with another parameter's (an in-place
+// accumulation into one would change the other).
+struct AddOwnGradients : public torch::autograd::Function<AddOwnGradients> {
+  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& a, const at::Tensor& b) {
+    return a + b;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list g) {
+    return {g[0], g[0].clone()};
+  }
+};
+
 // One GEMM for every resnet's projection of SiLU(embedding): their weights stacked [sum C, temb], their
 // biases plus conv1's as its bias, the result split into views [N, C] (split's backward is one
 // concatenation). In the parameters' type, outside autocast: float32 addends for the fused normalization,
@@ -156,21 +169,26 @@ const at::Tensor* time_addend(const ResnetBlock2DImpl* resnet) {
 // conv1's bias forward and its reduction backward, and the embedding's gradient summed over the resnets.
 TimeAddendsScope::TimeAddendsScope(const std::vector<ResnetBlock2DImpl*>& resnets, const at::Tensor& temb_act)
     : before_(std::move(t_time_addends)) {
-  std::vector<at::Tensor> weights, biases;
+  std::vector<at::Tensor> weights, biases, conv1_biases;
   std::vector<int64_t> sizes;
+  auto or_zeros = [](const at::Tensor& b, const at::Tensor& w) {
+    return b.defined() ? b : at::zeros({w.size(0)}, w.options());
+  };
   for (const ResnetBlock2DImpl* r : resnets) {
-    const nn::Linear& p = r->time_projection();
-    const at::Tensor& b1 = r->first_conv()->bias;
-    weights.push_back(p->weight);
-    sizes.push_back(p->weight.size(0));
-    at::Tensor b = p->bias.defined() ? p->bias : at::zeros({p->weight.size(0)}, p->weight.options());
-    biases.push_back(b1.defined() ? b + b1 : b);
+    const at::Tensor& w = r->time_projection()->weight;
+    weights.push_back(w);
+    sizes.push_back(w.size(0));
+    biases.push_back(or_zeros(r->time_projection()->bias, w));
+    conv1_biases.push_back(or_zeros(r->first_conv()->bias, w));
   }
   std::vector<at::Tensor> parts;
   {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_keys());
     const at::Tensor w = at::cat(weights);
-    parts = at::addmm(at::cat(biases), temb_act.to(w.scalar_type()), w.t()).split_with_sizes(sizes, 1);
+    // The two bias vectors concatenated, then added: one addition forward, one copy backward.
+    parts = at::addmm(AddOwnGradients::apply(at::cat(biases), at::cat(conv1_biases)),
+                      temb_act.to(w.scalar_type()), w.t())
+                .split_with_sizes(sizes, 1);
   }
   for (size_t i = 0; i < resnets.size(); ++i) addends_.emplace_back(resnets[i], std::move(parts[i]));
   t_time_addends = addends_;
