@@ -28,9 +28,11 @@
 // --fused-norm 1 (CUDA, a build with the project's kernels) runs GroupNorm and the SiLU after it through the
 // fused kernels of src/nn/cuda/group_norm.cu (diffuse::set_fused_norm; the program:
 // DIFFUSE_CUDA_FUSED_NORM=1).
-// --flat-cast 0 (with --precision bf16|fp16, training) leaves the parameters' casts to autocast, one per
-// parameter each way, instead of one cast of the flat buffer forward and one of the gradients backward
-// (diffuse::set_flat_parameter_cast, the default 1: the same values, ~370 fewer kernels per fmnist step).
+// --flat-cast 0 (with --precision bf16|fp16) leaves the parameters' casts to autocast: in training one per
+// parameter each way instead of one cast of the flat buffer forward and one of the gradients backward
+// (diffuse::set_flat_parameter_cast; the default 1: the same values, 370 fewer casts per fmnist step); in
+// sampling every evaluation's instead of the first's, kept for the run (diffuse::FrozenWeightsScope, as
+// `diffuse sample`).
 // --grad-buffer: transient (the default, as `diffuse train` in one process) frees the gradient between steps;
 // persistent keeps it allocated as the data-parallel all-reduce needs (diffuse::GradStorage).
 // Peak memory (peak_mem_mib) counts the bytes held by tensors during the timed iterations: the CUDA caching
@@ -74,6 +76,7 @@
 #include <cstdlib>
 #include <iostream>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
@@ -86,8 +89,8 @@
 #include "diffuse/loss.h"
 #include "diffuse/nn/unet.h"
 #include "diffuse/process.h"
-#include "diffuse/train/optim.h"
 #include "diffuse/train/cuda_graph.h"
+#include "diffuse/train/optim.h"
 #include "diffuse/train/step.h"
 #include "diffuse/train/trainer.h"
 
@@ -528,6 +531,10 @@ void bench_sample(const Options& o, const diffuse::RunConfig& cfg, const at::Dev
         device, 2);
   }
   auto forward = [&] { return graphed ? (*graphed)(x, t, y) : net->forward(x, t, y); };
+  // As `diffuse sample` does: under mixed precision the weights cast once for the run (--flat-cast 0: every
+  // evaluation, by autocast).
+  std::optional<diffuse::FrozenWeightsScope> frozen;
+  if (o.flat_cast) frozen.emplace(*net);
   for (int64_t i = 0; i < warmup; ++i) forward();
   sync(device);
   reset_peak_memory(device);

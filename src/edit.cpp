@@ -315,6 +315,7 @@ at::Tensor run_batches(const Model& m, const GenerateOptions& g, const BatchFn& 
                                 ? Denoiser(conditioned_model_fn(m.net, condition.to(device)), *m.process, m.config.loss.prediction)
                                 : m.denoiser();
   at::NoGradGuard no_grad;
+  const FrozenWeightsScope frozen(*m.net.ptr());  // mixed precision: the weights cast once for the whole run
   std::vector<at::Tensor> out;
   for (int64_t start = 0; start < g.n; start += g.batch) {
     const int64_t b = std::min(g.batch, g.n - start);

@@ -63,6 +63,7 @@ void generate_batches(const Model& m, const GenerateOptions& g,
                               : m.denoiser();
   const int64_t C = m.channels(), H = m.image_size(), W = m.image_size();
   at::NoGradGuard no_grad;
+  const FrozenWeightsScope frozen(*m.net.ptr());  // mixed precision: the weights cast once for the whole run
 
   // One batch's inputs and sampler state; it stays at one address (the sampler options point into it).
   struct Batch {

@@ -1,8 +1,10 @@
 // The U-Net against diffusers' own outputs (shared/fixtures/diffusers_unet2d): same function, same names.
+#include <ATen/record_function.h>
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <set>
 #include <sstream>
@@ -709,6 +711,87 @@ TEST(UNet, FusedNormInChannelsLastIsTheSameFunction) {
   EXPECT_LT(rel_l2(gb_nhwc, gb_nchw), 6e-2);
   EXPECT_LT(rel_l2(yb_nhwc, y_nchw), 1.5 * rel_l2(yb_nchw, y_nchw));
   EXPECT_LT(rel_l2(gb_nhwc, g_nchw), 1.5 * rel_l2(gb_nchw, g_nchw));
+}
+
+// How many casts (aten::_to_copy) one forward runs.
+int64_t casts_in(const std::function<void()>& forward) {
+  static thread_local int64_t count = 0;
+  count = 0;
+  const at::CallbackHandle handle = at::addThreadLocalCallback(
+      at::RecordFunctionCallback([](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
+        count += std::string(fn.name()) == "aten::_to_copy";
+        return nullptr;
+      }));
+  forward();
+  at::removeCallback(handle);
+  return count;
+}
+
+// Under a FrozenWeightsScope a bf16 forward without autograd casts the weights once (the first forward) and
+// the later ones reuse them: the same output bit for bit as autocast's casts in every forward, and from the
+// second forward on one cast fewer per weight and bias of the convolutions and linear layers (with the fused
+// paths the time projections and conv1's biases stay float32, and autocast itself casts q, k and v's stacked
+// weights and biases once each); a forward that records autograd ignores the kept casts, and a new scope
+// casts the current weights.
+TEST(UNet, FrozenWeightsAreCastOnce) {
+  UNet2DModel net = random_fmnist_unet(41);
+  const at::Tensor x = at::randn({2, 1, 28, 28}), t = at::tensor({80.0f, 900.0f});
+  const NormDefaultsAtExit reset{net};
+  net->set_precision(diffuse::Precision::kBFloat16);
+  int64_t cast_params = 0;
+  for (const auto& item : net->named_parameters())
+    cast_params += item.key().find("norm") == std::string::npos;
+  const diffuse::nn_detail::FusedNormOnCpuForTests on_cpu;
+  for (const bool fused : {false, true}) {
+    SCOPED_TRACE(fused ? "fused paths" : "LibTorch's paths");
+    diffuse::set_fused_norm(fused);
+    // With the fused paths each resnet's time projection (weight, bias) and conv1 bias stay float32.
+    int64_t resnets = 0;
+    for (const auto& m : net->modules(/*include_self=*/false))
+      resnets += m->as<diffuse::nn_detail::ResnetBlock2D>() != nullptr;
+    const int64_t kept = cast_params - (fused ? 3 * resnets : 0);
+    const at::Tensor y_grad_ref = net->forward(x, t).detach();  // autograd records (other CPU paths)
+    at::Tensor y_ref;
+    {
+      at::NoGradGuard no_grad;
+      y_ref = net->forward(x, t);
+      const int64_t autocast_casts = casts_in([&] { net->forward(x, t); });
+      const int64_t before = diffuse::frozen_weight_casts();
+      const diffuse::FrozenWeightsScope frozen(*net);
+      at::Tensor y1, y2;
+      const int64_t first = casts_in([&] { y1 = net->forward(x, t); });
+      const int64_t second = casts_in([&] { y2 = net->forward(x, t); });
+      std::printf("casts per bf16 forward: %lld with autocast's, %lld and %lld in a frozen scope\n",
+                  static_cast<long long>(autocast_casts), static_cast<long long>(first),
+                  static_cast<long long>(second));
+      EXPECT_EQ(diffuse::frozen_weight_casts() - before, 1);
+      EXPECT_GE(first, autocast_casts);
+      EXPECT_EQ(first - second, kept);
+      EXPECT_LT(second, autocast_casts - 100);
+      EXPECT_TRUE(at::equal(y1, y_ref));
+      EXPECT_TRUE(at::equal(y2, y_ref));
+      // A forward that records autograd casts afresh and computes what it computes outside the scope.
+      at::AutoGradMode grad(true);
+      net->zero_grad();
+      const at::Tensor y_grad = net->forward(x, t);
+      EXPECT_TRUE(at::equal(y_grad.detach(), y_grad_ref));
+      y_grad.sum().backward();
+      for (const auto& p : net->parameters()) ASSERT_TRUE(p.grad().defined());
+      EXPECT_EQ(diffuse::frozen_weight_casts() - before, 1);
+    }
+  }
+  // A new scope sees the weights as they are now.
+  at::NoGradGuard no_grad;
+  const at::Tensor y_before = net->forward(x, t);
+  {
+    const diffuse::FrozenWeightsScope frozen(*net);
+    EXPECT_TRUE(at::equal(net->forward(x, t), y_before));
+  }
+  for (auto& p : net->parameters()) p.mul_(1.25);
+  const at::Tensor y_after = net->forward(x, t);
+  EXPECT_FALSE(at::equal(y_after, y_before));
+  const diffuse::FrozenWeightsScope frozen(*net);
+  EXPECT_TRUE(at::equal(net->forward(x, t), y_after));
 }
 
 // CPU float32 training through the project's kernels (GroupNorm + SiLU, 1x1 convolutions, the last 3x3 convolution,

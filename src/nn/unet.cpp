@@ -74,6 +74,15 @@ UNetLayout unet_layout(const UNetConfig& c) {
 
 }  // namespace nn_detail
 
+namespace {
+// The reduced-precision weights a FrozenWeightsScope keeps between forwards.
+struct FrozenCast {
+  int depth = 0;  // open scopes
+  at::ScalarType dtype = at::kFloat;
+  std::vector<at::Tensor> cast;
+};
+}  // namespace
+
 struct UNet2DModelImpl::Impl {
   nn::Conv2d conv_in{nullptr};
   nn::Linear linear_1{nullptr}, linear_2{nullptr};  // time_embedding
@@ -90,12 +99,14 @@ struct UNet2DModelImpl::Impl {
   // (the resnets' time projections and conv1 biases: nn_detail::TimeAddendsScope).
   std::vector<at::Tensor*> cast_slots;
   std::vector<bool> time_addend_parameter;
+  FrozenCast frozen;
 };
 
 namespace {
 
 std::atomic<bool> g_cast_in_one_buffer{true};
 std::atomic<int64_t> g_casts_in_one_buffer{0};
+std::atomic<int64_t> g_frozen_casts{0};
 
 // Under mixed precision, for one forward of a network whose parameters lie in one buffer (FlatParameters):
 // the convolutions' and linear layers' weights and biases cast at once
@@ -108,8 +119,8 @@ std::atomic<int64_t> g_casts_in_one_buffer{0};
 class ReducedPrecisionWeights {
  public:
   ReducedPrecisionWeights(const std::vector<at::Tensor*>& slots,
-                          const std::vector<bool>& time_addend_parameter, const c10::Device& device,
-                          at::ScalarType dtype) {
+                          const std::vector<bool>& time_addend_parameter, FrozenCast& frozen,
+                          const c10::Device& device, at::ScalarType dtype) {
     if (!g_cast_in_one_buffer) return;
     const bool keep_time_addend = nn_detail::fused_paths_on(device);
     std::vector<at::Tensor*> taken;
@@ -119,9 +130,24 @@ class ReducedPrecisionWeights {
       taken.push_back(slots[i]);
       params.push_back(*slots[i]);
     }
-    const std::vector<at::Tensor> cast = nn_detail::cast_parameters_in_one_buffer(params, dtype);
-    if (cast.empty()) return;
-    ++g_casts_in_one_buffer;
+    std::vector<at::Tensor> cast;
+    const bool keep = frozen.depth > 0 && !at::GradMode::is_enabled();
+    if (keep && frozen.dtype == dtype && frozen.cast.size() == params.size()) {
+      cast = frozen.cast;
+    } else {
+      cast = nn_detail::cast_parameters_in_one_buffer(params, dtype);
+      if (!cast.empty()) {
+        ++g_casts_in_one_buffer;
+      } else if (keep) {
+        for (const at::Tensor& p : params) cast.push_back(p.to(dtype));
+      }
+      if (cast.empty()) return;
+      if (keep) {
+        frozen.cast = cast;
+        frozen.dtype = dtype;
+        ++g_frozen_casts;
+      }
+    }
     saved_.reserve(taken.size());
     for (size_t i = 0; i < taken.size(); ++i) {
       saved_.emplace_back(taken[i], std::move(*taken[i]));
@@ -202,6 +228,19 @@ UNet2DModelImpl::UNet2DModelImpl(const UNetConfig& cfg) : cfg_(cfg), impl_(std::
 void set_flat_parameter_cast(bool on) { g_cast_in_one_buffer = on; }
 bool flat_parameter_cast() { return g_cast_in_one_buffer; }
 int64_t flat_parameter_casts() { return g_casts_in_one_buffer; }
+int64_t frozen_weight_casts() { return g_frozen_casts; }
+
+void UNet2DModelImpl::freeze_weights(bool on) {
+  FrozenCast& f = impl_->frozen;
+  f.depth += on ? 1 : -1;
+  if (f.depth <= 0) {
+    f.depth = 0;
+    f.cast.clear();
+  }
+}
+
+FrozenWeightsScope::FrozenWeightsScope(UNet2DModelImpl& net) : net_(net) { net_.freeze_weights(true); }
+FrozenWeightsScope::~FrozenWeightsScope() { net_.freeze_weights(false); }
 
 int64_t UNet2DModelImpl::num_parameters() const {
   int64_t total = 0;
@@ -274,7 +313,7 @@ at::Tensor UNet2DModelImpl::forward(const at::Tensor& x_in, const at::Tensor& ti
   at::Tensor out;
   if (precision_ != Precision::kFloat32) {
     AutocastGuard autocast(device, precision_);
-    const ReducedPrecisionWeights weights(m.cast_slots, m.time_addend_parameter, device,
+    const ReducedPrecisionWeights weights(m.cast_slots, m.time_addend_parameter, m.frozen, device,
                                           autocast_target(device));
     out = forward_impl(x_in, timesteps, class_labels, dtype).to(dtype);
   } else {
