@@ -453,13 +453,14 @@ TEST(Optim, FlatParameterCastTrainsAsAutocastsCasts) {
 
 // How many times aten::_to_copy (a cast's or a layout copy's kernel) runs in one forward and backward of the
 // fmnist U-Net in bf16 over a flat buffer, and the number of parameters autocast casts (all but GroupNorm's).
-std::pair<int64_t, int64_t> casts_in_a_training_pass() {
+std::pair<int64_t, int64_t> casts_in_a_training_pass(bool model_flat_cast = true) {
   static thread_local int64_t count = 0;
   RunConfig cfg = load_preset("fmnist");
   torch::manual_seed(5);
   UNet2DModel net(cfg.model);
   net->train();
   net->set_precision(Precision::kBFloat16);
+  net->set_flat_cast(model_flat_cast);
   FlatParameters flat(net->named_parameters(), GradStorage::kTransient, false);
   int64_t cast_params = 0;
   for (const auto& item : net->named_parameters())
@@ -477,7 +478,8 @@ std::pair<int64_t, int64_t> casts_in_a_training_pass() {
   return {count, cast_params};
 }
 
-// The flat cast replaces autocast's cast per parameter, forward and backward, by one cast each way.
+// The flat cast replaces autocast's cast per parameter, forward and backward, by one cast each way; a model
+// whose own switch is off (data-parallel training) keeps autocast's.
 TEST(Optim, FlatParameterCastIsOneKernelEachWay) {
   const MixedPrecisionSwitchesAtExit reset;
   set_flat_parameter_cast(false);
@@ -491,6 +493,7 @@ TEST(Optim, FlatParameterCastIsOneKernelEachWay) {
       static_cast<long long>(cast_params));
   EXPECT_GT(cast_params, 150);
   EXPECT_EQ(per_parameter - at_once, 2 * cast_params - 2);
+  EXPECT_EQ(casts_in_a_training_pass(/*model_flat_cast=*/false).first, per_parameter);
 }
 
 TEST(Optim, TransientGradientRefusesTheStepBeforeItIsGathered) {

@@ -120,8 +120,8 @@ class ReducedPrecisionWeights {
  public:
   ReducedPrecisionWeights(const std::vector<at::Tensor*>& slots,
                           const std::vector<bool>& time_addend_parameter, FrozenCast& frozen,
-                          const c10::Device& device, at::ScalarType dtype) {
-    if (!g_cast_in_one_buffer) return;
+                          bool training_cast, const c10::Device& device, at::ScalarType dtype) {
+    if (!g_cast_in_one_buffer || (at::GradMode::is_enabled() && !training_cast)) return;
     const bool keep_time_addend = nn_detail::fused_paths_on(device);
     std::vector<at::Tensor*> taken;
     std::vector<at::Tensor> params;
@@ -313,7 +313,7 @@ at::Tensor UNet2DModelImpl::forward(const at::Tensor& x_in, const at::Tensor& ti
   at::Tensor out;
   if (precision_ != Precision::kFloat32) {
     AutocastGuard autocast(device, precision_);
-    const ReducedPrecisionWeights weights(m.cast_slots, m.time_addend_parameter, m.frozen, device,
+    const ReducedPrecisionWeights weights(m.cast_slots, m.time_addend_parameter, m.frozen, flat_cast_, device,
                                           autocast_target(device));
     out = forward_impl(x_in, timesteps, class_labels, dtype).to(dtype);
   } else {

@@ -205,6 +205,7 @@ TrainResult train(RunConfig cfg, const std::string& run_dir, bool resume, const 
   net->to(device);
   net->set_precision(precision);
   net->set_channels_last(t.channels_last);
+  net->set_flat_cast(!comm);  // see UNet2DModelImpl::set_flat_cast
   // One process: the gradient exists only from backward to the optimizer step (a lower peak). Data-parallel:
   // the all-reduce buckets are views into a persistent buffer.
   FlatParameters flat(net->named_parameters(), comm ? GradStorage::kPersistent : GradStorage::kTransient,

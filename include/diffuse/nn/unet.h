@@ -83,6 +83,10 @@ class UNet2DModelImpl : public torch::nn::Module {
   bool channels_last() const { return channels_last_; }
   // See FrozenWeightsScope.
   void freeze_weights(bool on);
+  // This model's share of set_flat_parameter_cast, for forwards that record autograd (default on).
+  // Data-parallel training turns it off: its bucketed all-reduce starts while backward runs, and the one
+  // cast's backward would hand every weight's gradient over at its very end.
+  void set_flat_cast(bool on) { flat_cast_ = on; }
 
  private:
   // dtype: the parameters' (float32 unless the model was converted).
@@ -92,6 +96,7 @@ class UNet2DModelImpl : public torch::nn::Module {
   UNetConfig cfg_;
   Precision precision_ = Precision::kFloat32;
   bool channels_last_ = false;
+  bool flat_cast_ = true;
   std::shared_ptr<Impl> impl_;
 };
 TORCH_MODULE(UNet2DModel);
