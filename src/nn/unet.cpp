@@ -115,7 +115,10 @@ std::atomic<int64_t> g_frozen_casts{0};
 // per-parameter casts would give it, bit for bit; the registered parameters (parameters(), the optimizer's)
 // stay the float32 ones. With the fused paths the resnets' time projections and conv1 biases stay float32:
 // one GEMM outside autocast makes the fused normalization's float32 addends of them
-// (nn_detail::TimeAddendsScope). Parameters not in one buffer: nothing changes.
+// (nn_detail::TimeAddendsScope). Parameters not in one buffer: nothing changes, except in a
+// FrozenWeightsScope. There, forwards without autograd cast once (the buffer, or each parameter) and keep the
+// casts for the scope's later forwards. training_cast: the model's set_flat_cast, for forwards that record
+// autograd.
 class ReducedPrecisionWeights {
  public:
   ReducedPrecisionWeights(const std::vector<at::Tensor*>& slots,
