@@ -1,5 +1,4 @@
 // The U-Net against diffusers' own outputs (shared/fixtures/diffusers_unet2d): same function, same names.
-#include <ATen/record_function.h>
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -553,11 +552,15 @@ UNet2DModel random_fmnist_unet(uint64_t seed) {
   return net;
 }
 
-int64_t group_norm_count(UNet2DModel& net) {
-  int64_t norms = 0;
-  for (const auto& m : net->modules(/*include_self=*/false)) norms += m->as<torch::nn::GroupNorm>() != nullptr;
-  return norms;
+// How many modules of type M (a module holder: torch::nn::GroupNorm, nn_detail::Attention, ...) the net
+// holds.
+template <class M>
+int64_t module_count(UNet2DModel& net) {
+  int64_t n = 0;
+  for (const auto& m : net->modules(/*include_self=*/false)) n += m->as<M>() != nullptr;
+  return n;
 }
+int64_t group_norm_count(UNet2DModel& net) { return module_count<torch::nn::GroupNorm>(net); }
 
 // One training-mode forward of `net` (dropout drawn from `seed`) and the backward pass of sum(y * r): the output, the
 // input's gradient followed by every parameter's flattened into one tensor, and how far `calls` (a path's call
@@ -612,13 +615,9 @@ TEST(UNet, FusedNormIsTheSameFunctionInTraining) {
   const at::Tensor x = at::randn({2, 1, 28, 28}), t = at::tensor({30.0f, 700.0f});
   const at::Tensor r = at::randn({2, 1, 28, 28});
   const int64_t norms = group_norm_count(net);
-  int64_t attentions = 0;
-  for (const auto& m : net->modules(/*include_self=*/false))
-    attentions += m->as<diffuse::nn_detail::Attention>() != nullptr;
+  const int64_t attentions = module_count<diffuse::nn_detail::Attention>(net);
   ASSERT_GT(attentions, 0);
-  int64_t resnets = 0;
-  for (const auto& m : net->modules(/*include_self=*/false))
-    resnets += m->as<diffuse::nn_detail::ResnetBlock2D>() != nullptr;
+  const int64_t resnets = module_count<diffuse::nn_detail::ResnetBlock2D>(net);
   ASSERT_GT(resnets, 10);
   const NormDefaultsAtExit reset{net};
   const diffuse::nn_detail::FusedNormOnCpuForTests on_cpu;
@@ -715,16 +714,7 @@ TEST(UNet, FusedNormInChannelsLastIsTheSameFunction) {
 
 // How many casts (aten::_to_copy) one forward runs.
 int64_t casts_in(const std::function<void()>& forward) {
-  static thread_local int64_t count = 0;
-  count = 0;
-  const at::CallbackHandle handle = at::addThreadLocalCallback(
-      at::RecordFunctionCallback([](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
-        count += std::string(fn.name()) == "aten::_to_copy";
-        return nullptr;
-      }));
-  forward();
-  at::removeCallback(handle);
-  return count;
+  return diffuse_test::op_calls("aten::_to_copy", forward);
 }
 
 // Under a FrozenWeightsScope a bf16 forward without autograd casts the weights once (the first forward) and
@@ -746,9 +736,7 @@ TEST(UNet, FrozenWeightsAreCastOnce) {
     SCOPED_TRACE(fused ? "fused paths" : "LibTorch's paths");
     diffuse::set_fused_norm(fused);
     // With the fused paths each resnet's time projection (weight, bias) and conv1 bias stay float32.
-    int64_t resnets = 0;
-    for (const auto& m : net->modules(/*include_self=*/false))
-      resnets += m->as<diffuse::nn_detail::ResnetBlock2D>() != nullptr;
+    const int64_t resnets = module_count<diffuse::nn_detail::ResnetBlock2D>(net);
     const int64_t kept = cast_params - (fused ? 3 * resnets : 0);
     const at::Tensor y_grad_ref = net->forward(x, t).detach();  // autograd records (other CPU paths)
     at::Tensor y_ref;

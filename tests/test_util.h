@@ -3,9 +3,11 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/record_function.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <string>
@@ -15,6 +17,22 @@
 #include "diffuse/io/file.h"
 
 namespace diffuse_test {
+
+// How many times the operator `name` (e.g. "aten::_to_copy", a cast's kernel) runs on this thread during fn.
+inline int64_t op_calls(const char* name, const std::function<void()>& fn) {
+  static thread_local int64_t count = 0;
+  static thread_local const char* wanted = nullptr;
+  count = 0;
+  wanted = name;
+  const at::CallbackHandle handle = at::addThreadLocalCallback(
+      at::RecordFunctionCallback([](const at::RecordFunction& f) -> std::unique_ptr<at::ObserverContext> {
+        count += std::strcmp(f.name(), wanted) == 0;
+        return nullptr;
+      }));
+  fn();
+  at::removeCallback(handle);
+  return count;
+}
 
 // The tests go through the library's POSIX file functions rather than std::filesystem's remove_all,
 // create_directories and temp_directory_path, which crash in programs linked against pip builds of

@@ -1,7 +1,6 @@
 // The training loop on the tiny preset (8x8 Fashion-MNIST): it learns, it resumes bit-identically,
 // and it stops cleanly on a diverging loss; the optimizer against the textbook update.
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/record_function.h>
 #include <dlfcn.h>
 #include <gtest/gtest.h>
 
@@ -454,7 +453,6 @@ TEST(Optim, FlatParameterCastTrainsAsAutocastsCasts) {
 // How many times aten::_to_copy (a cast's or a layout copy's kernel) runs in one forward and backward of the
 // fmnist U-Net in bf16 over a flat buffer, and the number of parameters autocast casts (all but GroupNorm's).
 std::pair<int64_t, int64_t> casts_in_a_training_pass(bool model_flat_cast = true) {
-  static thread_local int64_t count = 0;
   RunConfig cfg = load_preset("fmnist");
   torch::manual_seed(5);
   UNet2DModel net(cfg.model);
@@ -466,16 +464,11 @@ std::pair<int64_t, int64_t> casts_in_a_training_pass(bool model_flat_cast = true
   for (const auto& item : net->named_parameters())
     cast_params += item.key().find("norm") == std::string::npos;
   const at::Tensor x = at::randn({2, 1, 28, 28}), t = at::tensor({50.0f, 800.0f});
-  count = 0;
-  const at::CallbackHandle handle = at::addThreadLocalCallback(
-      at::RecordFunctionCallback([](const at::RecordFunction& fn) -> std::unique_ptr<at::ObserverContext> {
-        count += std::string(fn.name()) == "aten::_to_copy";
-        return nullptr;
-      }));
-  net->forward(x, t).square().mean().backward();
-  flat.gather_grad();
-  at::removeCallback(handle);
-  return {count, cast_params};
+  const int64_t casts = diffuse_test::op_calls("aten::_to_copy", [&] {
+    net->forward(x, t).square().mean().backward();
+    flat.gather_grad();
+  });
+  return {casts, cast_params};
 }
 
 // The flat cast replaces autocast's cast per parameter, forward and backward, by one cast each way; a model

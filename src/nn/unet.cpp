@@ -203,16 +203,16 @@ UNet2DModelImpl::UNet2DModelImpl(const UNetConfig& cfg) : cfg_(cfg), impl_(std::
   m.conv_out =
       register_module("conv_out", nn::Conv2d(nn::Conv2dOptions(c0, cfg_.out_channels, 3).padding(1)));
   std::set<const at::Tensor*> time_addend_slots;
+  // named_modules lists a module before its children: a resnet's time-addend parameters are known by the time
+  // its conv1 and time projection come.
   for (const auto& item : named_modules("", /*include_self=*/false)) {
+    at::Tensor *w = nullptr, *b = nullptr;
     if (auto* r = item.value()->as<nn_detail::ResnetBlock2DImpl>()) {
       m.resnets.push_back(r);
       time_addend_slots.insert(
           {&r->first_conv()->bias, &r->time_projection()->weight, &r->time_projection()->bias});
-    }
-  }
-  for (const auto& item : named_modules("", /*include_self=*/false)) {
-    at::Tensor *w = nullptr, *b = nullptr;
-    if (auto* conv = item.value()->as<nn::Conv2dImpl>()) {
+      continue;
+    } else if (auto* conv = item.value()->as<nn::Conv2dImpl>()) {
       w = &conv->weight;
       b = &conv->bias;
     } else if (auto* linear = item.value()->as<nn::LinearImpl>()) {
