@@ -1,4 +1,4 @@
-// libFuzzer target: image_decode (PNG, JPEG, BMP... through stb_image, the project's image loader) must
+// libFuzzer target: image_decode (PNG and BMP through stb_image, JPEG through libjpeg-turbo) must
 // either return a uint8 [C, H, W] image or throw diffuse::Error; anything else (another exception, a crash,
 // a sanitizer report) is a bug. Each input is decoded as-is, as grey and as RGB.
 //   scripts/fuzz   (builds with clang -fsanitize=fuzzer,address and runs every target briefly)

@@ -1,13 +1,15 @@
 // Images: PNG round trips, decoding errors, grids, uint8 <-> float and resizing.
 #include <gtest/gtest.h>
+#include <jpeglib.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <vector>
 
 #include "diffuse/common.h"
 #include "diffuse/io/image.h"
-
 #include "test_util.h"
 
 namespace {
@@ -74,6 +76,207 @@ TEST(Image, BadFilesNameTheFile) {
             std::string::npos);
   error_of([&] { diffuse::image_save_png(dir.file("x.png"), at::zeros({3, 4, 4})); });
   EXPECT_FALSE(fs::exists(dir.file("x.png")));
+}
+
+// A 24-bit uncompressed BMP: header sides as given (a negative height is a top-down image), then
+// `pixel_bytes`.
+std::string bmp_bytes(int32_t width, int32_t height, const std::string& pixel_bytes) {
+  std::string b = "BM";
+  auto le32 = [&](uint32_t v) {
+    for (int i = 0; i < 4; ++i) b.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+  };
+  auto le16 = [&](uint16_t v) {
+    b.push_back(static_cast<char>(v & 0xff));
+    b.push_back(static_cast<char>(v >> 8));
+  };
+  le32(static_cast<uint32_t>(54 + pixel_bytes.size()));
+  le32(0);
+  le32(54);
+  le32(40);
+  le32(static_cast<uint32_t>(width));
+  le32(static_cast<uint32_t>(height));
+  le16(1);
+  le16(24);
+  for (int i = 0; i < 6; ++i) le32(0);
+  return b + pixel_bytes;
+}
+
+TEST(Image, DeclaredSizesAreCheckedBeforeDecoding) {
+  // A 2x2 image both ways up: rows of 6 bytes padded to 8, BGR. Bottom-up stores the last row first.
+  const std::string top_row = std::string("\x00\x00\xff\x00\xff\x00", 6) + std::string(2, '\0');
+  const std::string bottom_row = std::string("\xff\x00\x00\xff\xff\xff", 6) + std::string(2, '\0');
+  at::Tensor down = diffuse::image_decode(bmp_bytes(2, -2, top_row + bottom_row), 3, "down.bmp");
+  at::Tensor up = diffuse::image_decode(bmp_bytes(2, 2, bottom_row + top_row), 3, "up.bmp");
+  ASSERT_EQ(down.sizes(), at::IntArrayRef({3, 2, 2}));
+  EXPECT_TRUE(at::equal(down, up));
+  EXPECT_EQ(down[0][0][0].item<int>(), 255);  // top left red, top right green
+  EXPECT_EQ(down[1][0][1].item<int>(), 255);
+  EXPECT_EQ(down[2][1][0].item<int>(), 255);  // bottom left blue
+  // Sides whose product is over the cap, or more pixels than the bytes can hold, are refused before stb
+  // fills them: top-down (negative height, as stb's info reports it) the same as bottom-up.
+  for (int32_t sign : {1, -1}) {
+    const std::string tag = sign > 0 ? "up.bmp" : "down.bmp";
+    std::string e =
+        error_of([&] { diffuse::image_decode(bmp_bytes(8456, sign * 8206, "\x01\x02"), 0, tag); });
+    EXPECT_NE(e.find(tag + ": image of 8456x8206 pixels is larger than"), std::string::npos) << e;
+    e = error_of([&] { diffuse::image_decode(bmp_bytes(4000, sign * 4000, std::string(64, 'x')), 0, tag); });
+    EXPECT_NE(e.find(tag + ": BMP declares 4000x4000 pixels but holds only 118 bytes"), std::string::npos)
+        << e;
+  }
+}
+
+// Encodes uint8 [H, W, C] pixels (C = 1 grey, 3 RGB, 4 CMYK as Adobe stores it) as a JPEG at quality 100 with
+// no chroma subsampling. `scans` 0: baseline; -1: libjpeg's standard progressive script; > 0: a progressive
+// file of 1 + 5 * scans scans per component (the DC scan, then AC bands 1..scans each sent in five
+// successive-approximation steps; the bands after them never come).
+std::string jpeg_bytes(const at::Tensor& hwc, int scans = 0) {
+  jpeg_compress_struct cinfo;
+  jpeg_error_mgr errors;
+  cinfo.err = jpeg_std_error(&errors);
+  jpeg_create_compress(&cinfo);
+  unsigned char* out = nullptr;
+  unsigned long size = 0;
+  jpeg_mem_dest(&cinfo, &out, &size);
+  const int c = static_cast<int>(hwc.size(2));
+  cinfo.image_width = static_cast<JDIMENSION>(hwc.size(1));
+  cinfo.image_height = static_cast<JDIMENSION>(hwc.size(0));
+  cinfo.input_components = c;
+  cinfo.in_color_space = c == 1 ? JCS_GRAYSCALE : (c == 3 ? JCS_RGB : JCS_CMYK);
+  jpeg_set_defaults(&cinfo);
+  jpeg_set_quality(&cinfo, 100, TRUE);
+  for (int i = 0; i < cinfo.num_components; ++i)
+    cinfo.comp_info[i].h_samp_factor = cinfo.comp_info[i].v_samp_factor = 1;
+  std::vector<jpeg_scan_info> script;
+  if (scans < 0) jpeg_simple_progression(&cinfo);
+  if (scans > 0) {
+    script.push_back({cinfo.num_components, {0, 1, 2, 3}, 0, 0, 0, 0});
+    for (int band = 1; band <= scans; ++band) {
+      for (int comp = 0; comp < cinfo.num_components; ++comp) {
+        script.push_back({1, {comp}, band, band, 0, 4});
+        for (int al = 3; al >= 0; --al) script.push_back({1, {comp}, band, band, al + 1, al});
+      }
+    }
+    cinfo.scan_info = script.data();
+    cinfo.num_scans = static_cast<int>(script.size());
+  }
+  jpeg_start_compress(&cinfo, TRUE);
+  at::Tensor px = hwc.contiguous();
+  const size_t row = static_cast<size_t>(hwc.size(1) * c);
+  while (cinfo.next_scanline < cinfo.image_height) {
+    JSAMPROW r = px.data_ptr<uint8_t>() + row * cinfo.next_scanline;
+    jpeg_write_scanlines(&cinfo, &r, 1);
+  }
+  jpeg_finish_compress(&cinfo);
+  jpeg_destroy_compress(&cinfo);
+  std::string bytes(reinterpret_cast<const char*>(out), size);
+  std::free(out);
+  return bytes;
+}
+
+// 16x16 of four flat 8x8 blocks (one per JPEG block: quality 100 keeps them within a level or two).
+at::Tensor blocks_hwc(const std::vector<std::vector<int>>& colours) {
+  const int64_t c = static_cast<int64_t>(colours[0].size());
+  at::Tensor img = at::empty({16, 16, c}, at::kByte);
+  for (int q = 0; q < 4; ++q)
+    for (int64_t k = 0; k < c; ++k)
+      img.slice(0, 8 * (q / 2), 8 * (q / 2) + 8)
+          .slice(1, 8 * (q % 2), 8 * (q % 2) + 8)
+          .select(2, k)
+          .fill_(colours[q][k]);
+  return img;
+}
+
+int max_diff(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kInt) - b.to(at::kInt)).abs().max().item<int>();
+}
+
+TEST(Image, JpegFilesDecodeThroughLibjpeg) {
+  const at::Tensor rgb = blocks_hwc({{255, 0, 0}, {0, 255, 0}, {20, 40, 200}, {128, 128, 128}});
+  const at::Tensor chw = rgb.permute({2, 0, 1});
+  // stb's luma weights, as PNG and BMP are converted.
+  const at::Tensor y =
+      ((chw[0].to(at::kInt) * 77 + chw[1].to(at::kInt) * 150 + chw[2].to(at::kInt) * 29) / 256).unsqueeze(0);
+  for (const std::string& file : {jpeg_bytes(rgb), jpeg_bytes(rgb, -1)}) {  // baseline, progressive
+    at::Tensor own = diffuse::image_decode(file, 0, "rgb.jpg");
+    ASSERT_EQ(own.sizes(), at::IntArrayRef({3, 16, 16}));
+    EXPECT_LE(max_diff(own, chw), 2);
+    EXPECT_TRUE(at::equal(diffuse::image_decode(file, 3, "rgb.jpg"), own));
+    at::Tensor grey = diffuse::image_decode(file, 1, "rgb.jpg");
+    ASSERT_EQ(grey.sizes(), at::IntArrayRef({1, 16, 16}));
+    EXPECT_LE(max_diff(grey, y), 2);
+  }
+  // A greyscale file keeps one channel, or repeats it.
+  const at::Tensor g = blocks_hwc({{0}, {60}, {200}, {255}});
+  const std::string grey_file = jpeg_bytes(g);
+  at::Tensor one = diffuse::image_decode(grey_file, 0, "grey.jpg");
+  ASSERT_EQ(one.sizes(), at::IntArrayRef({1, 16, 16}));
+  EXPECT_LE(max_diff(one, g.permute({2, 0, 1})), 1);
+  EXPECT_TRUE(at::equal(diffuse::image_decode(grey_file, 3, "grey.jpg"), one.expand({3, 16, 16})));
+  // CMYK as Adobe writes it (inverted: 255 is no ink) becomes RGB: red = C * K / 255.
+  const at::Tensor cmyk =
+      blocks_hwc({{255, 0, 255, 255}, {128, 255, 255, 200}, {255, 255, 255, 255}, {0, 0, 0, 0}});
+  const at::Tensor expect =
+      blocks_hwc({{255, 0, 255}, {100, 200, 200}, {255, 255, 255}, {0, 0, 0}}).permute({2, 0, 1});
+  at::Tensor from_cmyk = diffuse::image_decode(jpeg_bytes(cmyk), 0, "cmyk.jpg");
+  ASSERT_EQ(from_cmyk.sizes(), at::IntArrayRef({3, 16, 16}));
+  EXPECT_LE(max_diff(from_cmyk, expect), 2);
+  EXPECT_LE(
+      max_diff(
+          diffuse::image_decode(jpeg_bytes(cmyk), 1, "cmyk.jpg"),
+          ((expect[0].to(at::kInt) * 77 + expect[1].to(at::kInt) * 150 + expect[2].to(at::kInt) * 29) / 256)
+              .unsqueeze(0)),
+      2);
+}
+
+// Files written by cjpeg (libjpeg-turbo-progs): 24x24, a checkerboard of 8x8 blocks, flat grey 40 and random
+// noise.
+TEST(Image, JpegFixturesFromCjpeg) {
+  const std::string dir = std::string(DIFFUSE_TEST_DATA) + "/images/jpeg/";
+  for (const char* name : {"baseline.jpg", "progressive.jpg", "grey.jpg"}) {
+    const int64_t c = std::string(name) == "grey.jpg" ? 1 : 3;
+    ASSERT_EQ(diffuse::image_load(dir + name).sizes(), at::IntArrayRef({c, 24, 24})) << name;
+    // Luma is stored at full resolution, one DCT block per 8x8 block: a flat block stays flat (chroma is
+    // subsampled over 16x16 and mixes the neighbours' colours).
+    at::Tensor img = diffuse::image_load(dir + name, 1);
+    for (int64_t by = 0; by < 3; ++by) {
+      for (int64_t bx = 0; bx < 3; ++bx) {
+        if ((by + bx) % 2) continue;
+        at::Tensor block = img.slice(1, 8 * by, 8 * by + 8).slice(2, 8 * bx, 8 * bx + 8).to(at::kInt);
+        EXPECT_LE((block - 40).abs().max().item<int>(), 2) << name << " block " << by << "," << bx;
+      }
+    }
+  }
+}
+
+TEST(Image, BadJpegFilesAreRefused) {
+  const at::Tensor rgb = blocks_hwc({{255, 0, 0}, {0, 255, 0}, {20, 40, 200}, {128, 128, 128}});
+  const std::string file = jpeg_bytes(rgb);
+  // Truncated anywhere (header or entropy-coded data): refused, not filled with grey.
+  for (size_t keep : {size_t{2}, size_t{100}, file.size() / 2, file.size() - 40}) {
+    std::string e = error_of([&] { diffuse::image_decode(file.substr(0, keep), 0, "cut.jpg"); });
+    EXPECT_EQ(e.rfind("cut.jpg: cannot decode JPEG (", 0), 0u) << keep << ": " << e;
+  }
+  // A Huffman table of more than 256 codes (stb_image's JPEG reader wrote past its table on this).
+  std::string dht = std::string("\xff\xd8\xff\xc4\x00\x13\x00", 7) + std::string(16, '\x12');
+  EXPECT_EQ(
+      error_of([&] { diffuse::image_decode(dht, 0, "dht.jpg"); }).rfind("dht.jpg: cannot decode JPEG (", 0),
+      0u);
+  // Sides over the 64 Mpx cap are refused from the header (SOF0: height, then width, big-endian).
+  std::string huge = file;
+  size_t sof = huge.find("\xff\xc0");
+  ASSERT_NE(sof, std::string::npos);
+  huge.replace(sof + 5, 4, std::string("\x23\x28\x23\x28", 4));  // 9000 x 9000
+  EXPECT_NE(error_of([&] {
+              diffuse::image_decode(huge, 0, "huge.jpg");
+            }).find("huge.jpg: image of 9000x9000 pixels is larger than"),
+            std::string::npos);
+  // Progressive files of many scans: a bomb past 256 scans.
+  const at::Tensor g = blocks_hwc({{0}, {60}, {200}, {255}});
+  EXPECT_EQ(diffuse::image_decode(jpeg_bytes(g, 51), 0, "scans.jpg").size(0), 1);  // 256 scans
+  EXPECT_NE(error_of([&] {
+              diffuse::image_decode(jpeg_bytes(g, 52), 0, "scans.jpg");
+            }).find("more than 256 progressive scans"),
+            std::string::npos);
 }
 
 TEST(Image, GridPlacesImagesWithPadding) {

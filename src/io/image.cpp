@@ -1,14 +1,22 @@
-// Image files through stb_image / stb_image_write, uint8 <-> [-1, 1] conversion, grids and resizing.
+// Image files: PNG and BMP through stb_image, JPEG through libjpeg-turbo (io/jpeg.cpp), PNG written by
+// stb_image_write; uint8 <-> [-1, 1] conversion, grids and resizing.
 #include "diffuse/io/image.h"
 
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 
 #include "diffuse/common.h"
 #include "diffuse/io/file.h"
+#include "io/jpeg.h"
 
-// The one translation unit that holds the stb implementations (memory-only: no stdio paths).
+// The one translation unit that holds the stb implementations (memory-only: no stdio paths). Only the readers
+// of the formats image folders hold are compiled in: stb's readers of GIF, PSD, PIC, PNM, TGA and HDR (and
+// this version's JPEG reader: an out-of-bounds Huffman table write) fail under fuzzing, and nothing here
+// needs them.
 #define STBI_NO_STDIO
+#define STBI_ONLY_PNG
+#define STBI_ONLY_BMP
 #define STBI_WRITE_NO_STDIO
 #define STB_IMAGE_IMPLEMENTATION
 #define STB_IMAGE_WRITE_IMPLEMENTATION
@@ -92,20 +100,24 @@ at::Tensor image_decode(const std::string& bytes, int64_t channels, const std::s
     throw input_error(context + ": channels must be 0, 1 or 3, got " + std::to_string(channels));
   if (bytes.empty()) throw input_error(context + ": empty image file");
   if (bytes.size() > static_cast<size_t>(INT_MAX)) throw input_error(context + ": image file too large");
+  if (detail::looks_like_jpeg(bytes))
+    return detail::jpeg_decode_hwc(bytes, channels, kMaxImagePixels, context).permute({2, 0, 1}).contiguous();
   auto data = reinterpret_cast<const stbi_uc*>(bytes.data());
   int len = static_cast<int>(bytes.size());
   int w = 0, h = 0, comp = 0;
   if (!stbi_info_from_memory(data, len, &w, &h, &comp))
     throw input_error(context + ": not a readable image (" + stbi_failure_reason() + ")");
   // Decompression bombs: a few bytes may declare a huge image that stb then fills pixel by pixel. Cap the
-  // pixel count, and an uncompressed BMP (stb reads no RLE BMPs) must hold at least 1 bit per pixel.
-  const int64_t pixels_declared = static_cast<int64_t>(w) * h;
+  // pixel count, and an uncompressed BMP (stb reads no RLE BMPs) must hold at least 1 bit per pixel. stb's
+  // info passes a BMP's height on as stored: negative for a top-down image, so the sides count by magnitude.
+  const int64_t width = std::abs(static_cast<int64_t>(w)), height = std::abs(static_cast<int64_t>(h));
+  const int64_t pixels_declared = width * height;
   if (pixels_declared > kMaxImagePixels) {
-    throw input_error(context + ": image of " + std::to_string(w) + "x" + std::to_string(h) + " pixels is larger than " +
-                      std::to_string(kMaxImagePixels) + " pixels");
+    throw input_error(context + ": image of " + std::to_string(width) + "x" + std::to_string(height) +
+                      " pixels is larger than " + std::to_string(kMaxImagePixels) + " pixels");
   }
   if (bytes.size() >= 2 && bytes[0] == 'B' && bytes[1] == 'M' && static_cast<int64_t>(bytes.size()) * 8 < pixels_declared) {
-    throw input_error(context + ": BMP declares " + std::to_string(w) + "x" + std::to_string(h) +
+    throw input_error(context + ": BMP declares " + std::to_string(width) + "x" + std::to_string(height) +
                       " pixels but holds only " + std::to_string(bytes.size()) + " bytes");
   }
   int want = channels != 0 ? static_cast<int>(channels) : (comp <= 2 ? 1 : 3);

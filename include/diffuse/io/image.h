@@ -1,4 +1,4 @@
-// Image files (stb_image, stb_image_write) and sample grids.
+// Image files (stb_image, libjpeg-turbo, stb_image_write) and sample grids.
 //
 //   at::Tensor img = diffuse::image_load("cat.png", 3);      // uint8 [C, H, W]
 //   diffuse::image_save_png("out.png", img);                 // atomic
@@ -12,8 +12,9 @@
 
 namespace diffuse {
 
-// Reads PNG/JPEG/BMP (anything stb_image reads) as uint8 [C, H, W]; channels 1 or 3 converts,
-// 0 keeps the file's own (grey+alpha -> 1, RGBA -> 3). Throws input_error naming the file.
+// Reads PNG, JPEG (baseline, progressive, greyscale, CMYK) or BMP as uint8 [C, H, W]; channels 1 or 3
+// converts, 0 keeps the file's own (grey+alpha -> 1, RGBA -> 3). Throws input_error naming the file: for
+// files that are none of these, truncated, or of more than 64 Mpx.
 at::Tensor image_load(const std::string& path, int64_t channels = 0);
 // Decodes an encoded image held in memory (same rules).
 at::Tensor image_decode(const std::string& bytes, int64_t channels, const std::string& context);
