@@ -1,4 +1,5 @@
 // Image folders (labels from sub-folders, sizes, channels, errors) and CIFAR-10 binary batches.
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -8,7 +9,6 @@
 #include "diffuse/data/dataset.h"
 #include "diffuse/io/file.h"
 #include "diffuse/io/image.h"
-
 #include "test_util.h"
 
 namespace {
@@ -120,6 +120,39 @@ TEST(Folder, SizesChannelsAndErrors) {
   fs::copy_file(images_dir("corrupt.png"), bad.file("c/1.png"));
   std::string corrupt = bad.file("c/1.png");
   EXPECT_NE(error_of([&] { diffuse::load_image_folder(bad.str(), {}); }).find(corrupt), std::string::npos);
+}
+
+// Decoding runs on all threads; the data set and the error reported do not depend on how many.
+TEST(Folder, DecodesOnAllThreadsInFileOrder) {
+  TempDir dir("threads");
+  for (int i = 0; i < 12; ++i)
+    diffuse::image_save_png(dir.file(std::string(i % 2 ? "b/" : "a/") + std::to_string(10 + i) + ".png"),
+                            diffuse_test::random_u8({3, 12 + i, 16}, i));
+  for (const char* jpg : {"baseline.jpg", "progressive.jpg", "grey.jpg"})
+    fs::copy_file(images_dir("jpeg/") + jpg, dir.file(std::string("b/") + jpg));
+  diffuse::DataOptions opt;
+  opt.size = 8;
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  diffuse::Dataset one = diffuse::load_image_folder(dir.str(), opt);
+  at::set_num_threads(3);
+  diffuse::Dataset three = diffuse::load_image_folder(dir.str(), opt);
+  ASSERT_EQ(one.images.sizes(), (std::vector<int64_t>{15, 3, 8, 8}));
+  EXPECT_TRUE(at::equal(one.images, three.images));
+  EXPECT_TRUE(at::equal(one.labels, three.labels));
+  EXPECT_EQ(one.labels.sum().item<int64_t>(), 9);  // b/: 6 PNGs and 3 JPEGs
+  // The same image loaded on its own: the slots hold each file's image.
+  EXPECT_TRUE(at::equal(three.images[11],
+                        diffuse::resize_center_crop(diffuse::image_load(dir.file("b/21.png"), 3), 8)));
+  // Two broken files: the first in file order is named, whichever thread met it.
+  fs::copy_file(images_dir("corrupt.png"), dir.file("a/11.png"));
+  fs::copy_file(images_dir("corrupt.png"), dir.file("b/20.png"));
+  for (int n : {1, 3}) {
+    at::set_num_threads(n);
+    std::string e = error_of([&] { diffuse::load_image_folder(dir.str(), opt); });
+    EXPECT_NE(e.find(dir.file("a/11.png")), std::string::npos) << n << ": " << e;
+  }
+  at::set_num_threads(threads);
 }
 
 // CIFAR-10 binary: 1 label byte, then 1024 R, 1024 G, 1024 B bytes.

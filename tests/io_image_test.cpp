@@ -1,6 +1,5 @@
 // Images: PNG round trips, decoding errors, grids, uint8 <-> float and resizing.
 #include <gtest/gtest.h>
-#include <jpeglib.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -10,13 +9,15 @@
 
 #include "diffuse/common.h"
 #include "diffuse/io/image.h"
+#include "jpeg_write.h"
 #include "test_util.h"
 
 namespace {
 
-using diffuse_test::TempDir;
 using diffuse_test::error_of;
+using diffuse_test::jpeg_bytes;
 using diffuse_test::random_u8;
+using diffuse_test::TempDir;
 
 namespace fs = std::filesystem;
 
@@ -123,54 +124,6 @@ TEST(Image, DeclaredSizesAreCheckedBeforeDecoding) {
     EXPECT_NE(e.find(tag + ": BMP declares 4000x4000 pixels but holds only 118 bytes"), std::string::npos)
         << e;
   }
-}
-
-// Encodes uint8 [H, W, C] pixels (C = 1 grey, 3 RGB, 4 CMYK as Adobe stores it) as a JPEG at quality 100 with
-// no chroma subsampling. `scans` 0: baseline; -1: libjpeg's standard progressive script; > 0: a progressive
-// file of 1 + 5 * scans scans per component (the DC scan, then AC bands 1..scans each sent in five
-// successive-approximation steps; the bands after them never come).
-std::string jpeg_bytes(const at::Tensor& hwc, int scans = 0) {
-  jpeg_compress_struct cinfo;
-  jpeg_error_mgr errors;
-  cinfo.err = jpeg_std_error(&errors);
-  jpeg_create_compress(&cinfo);
-  unsigned char* out = nullptr;
-  unsigned long size = 0;
-  jpeg_mem_dest(&cinfo, &out, &size);
-  const int c = static_cast<int>(hwc.size(2));
-  cinfo.image_width = static_cast<JDIMENSION>(hwc.size(1));
-  cinfo.image_height = static_cast<JDIMENSION>(hwc.size(0));
-  cinfo.input_components = c;
-  cinfo.in_color_space = c == 1 ? JCS_GRAYSCALE : (c == 3 ? JCS_RGB : JCS_CMYK);
-  jpeg_set_defaults(&cinfo);
-  jpeg_set_quality(&cinfo, 100, TRUE);
-  for (int i = 0; i < cinfo.num_components; ++i)
-    cinfo.comp_info[i].h_samp_factor = cinfo.comp_info[i].v_samp_factor = 1;
-  std::vector<jpeg_scan_info> script;
-  if (scans < 0) jpeg_simple_progression(&cinfo);
-  if (scans > 0) {
-    script.push_back({cinfo.num_components, {0, 1, 2, 3}, 0, 0, 0, 0});
-    for (int band = 1; band <= scans; ++band) {
-      for (int comp = 0; comp < cinfo.num_components; ++comp) {
-        script.push_back({1, {comp}, band, band, 0, 4});
-        for (int al = 3; al >= 0; --al) script.push_back({1, {comp}, band, band, al + 1, al});
-      }
-    }
-    cinfo.scan_info = script.data();
-    cinfo.num_scans = static_cast<int>(script.size());
-  }
-  jpeg_start_compress(&cinfo, TRUE);
-  at::Tensor px = hwc.contiguous();
-  const size_t row = static_cast<size_t>(hwc.size(1) * c);
-  while (cinfo.next_scanline < cinfo.image_height) {
-    JSAMPROW r = px.data_ptr<uint8_t>() + row * cinfo.next_scanline;
-    jpeg_write_scanlines(&cinfo, &r, 1);
-  }
-  jpeg_finish_compress(&cinfo);
-  jpeg_destroy_compress(&cinfo);
-  std::string bytes(reinterpret_cast<const char*>(out), size);
-  std::free(out);
-  return bytes;
 }
 
 // 16x16 of four flat 8x8 blocks (one per JPEG block: quality 100 keeps them within a level or two).

@@ -1,6 +1,9 @@
 // Folders of images (PNG/JPEG/BMP), labelled by their first-level sub-folder.
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cctype>
+#include <exception>
 #include <set>
 
 #include "diffuse/common.h"
@@ -85,25 +88,35 @@ Dataset load_image_folder(const std::string& dir, const DataOptions& options) {
   // Cut to the limit before decoding anything.
   if (options.limit > 0 && static_cast<int64_t>(files.size()) > options.limit) files.resize(options.limit);
 
-  std::vector<at::Tensor> images;
-  std::vector<int64_t> labels;
-  images.reserve(files.size());
-  labels.reserve(files.size());
-  int64_t channels = options.channels;
-  const FolderEntry* first = nullptr;
-  for (const FolderEntry& f : files) {
-    at::Tensor image = image_load(f.path, channels);
-    if (channels == 0) channels = image.size(0);
-    if (options.size > 0) {
-      image = resize_center_crop(image, options.size);
-    } else if (first == nullptr) {
-      first = &f;
-    } else if (image.size(1) != images[0].size(1) || image.size(2) != images[0].size(2)) {
-      throw input_error(dir + ": mixed sizes: " + first->path + " is " + size_string(images[0]) + " but " +
-                        f.path + " is " + size_string(image) + "; pass --size");
+  // The first file fixes the channel count (its own unless --channels says), then the rest decode (and
+  // resize) on all threads, each into its own slot. A file that fails leaves its message; the first in file
+  // order is thrown, so the error does not depend on the thread count.
+  const int64_t n = static_cast<int64_t>(files.size());
+  std::vector<at::Tensor> images(files.size());
+  std::vector<std::exception_ptr> errors(files.size());
+  images[0] = image_load(files[0].path, options.channels);
+  const int64_t channels = images[0].size(0);
+  if (options.size > 0) images[0] = resize_center_crop(images[0], options.size);
+  at::parallel_for(1, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      try {
+        at::Tensor image = image_load(files[i].path, channels);
+        images[i] = options.size > 0 ? resize_center_crop(image, options.size) : image;
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
     }
-    images.push_back(image);
-    labels.push_back(!labelled ? 0 : f.label.empty() ? -1 : class_index.at(f.label));
+  });
+  std::vector<int64_t> labels;
+  labels.reserve(files.size());
+  for (int64_t i = 0; i < n; ++i) {
+    if (errors[i]) std::rethrow_exception(errors[i]);
+    const at::Tensor& image = images[i];
+    if (image.size(1) != images[0].size(1) || image.size(2) != images[0].size(2)) {
+      throw input_error(dir + ": mixed sizes: " + files[0].path + " is " + size_string(images[0]) + " but " +
+                        files[i].path + " is " + size_string(image) + "; pass --size");
+    }
+    labels.push_back(!labelled ? 0 : files[i].label.empty() ? -1 : class_index.at(files[i].label));
   }
 
   Dataset ds;
