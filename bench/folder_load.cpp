@@ -3,6 +3,7 @@
 // JPEG files (baseline, quality 90, no chroma subsampling) through libjpeg-turbo.
 //   bench_folder_load                                      96 images of 256x256 per format
 //   DIFFUSE_BENCH_IMAGES=500 DIFFUSE_BENCH_SIDE=512 bench_folder_load --benchmark_filter=jpeg:1
+// BM_JpegDecodeAndShrink times one JPEG at a time on one thread, decoded in full or at a reduced scale.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
@@ -10,6 +11,7 @@
 
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "../tests/jpeg_write.h"
 #include "diffuse/common.h"
@@ -85,6 +87,35 @@ void BM_FolderLoad(benchmark::State& state) {
 BENCHMARK(BM_FolderLoad)
     ->ArgsProduct({{0, 1}, {1, 0}})
     ->ArgNames({"jpeg", "threads"})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
+// One thread: each JPEG decoded in full then shrunk (what loading did before), against decoded at the
+// smallest 1/2, 1/4 or 1/8 scale that covers 64 then shrunk (range(0) = 1: what load_image_folder does with
+// --size 64).
+void BM_JpegDecodeAndShrink(benchmark::State& state) {
+  const bool scaled = state.range(0) != 0;
+  const std::string& dir = folders.get(true);
+  std::vector<std::string> files;
+  for (int64_t i = 0; i < kImages; ++i)
+    files.push_back(diffuse::path_join(dir, std::to_string(1000 + i) + ".jpg"));
+  const int before = at::get_num_threads();
+  at::set_num_threads(1);
+  for (auto _ : state) {
+    for (const std::string& f : files) {
+      at::Tensor img = diffuse::resize_center_crop(diffuse::image_load(f, 3, scaled ? 64 : 0), 64);
+      benchmark::DoNotOptimize(img.data_ptr());
+    }
+  }
+  at::set_num_threads(before);
+  state.SetItemsProcessed(state.iterations() * kImages);
+  state.SetLabel(std::string(scaled ? "scaled decode" : "full decode") + ", " + std::to_string(kSide) +
+                 "^2 -> 64");
+}
+BENCHMARK(BM_JpegDecodeAndShrink)
+    ->Arg(0)
+    ->Arg(1)
+    ->ArgName("scaled")
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 

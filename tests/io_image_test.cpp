@@ -9,6 +9,7 @@
 
 #include "diffuse/common.h"
 #include "diffuse/io/image.h"
+#include "io/jpeg.h"
 #include "jpeg_write.h"
 #include "test_util.h"
 
@@ -179,6 +180,40 @@ TEST(Image, JpegFilesDecodeThroughLibjpeg) {
           ((expect[0].to(at::kInt) * 77 + expect[1].to(at::kInt) * 150 + expect[2].to(at::kInt) * 29) / 256)
               .unsqueeze(0)),
       2);
+}
+
+// With a short side to reach, a JPEG decodes at 1/8, 1/4 or 1/2 scale: each 8x8 block's low frequencies,
+// close to the block's area average that decoding in full and shrinking would give.
+TEST(Image, JpegDecodesScaledForAShortSide) {
+  using diffuse::detail::jpeg_scale_denominator;
+  EXPECT_EQ(jpeg_scale_denominator(256, 256, 64), 4);
+  EXPECT_EQ(jpeg_scale_denominator(256, 200, 64), 2);  // 200 / 4 = 50 would be under 64
+  EXPECT_EQ(jpeg_scale_denominator(1000, 600, 64), 8);
+  EXPECT_EQ(jpeg_scale_denominator(130, 130, 64), 2);  // libjpeg rounds up: 65
+  EXPECT_EQ(jpeg_scale_denominator(63, 300, 64), 1);
+  EXPECT_EQ(jpeg_scale_denominator(4096, 4096, 0), 1);
+  // A smooth picture: two gradients and a slow wave, 96 x 64 at quality 95.
+  at::Tensor yy = at::arange(64, at::kFloat).view({-1, 1}).expand({64, 96});
+  at::Tensor xx = at::arange(96, at::kFloat).view({1, -1}).expand({64, 96});
+  at::Tensor chw = at::stack({xx * 2.5, yy * 3.5, 128 + 100 * at::sin(xx / 9 + yy / 13)})
+                       .round()
+                       .clamp(0, 255)
+                       .to(at::kByte);
+  const std::string file = jpeg_bytes(chw.permute({1, 2, 0}), 0, 95);
+  at::Tensor full = diffuse::image_decode(file, 0, "wave.jpg").to(at::kFloat).unsqueeze(0);
+  for (int64_t denominator : {2, 4, 8}) {
+    const int64_t side = 64 / denominator;
+    at::Tensor scaled = diffuse::image_decode(file, 0, "wave.jpg", side);
+    ASSERT_EQ(scaled.sizes(), at::IntArrayRef({3, side, 96 / denominator})) << denominator;
+    at::Tensor area = at::avg_pool2d(full, {denominator, denominator}).squeeze(0);
+    at::Tensor diff = (scaled.to(at::kFloat) - area).abs();
+    // Measured: mean 0.51 / 0.48 / 0.48, max 2 / 1.7 / 1.6 levels. Taking every k-th pixel instead would be
+    // off by up to half a block's slope (3.5 levels per row: 14 at 1/8).
+    EXPECT_LE(diff.mean().item<double>(), 1.0) << denominator;
+    EXPECT_LE(diff.max().item<double>(), 4.0) << denominator;
+  }
+  // Grey, as the folder loader asks with --channels 1.
+  EXPECT_EQ(diffuse::image_decode(file, 1, "wave.jpg", 16).sizes(), at::IntArrayRef({1, 16, 24}));
 }
 
 // Files written by cjpeg (libjpeg-turbo-progs): 24x24, a checkerboard of 8x8 blocks, flat grey 40 and random

@@ -94,13 +94,14 @@ Dataset load_image_folder(const std::string& dir, const DataOptions& options) {
   const int64_t n = static_cast<int64_t>(files.size());
   std::vector<at::Tensor> images(files.size());
   std::vector<std::exception_ptr> errors(files.size());
-  images[0] = image_load(files[0].path, options.channels);
+  // With --size, a JPEG decodes at the smallest 1/2, 1/4 or 1/8 scale that still covers the size.
+  images[0] = image_load(files[0].path, options.channels, options.size);
   const int64_t channels = images[0].size(0);
   if (options.size > 0) images[0] = resize_center_crop(images[0], options.size);
   at::parallel_for(1, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       try {
-        at::Tensor image = image_load(files[i].path, channels);
+        at::Tensor image = image_load(files[i].path, channels, options.size);
         images[i] = options.size > 0 ? resize_center_crop(image, options.size) : image;
       } catch (...) {
         errors[i] = std::current_exception();

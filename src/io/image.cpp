@@ -95,13 +95,16 @@ at::Tensor resize_crop_float(const at::Tensor& batch_u8, int64_t size) {
 
 }  // namespace
 
-at::Tensor image_decode(const std::string& bytes, int64_t channels, const std::string& context) {
+at::Tensor image_decode(const std::string& bytes, int64_t channels, const std::string& context,
+                        int64_t min_side) {
   if (channels != 0 && channels != 1 && channels != 3)
     throw input_error(context + ": channels must be 0, 1 or 3, got " + std::to_string(channels));
   if (bytes.empty()) throw input_error(context + ": empty image file");
   if (bytes.size() > static_cast<size_t>(INT_MAX)) throw input_error(context + ": image file too large");
   if (detail::looks_like_jpeg(bytes))
-    return detail::jpeg_decode_hwc(bytes, channels, kMaxImagePixels, context).permute({2, 0, 1}).contiguous();
+    return detail::jpeg_decode_hwc(bytes, channels, kMaxImagePixels, min_side, context)
+        .permute({2, 0, 1})
+        .contiguous();
   auto data = reinterpret_cast<const stbi_uc*>(bytes.data());
   int len = static_cast<int>(bytes.size());
   int w = 0, h = 0, comp = 0;
@@ -128,8 +131,8 @@ at::Tensor image_decode(const std::string& bytes, int64_t channels, const std::s
   return hwc.permute({2, 0, 1}).contiguous();
 }
 
-at::Tensor image_load(const std::string& path, int64_t channels) {
-  return image_decode(read_file(path), channels, path);
+at::Tensor image_load(const std::string& path, int64_t channels, int64_t min_side) {
+  return image_decode(read_file(path), channels, path, min_side);
 }
 
 std::string image_encode_png(const at::Tensor& image) { return encode_png(image, "PNG encoding"); }

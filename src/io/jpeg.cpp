@@ -59,8 +59,8 @@ struct Raw {
 };
 
 // out_grey: ask libjpeg for the luma channel of a colour file. False with errors->message set on failure.
-bool decode_raw(const unsigned char* data, unsigned long size, bool out_grey, int64_t max_pixels, Raw* out,
-                Errors* errors) {
+bool decode_raw(const unsigned char* data, unsigned long size, bool out_grey, int64_t max_pixels,
+                int64_t min_side, Raw* out, Errors* errors) {
   jpeg_decompress_struct cinfo;
   jpeg_progress_mgr progress;
   std::memset(&cinfo, 0, sizeof cinfo);
@@ -93,6 +93,9 @@ bool decode_raw(const unsigned char* data, unsigned long size, bool out_grey, in
   } else {
     cinfo.out_color_space = out_grey ? JCS_GRAYSCALE : (out->source_grey ? JCS_GRAYSCALE : JCS_RGB);
   }
+  cinfo.scale_num = 1;
+  cinfo.scale_denom =
+      static_cast<unsigned>(jpeg_scale_denominator(cinfo.image_width, cinfo.image_height, min_side));
   jpeg_start_decompress(&cinfo);
   const int channels = cinfo.output_components;
   const size_t row = static_cast<size_t>(cinfo.output_width) * static_cast<size_t>(channels);
@@ -124,16 +127,28 @@ inline uint8_t luma(int r, int g, int b) { return static_cast<uint8_t>((r * 77 +
 
 }  // namespace
 
+int jpeg_scale_denominator(int64_t width, int64_t height, int64_t min_side) {
+  if (min_side <= 0) return 1;
+  for (int denominator : {8, 4, 2}) {
+    // libjpeg rounds a scaled side up.
+    if ((width + denominator - 1) / denominator >= min_side &&
+        (height + denominator - 1) / denominator >= min_side)
+      return denominator;
+  }
+  return 1;
+}
+
 bool looks_like_jpeg(const std::string& bytes) {
   return !bytes.empty() && static_cast<unsigned char>(bytes[0]) == 0xFF;
 }
 
-at::Tensor jpeg_decode_hwc(const std::string& bytes, int64_t channels, int64_t max_pixels,
+at::Tensor jpeg_decode_hwc(const std::string& bytes, int64_t channels, int64_t max_pixels, int64_t min_side,
                            const std::string& context) {
   Errors errors;
   Raw raw;
   if (!decode_raw(reinterpret_cast<const unsigned char*>(bytes.data()),
-                  static_cast<unsigned long>(bytes.size()), channels == 1, max_pixels, &raw, &errors)) {
+                  static_cast<unsigned long>(bytes.size()), channels == 1, max_pixels, min_side, &raw,
+                  &errors)) {
     throw input_error(context + ": cannot decode JPEG (" + errors.message + ")");
   }
   if (raw.too_large) {

@@ -15,9 +15,14 @@ namespace diffuse {
 // Reads PNG, JPEG (baseline, progressive, greyscale, CMYK) or BMP as uint8 [C, H, W]; channels 1 or 3
 // converts, 0 keeps the file's own (grey+alpha -> 1, RGBA -> 3). Throws input_error naming the file: for
 // files that are none of these, truncated, or of more than 64 Mpx.
-at::Tensor image_load(const std::string& path, int64_t channels = 0);
+// `min_side` > 0 is for a caller that shrinks the image to a short side of min_side next: a JPEG then decodes
+// at 1/2, 1/4 or 1/8 of its size (libjpeg's scaled inverse DCT: each 8x8 block's low frequencies), the
+// smallest that keeps both sides >= min_side, in a fraction of the time. PNG and BMP always decode at full
+// size.
+at::Tensor image_load(const std::string& path, int64_t channels = 0, int64_t min_side = 0);
 // Decodes an encoded image held in memory (same rules).
-at::Tensor image_decode(const std::string& bytes, int64_t channels, const std::string& context);
+at::Tensor image_decode(const std::string& bytes, int64_t channels, const std::string& context,
+                        int64_t min_side = 0);
 // Writes uint8 [C, H, W] (C = 1 or 3) as PNG, atomically.
 void image_save_png(const std::string& path, const at::Tensor& image);
 // Encodes uint8 [C, H, W] as PNG bytes.
