@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <utility>
 
 #include "diffuse/common.h"
 #include "diffuse/io/image.h"
@@ -17,9 +18,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string bytes(reinterpret_cast<const char*>(data), size);
   constexpr int64_t kSide = 16;  // the last decode asks for a short side of 16 (a JPEG may decode scaled)
   int64_t full_h = 0, full_w = 0;
-  for (int64_t channels : {0, 1, 3, -3}) {
-    const int64_t min_side = channels < 0 ? kSide : 0;
-    channels = channels < 0 ? -channels : channels;
+  for (const auto& [channels, min_side] : {std::pair<int64_t, int64_t>{0, 0}, {1, 0}, {3, 0}, {3, kSide}}) {
     at::Tensor img;
     try {
       img = diffuse::image_decode(bytes, channels, "fuzz", min_side);

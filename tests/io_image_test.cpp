@@ -140,6 +140,12 @@ at::Tensor blocks_hwc(const std::vector<std::vector<int>>& colours) {
   return img;
 }
 
+// [1, H, W] grey of a uint8 [3, H, W] image with stb's luma weights, as PNG and BMP are converted.
+at::Tensor luma(const at::Tensor& chw) {
+  at::Tensor c = chw.to(at::kInt);
+  return ((c[0] * 77 + c[1] * 150 + c[2] * 29) / 256).unsqueeze(0);
+}
+
 int max_diff(const at::Tensor& a, const at::Tensor& b) {
   return (a.to(at::kInt) - b.to(at::kInt)).abs().max().item<int>();
 }
@@ -147,9 +153,7 @@ int max_diff(const at::Tensor& a, const at::Tensor& b) {
 TEST(Image, JpegFilesDecodeThroughLibjpeg) {
   const at::Tensor rgb = blocks_hwc({{255, 0, 0}, {0, 255, 0}, {20, 40, 200}, {128, 128, 128}});
   const at::Tensor chw = rgb.permute({2, 0, 1});
-  // stb's luma weights, as PNG and BMP are converted.
-  const at::Tensor y =
-      ((chw[0].to(at::kInt) * 77 + chw[1].to(at::kInt) * 150 + chw[2].to(at::kInt) * 29) / 256).unsqueeze(0);
+  const at::Tensor y = luma(chw);
   for (const std::string& file : {jpeg_bytes(rgb), jpeg_bytes(rgb, -1)}) {  // baseline, progressive
     at::Tensor own = diffuse::image_decode(file, 0, "rgb.jpg");
     ASSERT_EQ(own.sizes(), at::IntArrayRef({3, 16, 16}));
@@ -174,12 +178,7 @@ TEST(Image, JpegFilesDecodeThroughLibjpeg) {
   at::Tensor from_cmyk = diffuse::image_decode(jpeg_bytes(cmyk), 0, "cmyk.jpg");
   ASSERT_EQ(from_cmyk.sizes(), at::IntArrayRef({3, 16, 16}));
   EXPECT_LE(max_diff(from_cmyk, expect), 2);
-  EXPECT_LE(
-      max_diff(
-          diffuse::image_decode(jpeg_bytes(cmyk), 1, "cmyk.jpg"),
-          ((expect[0].to(at::kInt) * 77 + expect[1].to(at::kInt) * 150 + expect[2].to(at::kInt) * 29) / 256)
-              .unsqueeze(0)),
-      2);
+  EXPECT_LE(max_diff(diffuse::image_decode(jpeg_bytes(cmyk), 1, "cmyk.jpg"), luma(expect)), 2);
 }
 
 // With a short side to reach, a JPEG decodes at 1/8, 1/4 or 1/2 scale: each 8x8 block's low frequencies,

@@ -89,7 +89,7 @@ Dataset load_image_folder(const std::string& dir, const DataOptions& options) {
   if (options.limit > 0 && static_cast<int64_t>(files.size()) > options.limit) files.resize(options.limit);
 
   // The first file fixes the channel count (its own unless --channels says), then the rest decode (and
-  // resize) on all threads, each into its own slot. A file that fails leaves its message; the first in file
+  // resize) on all threads, each into its own slot. A file that fails leaves its exception; the first in file
   // order is thrown, so the error does not depend on the thread count.
   const int64_t n = static_cast<int64_t>(files.size());
   std::vector<at::Tensor> images(files.size());

@@ -8,6 +8,7 @@
 
 #include "diffuse/common.h"
 #include "diffuse/io/file.h"
+#include "io/image_limits.h"
 #include "io/jpeg.h"
 
 // The one translation unit that holds the stb implementations (memory-only: no stdio paths). Only the readers
@@ -33,8 +34,6 @@
 
 namespace diffuse {
 namespace {
-
-constexpr int64_t kMaxImagePixels = int64_t{1} << 26;  // 64 Mpx (8192 x 8192): far above any data set here
 
 std::string shape_string(const at::Tensor& t) {
   std::string s;
@@ -95,6 +94,13 @@ at::Tensor resize_crop_float(const at::Tensor& batch_u8, int64_t size) {
 
 }  // namespace
 
+void detail::check_declared_pixels(int64_t width, int64_t height, const std::string& context) {
+  if (width * height > kMaxImagePixels) {
+    throw input_error(context + ": image of " + std::to_string(width) + "x" + std::to_string(height) +
+                      " pixels is larger than " + std::to_string(kMaxImagePixels) + " pixels");
+  }
+}
+
 at::Tensor image_decode(const std::string& bytes, int64_t channels, const std::string& context,
                         int64_t min_side) {
   if (channels != 0 && channels != 1 && channels != 3)
@@ -102,9 +108,7 @@ at::Tensor image_decode(const std::string& bytes, int64_t channels, const std::s
   if (bytes.empty()) throw input_error(context + ": empty image file");
   if (bytes.size() > static_cast<size_t>(INT_MAX)) throw input_error(context + ": image file too large");
   if (detail::looks_like_jpeg(bytes))
-    return detail::jpeg_decode_hwc(bytes, channels, kMaxImagePixels, min_side, context)
-        .permute({2, 0, 1})
-        .contiguous();
+    return detail::jpeg_decode_hwc(bytes, channels, min_side, context).permute({2, 0, 1}).contiguous();
   auto data = reinterpret_cast<const stbi_uc*>(bytes.data());
   int len = static_cast<int>(bytes.size());
   int w = 0, h = 0, comp = 0;
@@ -115,10 +119,7 @@ at::Tensor image_decode(const std::string& bytes, int64_t channels, const std::s
   // info passes a BMP's height on as stored: negative for a top-down image, so the sides count by magnitude.
   const int64_t width = std::abs(static_cast<int64_t>(w)), height = std::abs(static_cast<int64_t>(h));
   const int64_t pixels_declared = width * height;
-  if (pixels_declared > kMaxImagePixels) {
-    throw input_error(context + ": image of " + std::to_string(width) + "x" + std::to_string(height) +
-                      " pixels is larger than " + std::to_string(kMaxImagePixels) + " pixels");
-  }
+  detail::check_declared_pixels(width, height, context);
   if (bytes.size() >= 2 && bytes[0] == 'B' && bytes[1] == 'M' && static_cast<int64_t>(bytes.size()) * 8 < pixels_declared) {
     throw input_error(context + ": BMP declares " + std::to_string(width) + "x" + std::to_string(height) +
                       " pixels but holds only " + std::to_string(bytes.size()) + " bytes");

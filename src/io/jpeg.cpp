@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "diffuse/common.h"
+#include "io/image_limits.h"
 
 namespace diffuse::detail {
 namespace {
@@ -54,13 +55,12 @@ struct Raw {
   unsigned char* pixels = nullptr;  // malloc'd [height, width, channels]
   int width = 0, height = 0;
   int channels = 0;  // 1 grey, 3 RGB, 4 CMYK (inverted, as Adobe writes it)
-  bool source_grey = false;
-  bool too_large = false;  // declared more than max_pixels: pixels stays null
+  bool source_grey = false;  // pixels stays null when the file declares more than kMaxImagePixels
 };
 
 // out_grey: ask libjpeg for the luma channel of a colour file. False with errors->message set on failure.
-bool decode_raw(const unsigned char* data, unsigned long size, bool out_grey, int64_t max_pixels,
-                int64_t min_side, Raw* out, Errors* errors) {
+bool decode_raw(const unsigned char* data, unsigned long size, bool out_grey, int64_t min_side, Raw* out,
+                Errors* errors) {
   jpeg_decompress_struct cinfo;
   jpeg_progress_mgr progress;
   std::memset(&cinfo, 0, sizeof cinfo);
@@ -81,8 +81,7 @@ bool decode_raw(const unsigned char* data, unsigned long size, bool out_grey, in
   jpeg_read_header(&cinfo, TRUE);
   out->width = static_cast<int>(cinfo.image_width);
   out->height = static_cast<int>(cinfo.image_height);
-  if (static_cast<int64_t>(cinfo.image_width) * cinfo.image_height > max_pixels) {
-    out->too_large = true;
+  if (static_cast<int64_t>(cinfo.image_width) * cinfo.image_height > kMaxImagePixels) {
     jpeg_destroy_decompress(&cinfo);
     return true;
   }
@@ -142,19 +141,15 @@ bool looks_like_jpeg(const std::string& bytes) {
   return !bytes.empty() && static_cast<unsigned char>(bytes[0]) == 0xFF;
 }
 
-at::Tensor jpeg_decode_hwc(const std::string& bytes, int64_t channels, int64_t max_pixels, int64_t min_side,
+at::Tensor jpeg_decode_hwc(const std::string& bytes, int64_t channels, int64_t min_side,
                            const std::string& context) {
   Errors errors;
   Raw raw;
   if (!decode_raw(reinterpret_cast<const unsigned char*>(bytes.data()),
-                  static_cast<unsigned long>(bytes.size()), channels == 1, max_pixels, min_side, &raw,
-                  &errors)) {
+                  static_cast<unsigned long>(bytes.size()), channels == 1, min_side, &raw, &errors)) {
     throw input_error(context + ": cannot decode JPEG (" + errors.message + ")");
   }
-  if (raw.too_large) {
-    throw input_error(context + ": image of " + std::to_string(raw.width) + "x" + std::to_string(raw.height) +
-                      " pixels is larger than " + std::to_string(max_pixels) + " pixels");
-  }
+  check_declared_pixels(raw.width, raw.height, context);  // decode_raw stopped at the header: say why
   at::Tensor hwc = at::from_blob(
       raw.pixels, {raw.height, raw.width, raw.channels}, [](void* p) { std::free(p); },
       at::TensorOptions().dtype(at::kByte));

@@ -15,9 +15,9 @@ bool looks_like_jpeg(const std::string& bytes);
 // Decodes a JPEG file to uint8 [H, W, C]. `channels` 1 or 3 converts (grey is the luma channel), 0 keeps the
 // file's own: 1 for a greyscale file, 3 otherwise (CMYK and YCCK files become RGB). `min_side` > 0: decodes
 // at 1/2, 1/4 or 1/8 of the size (libjpeg's scaled inverse DCT), the smallest that keeps both sides >=
-// min_side. Refuses files that declare more than `max_pixels` pixels before decoding a row. Throws
-// input_error starting with `context`.
-at::Tensor jpeg_decode_hwc(const std::string& bytes, int64_t channels, int64_t max_pixels, int64_t min_side,
+// min_side. Refuses files that declare more than kMaxImagePixels (io/image_limits.h) before decoding a row.
+// Throws input_error starting with `context`.
+at::Tensor jpeg_decode_hwc(const std::string& bytes, int64_t channels, int64_t min_side,
                            const std::string& context);
 
 // The denominator that decoding at 1/denominator would use: the largest of 8, 4 and 2 that leaves both sides
