@@ -34,7 +34,10 @@ void register_eval(CLI::App& app, Common& common) {
   sub->add_option("--ref-channels", a->eval.ref_data.channels, "convert the reference to 1 or 3 channels (0: native)")->check(CLI::IsMember({0, 1, 3}));
   sub->add_option("--ref-limit", a->eval.ref_data.limit, "use the first N reference images (0: all)")->check(CLI::NonNegativeNumber);
   sub->add_option("--floor", a->eval.floor, "real images measured as the floor: auto (the :train split of --ref), none, or a data set")->capture_default_str();
-  sub->add_option("--classifier", a->classifier, "feature classifier directory (default: $DIFFUSE_CLASSIFIER or models/fmnist-classifier)");
+  sub->add_option("--classifier", a->classifier,
+                  "feature network directory: a `diffuse classifier train` output, or pytorch-fid's "
+                  "Inception-v3 converted by bench/fid_inception.py (FD is then FID) (default: "
+                  "$DIFFUSE_CLASSIFIER or models/fmnist-classifier)");
   sub->add_option("--n", a->sample.n, "number of samples (0: all of a file, 1000 from a model)")->check(CLI::NonNegativeNumber)->capture_default_str();
   sub->add_option("--out", a->out, "also write the metrics as JSON to this file");
   sub->add_option("--seed", a->sample.generate.seed, "sampling seed (models); also seeds KID subsets and the floor subset")->capture_default_str();

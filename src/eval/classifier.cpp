@@ -1,21 +1,29 @@
-// The feature classifier: a small CNN, its config, safetensors I/O, input conversion and training.
+// The feature classifier: a small CNN (or pytorch-fid's Inception-v3), its config, safetensors I/O, input
+// conversion and training.
 #include "diffuse/eval/classifier.h"
 
+#include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <chrono>
 #include <cstdlib>
+#include <set>
 
 #include "diffuse/common.h"
 #include "diffuse/io/file.h"
 #include "diffuse/io/image.h"
 #include "diffuse/io/safetensors.h"
+#include "inception.h"
 
 namespace diffuse {
 namespace {
 
 constexpr const char* kConfigFile = "config.json";
 constexpr const char* kWeightsFile = "model.safetensors";
+constexpr const char* kCnnArch = "diffuse-cnn";
+constexpr const char* kInceptionArch = "fid-inception-v3";
+// Inception-v3 at 299x299 holds ~0.2 GB of activations per 10 images: it runs in smaller batches.
+constexpr int64_t kInceptionBatch = 25;
 
 // conv 3x3 -> BatchNorm -> ReLU -> 2x2 max-pool per stage; flatten -> linear -> ReLU -> linear.
 struct CnnImpl : torch::nn::Module {
@@ -47,6 +55,10 @@ struct CnnImpl : torch::nn::Module {
 };
 TORCH_MODULE(Cnn);
 
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 int64_t side_after_stages(const ClassifierConfig& c) {
   int64_t side = c.image_size;
   for (size_t i = 0; i < c.channels.size(); ++i) side /= 2;
@@ -57,7 +69,16 @@ int64_t side_after_stages(const ClassifierConfig& c) {
 
 struct Classifier::Impl {
   ClassifierConfig config;
-  Cnn net{nullptr};
+  Cnn net{nullptr};                         // arch "diffuse-cnn"
+  detail::FidInception inception{nullptr};  // arch "fid-inception-v3"
+
+  torch::nn::Module& module() {
+    if (inception) return *inception;
+    return *net;
+  }
+  std::pair<at::Tensor, at::Tensor> forward(const at::Tensor& x) {
+    return inception ? inception->forward(x) : net->forward(x);
+  }
 };
 
 nlohmann::json classifier_config_to_json(const ClassifierConfig& c) {
@@ -81,16 +102,37 @@ ClassifierConfig classifier_config_from_json(const nlohmann::json& j, const std:
     }
   };
   if (j.contains("arch")) {
-    if (!j["arch"].is_string() || j["arch"].get<std::string>() != "diffuse-cnn") {
-      throw input_error(context + ": 'arch' must be \"diffuse-cnn\" (the only feature network family)");
+    if (!j["arch"].is_string() || (j["arch"] != kCnnArch && j["arch"] != kInceptionArch)) {
+      throw input_error(context +
+                        ": 'arch' must be \"diffuse-cnn\" (diffuse classifier train) or \"fid-inception-v3\" "
+                        "(pytorch-fid's weights, converted by bench/fid_inception.py)");
+    }
+    c.arch = j["arch"].get<std::string>();
+  }
+  if (c.arch == kInceptionArch) {
+    // A fixed network: its input and feature sizes are not options.
+    c.in_channels = 3;
+    c.image_size = detail::kFidInceptionSide;
+    c.feature_dim = detail::kFidInceptionFeatures;
+    c.channels.clear();
+    c.num_classes = 1008;
+    get_int("num_classes", c.num_classes, 2, 100000);
+    const std::pair<const char*, int64_t> fixed[] = {
+        {"in_channels", c.in_channels}, {"image_size", c.image_size}, {"feature_dim", c.feature_dim}};
+    for (const auto& [key, want] : fixed) {
+      if (j.contains(key) && (!j[key].is_number_integer() || j[key].get<int64_t>() != want)) {
+        throw input_error(context + ": '" + key + "' of fid-inception-v3 must be " + std::to_string(want));
+      }
     }
   }
-  get_int("in_channels", c.in_channels, 1, 3);
+  if (c.arch == kCnnArch) {
+    get_int("in_channels", c.in_channels, 1, 3);
+    get_int("image_size", c.image_size, 4, 1024);
+    get_int("feature_dim", c.feature_dim, 1, 16384);
+    get_int("num_classes", c.num_classes, 2, 100000);
+  }
   if (c.in_channels == 2) throw input_error(context + ": 'in_channels' must be 1 or 3");
-  get_int("image_size", c.image_size, 4, 1024);
-  get_int("feature_dim", c.feature_dim, 1, 16384);
-  get_int("num_classes", c.num_classes, 2, 100000);
-  if (j.contains("channels")) {
+  if (c.arch == kCnnArch && j.contains("channels")) {
     const nlohmann::json& ch = j["channels"];
     if (!ch.is_array() || ch.empty() || ch.size() > 8) throw input_error(context + ": 'channels' must be a list of 1 to 8 integers");
     c.channels.clear();
@@ -101,7 +143,9 @@ ClassifierConfig classifier_config_from_json(const nlohmann::json& j, const std:
       c.channels.push_back(v.get<int64_t>());
     }
   }
-  if (side_after_stages(c) < 1) throw input_error(context + ": image_size is too small for " + std::to_string(c.channels.size()) + " stages");
+  if (c.arch == kCnnArch && side_after_stages(c) < 1)
+    throw input_error(context + ": image_size is too small for " + std::to_string(c.channels.size()) +
+                      " stages");
   if (j.contains("class_names") && !j["class_names"].is_null()) {
     if (!j["class_names"].is_array()) throw input_error(context + ": 'class_names' must be a list of strings");
     for (const auto& v : j["class_names"]) {
@@ -127,8 +171,12 @@ ClassifierConfig classifier_config_from_json(const nlohmann::json& j, const std:
 Classifier::Classifier(const ClassifierConfig& config, uint64_t seed) : impl_(std::make_shared<Impl>()) {
   impl_->config = config;
   torch::manual_seed(seed);  // LibTorch's initializers draw from the global generator
-  impl_->net = Cnn(config);
-  impl_->net->eval();
+  if (config.arch == kInceptionArch) {
+    impl_->inception = detail::FidInception(config.num_classes);
+  } else {
+    impl_->net = Cnn(config);
+  }
+  impl_->module().eval();
 }
 
 const ClassifierConfig& Classifier::config() const { return impl_->config; }
@@ -136,7 +184,7 @@ ClassifierConfig& Classifier::config() { return impl_->config; }
 
 int64_t Classifier::num_parameters() const {
   int64_t n = 0;
-  for (const auto& p : impl_->net->parameters()) n += p.numel();
+  for (const auto& p : impl_->module().parameters()) n += p.numel();
   return n;
 }
 
@@ -149,6 +197,16 @@ at::Tensor Classifier::prepare(const at::Tensor& images) const {
   }
   if (images.size(2) < 1 || images.size(3) < 1) throw input_error("classifier: images are empty");
   at::Tensor u8 = images.scalar_type() == at::kByte ? images : to_uint8(images);
+  if (c.arch == kInceptionArch) {
+    // As pytorch-fid reads an image file: RGB (grey repeated), bilinear to 299x299 with half-pixel centres
+    // and no antialiasing, whatever the aspect ratio; [-1, 1]. (Interpolating before or after the affine map
+    // to
+    // [-1, 1] is the same function.)
+    at::Tensor x = to_float(u8);
+    if (channels == 1) x = x.expand({x.size(0), 3, x.size(2), x.size(3)});
+    if (x.size(2) == c.image_size && x.size(3) == c.image_size) return x.contiguous();
+    return at::upsample_bilinear2d(x.contiguous(), {c.image_size, c.image_size}, /*align_corners=*/false);
+  }
   if (u8.size(2) != c.image_size || u8.size(3) != c.image_size) u8 = resize_center_crop_batch(u8.contiguous(), c.image_size);
   at::Tensor x = to_float(u8);
   if (channels == 3 && c.in_channels == 1) {
@@ -163,12 +221,13 @@ at::Tensor Classifier::prepare(const at::Tensor& images) const {
 ClassifierOutput Classifier::run(const at::Tensor& images, int64_t batch) const {
   if (!images.defined() || images.dim() != 4) throw input_error("classifier: expected images [N, C, H, W]");
   batch = std::max<int64_t>(batch, 1);
+  if (impl_->inception) batch = std::min(batch, kInceptionBatch);
   torch::NoGradGuard no_grad;
-  impl_->net->eval();
+  impl_->module().eval();
   std::vector<at::Tensor> features, logits;
   for (int64_t i = 0; i < images.size(0); i += batch) {
     const int64_t n = std::min(batch, images.size(0) - i);
-    auto [f, l] = impl_->net->forward(prepare(images.narrow(0, i, n)));
+    auto [f, l] = impl_->forward(prepare(images.narrow(0, i, n)));
     features.push_back(f);
     logits.push_back(l);
   }
@@ -186,8 +245,9 @@ ClassifierOutput Classifier::run(const at::Tensor& images, int64_t batch) const 
 void Classifier::save(const std::string& dir) const {
   make_directories(dir);
   TensorDict tensors;
-  for (const auto& p : impl_->net->named_parameters()) tensors.emplace_back(p.key(), p.value().detach().to(at::kFloat));
-  for (const auto& b : impl_->net->named_buffers()) tensors.emplace_back(b.key(), b.value().detach());
+  for (const auto& p : impl_->module().named_parameters())
+    tensors.emplace_back(p.key(), p.value().detach().to(at::kFloat));
+  for (const auto& b : impl_->module().named_buffers()) tensors.emplace_back(b.key(), b.value().detach());
   safetensors_save(path_join(dir, kWeightsFile), tensors, {{"format", "pt"}, {"arch", impl_->config.arch}});
   write_file_atomic(path_join(dir, kConfigFile), classifier_config_to_json(impl_->config).dump(2) + "\n");
 }
@@ -207,20 +267,36 @@ Classifier classifier_load(const std::string& dir) {
   Classifier clf(classifier_config_from_json(j, config_path), 0);
   TensorDict tensors = safetensors_load(weights_path);
   torch::NoGradGuard no_grad;
-  size_t used = 0;
+  // BatchNorm's step counter does nothing in evaluation, and converted files often leave it out.
+  auto optional = [](const std::string& name) { return ends_with(name, ".num_batches_tracked"); };
+  std::set<std::string> used;
   auto assign = [&](const std::string& name, at::Tensor& target) {
     const at::Tensor* t = find_tensor(tensors, name);
+    if (t == nullptr && optional(name)) return;
     if (t == nullptr) throw input_error(weights_path + ": missing tensor '" + name + "' for this config");
     if (t->sizes() != target.sizes()) throw input_error(weights_path + ": tensor '" + name + "' has the wrong shape for this config");
     if (t->is_floating_point() != target.is_floating_point()) throw input_error(weights_path + ": tensor '" + name + "' has the wrong dtype");
     target.copy_(*t);
-    ++used;
+    used.insert(name);
   };
-  for (auto& p : clf.impl()->net->named_parameters()) assign(p.key(), p.value());
-  for (auto& b : clf.impl()->net->named_buffers()) assign(b.key(), b.value());
-  if (used != tensors.size()) throw input_error(weights_path + ": holds tensors this config does not use");
-  for (const auto& p : clf.impl()->net->parameters()) {
+  torch::nn::Module& net = clf.impl()->module();
+  for (auto& p : net.named_parameters()) assign(p.key(), p.value());
+  for (auto& b : net.named_buffers()) assign(b.key(), b.value());
+  for (const auto& entry : tensors) {
+    if (used.count(entry.first) == 0 && !optional(entry.first)) {
+      throw input_error(weights_path + ": holds tensors this config does not use ('" + entry.first + "')");
+    }
+  }
+  for (const auto& p : net.parameters()) {
     if (!at::isfinite(p).all().item<bool>()) throw input_error(weights_path + ": weights contain NaN or Inf");
+  }
+  for (const auto& b : net.named_buffers()) {
+    if (!b.value().is_floating_point()) continue;
+    if (!at::isfinite(b.value()).all().item<bool>())
+      throw input_error(weights_path + ": '" + b.key() + "' contains NaN or Inf");
+    if (ends_with(b.key(), ".running_var") && b.value().lt(0).any().item<bool>()) {
+      throw input_error(weights_path + ": '" + b.key() + "' has negative variances");
+    }
   }
   return clf;
 }
@@ -261,6 +337,10 @@ ClassifierTrainResult classifier_train(Classifier& clf, const Dataset& train, co
   }
   if (options.epochs < 1 || options.batch < 1 || !(options.lr > 0.0)) throw input_error("classifier train: epochs, batch and lr must be positive");
   auto t0 = std::chrono::steady_clock::now();
+  if (c.arch != kCnnArch) {
+    throw input_error("classifier train: " + c.arch +
+                      " is a fixed network (pytorch-fid's weights); only diffuse-cnn trains here");
+  }
   auto& net = clf.impl()->net;
   torch::optim::Adam adam(net->parameters(), torch::optim::AdamOptions(options.lr));
   at::Generator gen = at::detail::createCPUGenerator(options.seed);

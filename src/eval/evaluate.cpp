@@ -3,6 +3,7 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <sstream>
@@ -163,7 +164,9 @@ EvalReport evaluate_outputs(const ClassifierOutput& sample_out, const std::vecto
   r.class_names = cc.class_names;
 
   ClassifierOutput ref_out = clf.run(ref.images, options.batch);
-  if (ref.num_classes > 0 && ref.num_classes <= cc.num_classes) {
+  // Accuracy only where the classifier learned the data set's labels: Inception's ImageNet classes are not
+  // any data set's.
+  if (cc.arch == "diffuse-cnn" && ref.num_classes > 0 && ref.num_classes <= cc.num_classes) {
     r.classifier_ref_accuracy = ref_out.logits.argmax(1).eq(ref.labels).to(at::kDouble).mean().item<double>();
   }
   PrdcReference ref_prdc = prdc_reference(ref_out.features, options.prdc);
@@ -287,8 +290,17 @@ std::string eval_report_text(const EvalReport& r) {
   row("density", s.prdc.density, f ? f->prdc.density : 0, "%.4f");
   row("coverage", s.prdc.coverage, f ? f->prdc.coverage : 0, "%.4f");
   row("class entropy", s.class_entropy, f ? f->class_entropy : 0, "%.4f");
-  o << "predicted classes:";
-  for (size_t i = 0; i < s.class_histogram.size(); ++i) {
+  // All classes when there are few; the ten most predicted of many (Inception's 1008).
+  std::vector<size_t> shown(s.class_histogram.size());
+  for (size_t i = 0; i < shown.size(); ++i) shown[i] = i;
+  const bool many = shown.size() > 20;
+  if (many) {
+    std::stable_sort(shown.begin(), shown.end(),
+                     [&](size_t a, size_t b) { return s.class_histogram[a] > s.class_histogram[b]; });
+    shown.resize(10);
+  }
+  o << (many ? "most predicted classes:" : "predicted classes:");
+  for (size_t i : shown) {
     o << " " << (i < r.class_names.size() ? r.class_names[i] : std::to_string(i)) << "=" << s.class_histogram[i];
   }
   o << "\nclassifier: " << r.classifier << " (" << r.feature_dim << " features";
