@@ -48,7 +48,8 @@ void register_eval(CLI::App& app, Common& common) {
   sub->add_option("--guidance", a->sample.generate.guidance, "classifier-free guidance scale (models)")->check(CLI::NonNegativeNumber);
   sub->add_option("--batch", a->sample.generate.batch, "images per network batch (models)")->check(CLI::PositiveNumber)->capture_default_str();
   sub->add_flag("--no-ema", a->no_ema, "models: use the raw weights instead of the EMA");
-  sub->add_option("--device", a->device, "models: cpu or cuda")->capture_default_str();
+  sub->add_option("--device", a->device, "cpu or cuda: where a model samples and the feature network runs")
+      ->capture_default_str();
   sub->add_option("--precision", a->sample.precision, "models: network arithmetic: fp32, bf16 (mixed precision), fp16 (CUDA)")->capture_default_str();
   sub->add_option("--kid-subsets", a->eval.kid.subsets, "KID subsets")->check(CLI::PositiveNumber)->capture_default_str();
   sub->add_option("--kid-subset-size", a->eval.kid.subset_size, "KID subset size")->check(CLI::Range(int64_t(2), int64_t(1000000)))->capture_default_str();
@@ -61,6 +62,7 @@ void register_eval(CLI::App& app, Common& common) {
       if (!a->out.empty()) out = std::make_unique<AtomicFileWriter>(a->out);
       std::string dir = a->classifier.empty() ? default_classifier_dir() : a->classifier;
       Classifier clf = classifier_load(dir);  // first: a missing classifier should not cost a sampling run
+      clf.to(at::Device(resolve_device(a->device)));  // the feature network runs where the model does
       a->sample.prefer_ema = !a->no_ema;
       a->sample.device = a->device;
       a->eval.seed = a->sample.generate.seed;

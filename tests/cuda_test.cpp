@@ -10,6 +10,7 @@
 
 #include "diffuse/common.h"
 #include "diffuse/config.h"
+#include "diffuse/eval/classifier.h"
 #include "diffuse/generate.h"
 #include "diffuse/io/checkpoint.h"
 #include "diffuse/nn/precision.h"
@@ -350,6 +351,25 @@ TEST(Cuda, GraphedStepIsTheEagerStep) {
     std::printf("graphed fused-norm vs eager LibTorch GroupNorm after 20 steps: parameters rel L2 %.3g; loss %.6f\n",
                 fused_err, r_fused.last_loss);
     EXPECT_LT(fused_err, 1e-3);
+  }
+}
+
+// diffuse eval --device cuda: the feature networks (the Fashion-MNIST CNN and Inception-v3, seeded weights)
+// give the CPU's features, from uint8 images of another size, in batches.
+TEST(Cuda, FeatureNetworksMatchTheCpu) {
+  REQUIRE_CUDA();
+  for (const char* arch : {"diffuse-cnn", "fid-inception-v3"}) {
+    SCOPED_TRACE(arch);
+    diffuse::Classifier clf(diffuse::classifier_config_from_json({{"arch", arch}}, "config"), 3);
+    const at::Tensor images = diffuse_test::random_u8({5, 1, 32, 32}, 7);
+    const diffuse::ClassifierOutput cpu = clf.run(images, 2);
+    clf.to(at::Device("cuda"));
+    const diffuse::ClassifierOutput gpu = clf.run(images, 2);
+    ASSERT_TRUE(gpu.features.device().is_cpu());
+    const double err = rel_l2(gpu.features, cpu.features);
+    std::printf("CUDA vs CPU features (%s): rel L2 %.3g\n", arch, err);
+    EXPECT_LT(err, 1e-4);
+    EXPECT_LT(rel_l2(gpu.logits, cpu.logits), 1e-4);
   }
 }
 

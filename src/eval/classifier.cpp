@@ -23,7 +23,8 @@ constexpr const char* kWeightsFile = "model.safetensors";
 constexpr const char* kCnnArch = "diffuse-cnn";
 constexpr const char* kInceptionArch = "fid-inception-v3";
 // Inception-v3 at 299x299 holds ~0.2 GB of activations per 10 images: it runs in smaller batches.
-constexpr int64_t kInceptionBatch = 25;
+constexpr int64_t kInceptionBatchCpu = 25;
+constexpr int64_t kInceptionBatchCuda = 250;
 
 // conv 3x3 -> BatchNorm -> ReLU -> 2x2 max-pool per stage; flatten -> linear -> ReLU -> linear.
 struct CnnImpl : torch::nn::Module {
@@ -71,6 +72,7 @@ struct Classifier::Impl {
   ClassifierConfig config;
   Cnn net{nullptr};                         // arch "diffuse-cnn"
   detail::FidInception inception{nullptr};  // arch "fid-inception-v3"
+  at::Device device = at::kCPU;
 
   torch::nn::Module& module() {
     if (inception) return *inception;
@@ -218,18 +220,27 @@ at::Tensor Classifier::prepare(const at::Tensor& images) const {
   return x;
 }
 
+void Classifier::to(const at::Device& device) {
+  impl_->module().to(device);
+  impl_->device = device;
+}
+
 ClassifierOutput Classifier::run(const at::Tensor& images, int64_t batch) const {
   if (!images.defined() || images.dim() != 4) throw input_error("classifier: expected images [N, C, H, W]");
   batch = std::max<int64_t>(batch, 1);
-  if (impl_->inception) batch = std::min(batch, kInceptionBatch);
+  const at::Device device = impl_->device;
+  if (impl_->inception) batch = std::min(batch, device.is_cuda() ? kInceptionBatchCuda : kInceptionBatchCpu);
   torch::NoGradGuard no_grad;
   impl_->module().eval();
   std::vector<at::Tensor> features, logits;
   for (int64_t i = 0; i < images.size(0); i += batch) {
     const int64_t n = std::min(batch, images.size(0) - i);
-    auto [f, l] = impl_->forward(prepare(images.narrow(0, i, n)));
-    features.push_back(f);
-    logits.push_back(l);
+    const at::Tensor part = images.narrow(0, i, n);
+    // Inception's inputs are upsampled to 299x299 where the network runs; the CNN's are small either way.
+    const at::Tensor x = impl_->inception ? prepare(part.to(device)) : prepare(part).to(device);
+    auto [f, l] = impl_->forward(x);
+    features.push_back(f.to(at::kCPU));
+    logits.push_back(l.to(at::kCPU));
   }
   ClassifierOutput out;
   if (features.empty()) {

@@ -298,6 +298,7 @@ std::string eval_report_text(const EvalReport& r) {
     std::stable_sort(shown.begin(), shown.end(),
                      [&](size_t a, size_t b) { return s.class_histogram[a] > s.class_histogram[b]; });
     shown.resize(10);
+    while (!shown.empty() && s.class_histogram[shown.back()] == 0) shown.pop_back();
   }
   o << (many ? "most predicted classes:" : "predicted classes:");
   for (size_t i : shown) {

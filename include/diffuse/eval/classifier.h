@@ -1,6 +1,8 @@
 // The feature network of `diffuse eval`: a small CNN classifier whose penultimate layer is the feature
 // space of FD, KID and precision/recall. Trained by the project on Fashion-MNIST; any network of the same
-// family (config.json + model.safetensors) plugs in, e.g. a wider one for RGB data.
+// family (config.json + model.safetensors) plugs in, e.g. a wider one for RGB data. So does pytorch-fid's
+// Inception-v3 (arch "fid-inception-v3", weights converted by bench/fid_inception.py): FD is then the FID
+// papers report, on the 2048 pool features of images resized to 299x299 as pytorch-fid resizes them.
 //
 //   diffuse::Classifier clf = diffuse::classifier_load("models/fmnist-classifier");
 //   diffuse::ClassifierOutput out = clf.run(images_u8);    // uint8 [N, C, H, W] or float [-1, 1]
@@ -8,6 +10,8 @@
 //
 // Architecture ("diffuse-cnn"): per entry of `channels`, conv 3x3 -> BatchNorm -> ReLU -> 2x2 max-pool;
 // then flatten -> linear(feature_dim) -> ReLU (the features, times feature_scale) -> linear(num_classes).
+// Architecture "fid-inception-v3": src/eval/inception.h; in_channels 3, image_size 299, feature_dim 2048
+// fixed.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -24,7 +28,7 @@
 namespace diffuse {
 
 struct ClassifierConfig {
-  std::string arch = "diffuse-cnn";              // the only family
+  std::string arch = "diffuse-cnn";              // or "fid-inception-v3"
   int64_t in_channels = 1;                       // 1 (grey) or 3 (RGB); other inputs are converted
   int64_t image_size = 28;                       // input side; other sizes are resized (center crop)
   std::vector<int64_t> channels = {32, 64, 128}; // one conv stage each, halving the resolution
@@ -60,8 +64,11 @@ class Classifier {
   // saved PNG would be), grey <-> RGB (ITU-R BT.601 luma), resized to image_size. Returns float [-1, 1].
   // Errors (exit code 2) for other ranks or channel counts.
   at::Tensor prepare(const at::Tensor& images) const;
-  // Features and logits in eval mode, `batch` images at a time.
+  // Features and logits in eval mode, `batch` images at a time (Inception: at most 25 on a CPU, 250 on a
+  // GPU), computed on the network's device and returned on the CPU.
   ClassifierOutput run(const at::Tensor& images, int64_t batch = 500) const;
+  // Moves the network to `device` (run() then takes images from anywhere).
+  void to(const at::Device& device);
 
   // Writes dir/config.json and dir/model.safetensors (fp32), atomically.
   void save(const std::string& dir) const;
