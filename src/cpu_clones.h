@@ -15,3 +15,11 @@
 #else
 #define DIFFUSE_CPU_CLONES
 #endif
+
+// For kernels written with 4-double vectors whose sums should contract to FMA: AVX2 + FMA (x86-64-v3) and the
+// baseline. GCC only (clang 14 takes no "arch=" clones): elsewhere DIFFUSE_CPU_CLONES.
+#if defined(DIFFUSE_CPU_CLONES_ON) && !defined(__clang__)
+#define DIFFUSE_CPU_CLONES_FMA __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DIFFUSE_CPU_CLONES_FMA DIFFUSE_CPU_CLONES
+#endif

@@ -81,6 +81,15 @@ TEST(FrechetDistance, GeneralCovariancesMatchEigenvaluesOfProduct) {
                     2.0 * lambda.sqrt().sum().item<double>();
   EXPECT_NEAR(diffuse::fd_from_stats(mu1, c1, mu2, c2), expected, 1e-8 * (1.0 + expected));
   EXPECT_NEAR(diffuse::fd_from_stats(mu1, c1, mu1, c1), 0.0, 1e-9);
+
+  // A singular C1 (rank 20 of 48, as from fewer samples than features) has no Cholesky factor: the square
+  // root's route gives the same sum.
+  const at::Tensor b = randn({d, 20}, g);
+  const at::Tensor c1s = b.mm(b.t()) / 20.0;
+  const at::Tensor lambda_s = at::real(at::linalg_eigvals(c1s.mm(c2))).clamp_min(0.0);
+  const double expected_s = (mu1 - mu2).pow(2).sum().item<double>() + c1s.trace().item<double>() +
+                            c2.trace().item<double>() - 2.0 * lambda_s.sqrt().sum().item<double>();
+  EXPECT_NEAR(diffuse::fd_from_stats(mu1, c1s, mu2, c2), expected_s, 1e-7 * (1.0 + expected_s));
 }
 
 TEST(FrechetDistance, SamplesFromKnownGaussians) {

@@ -1,10 +1,11 @@
 // Fréchet distance, KID, precision/recall, density/coverage between feature sets.
 #include "diffuse/eval/metrics.h"
 
-#include <algorithm>
-
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <algorithm>
+
+#include "dgemm.h"
 #include "diffuse/common.h"
 
 namespace diffuse {
@@ -44,7 +45,7 @@ FeatureStats feature_stats(const at::Tensor& features) {
   at::Tensor x = features.to(at::kDouble);
   at::Tensor mu = x.mean(0);
   at::Tensor xc = x - mu;
-  at::Tensor cov = xc.t().mm(xc) / static_cast<double>(x.size(0) - 1);
+  at::Tensor cov = detail::gemm_tn_f64(xc, xc) / static_cast<double>(x.size(0) - 1);
   return {mu, cov};
 }
 
@@ -52,7 +53,8 @@ at::Tensor sqrtm_psd(const at::Tensor& a) {
   if (!a.defined() || a.dim() != 2 || a.size(0) != a.size(1)) throw input_error("sqrtm: expected a square matrix");
   // A = V diag(w) V^T with w >= 0 up to rounding; tiny negative eigenvalues are rounding and clamp to 0.
   auto [w, v] = at::linalg_eigh(symmetrize(a.to(at::kDouble)));
-  return (v * w.clamp_min(0.0).sqrt().unsqueeze(0)).mm(v.t());
+  const at::Tensor scaled_t = (v * w.clamp_min(0.0).sqrt().unsqueeze(0)).t();  // (V diag(sqrt w))^T
+  return detail::gemm_tn_f64(scaled_t, v.t());
 }
 
 double fd_from_stats(const at::Tensor& mu1, const at::Tensor& c1, const at::Tensor& mu2, const at::Tensor& c2) {
@@ -63,9 +65,13 @@ double fd_from_stats(const at::Tensor& mu1, const at::Tensor& c1, const at::Tens
   }
   at::Tensor m1 = mu1.to(at::kDouble), m2 = mu2.to(at::kDouble);
   at::Tensor s1 = symmetrize(c1.to(at::kDouble)), s2 = symmetrize(c2.to(at::kDouble));
-  // Tr((C1 C2)^(1/2)) = Tr((C1^(1/2) C2 C1^(1/2))^(1/2)): C1 C2 is not symmetric, the sandwich is.
-  at::Tensor r1 = sqrtm_psd(s1);
-  at::Tensor eig = at::linalg_eigvalsh(symmetrize(r1.mm(s2).mm(r1)));
+  // Tr((C1 C2)^(1/2)) is the sum of the square roots of C1 C2's eigenvalues, which are those of the symmetric
+  // F^T C2 F for any F with C1 = F F^T. F is C1's Cholesky factor when C1 is positive definite (as
+  // covariances of more samples than features are), else C1^(1/2) (an eigendecomposition, the slower route).
+  // C2 is symmetric: F^T C2 F = F^T (C2^T F).
+  auto [chol, info] = at::linalg_cholesky_ex(s1);
+  const at::Tensor f = info.item<int64_t>() == 0 ? chol : sqrtm_psd(s1);
+  at::Tensor eig = at::linalg_eigvalsh(symmetrize(detail::gemm_tn_f64(f, detail::gemm_tn_f64(s2, f))));
   double tr_covmean = eig.clamp_min(0.0).sqrt().sum().item<double>();
   double mean_term = (m1 - m2).pow(2).sum().item<double>();
   double fd = mean_term + s1.trace().item<double>() + s2.trace().item<double>() - 2.0 * tr_covmean;
