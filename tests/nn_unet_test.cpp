@@ -695,6 +695,12 @@ TEST(UNet, FusedNormInChannelsLastIsTheSameFunction) {
   };
   const auto [y_nchw, g_nchw] = pass(false, diffuse::Precision::kFloat32);
   const auto [y_nhwc, g_nhwc] = pass(true, diffuse::Precision::kFloat32);
+  EXPECT_LT(rel_l2(y_nhwc, y_nchw), 1e-5);
+  EXPECT_LT(rel_l2(g_nhwc, g_nchw), 1e-5);
+  if (!diffuse::cpu_bf16_sums_in_float32()) {
+    GTEST_SKIP()
+        << "float32 checked; bf16 not: this CPU has no AVX-512, LibTorch's bf16 kernels sum in bf16 here";
+  }
   const auto [yb_nchw, gb_nchw] = pass(false, diffuse::Precision::kBFloat16);
   const auto [yb_nhwc, gb_nhwc] = pass(true, diffuse::Precision::kBFloat16);
   std::printf(
@@ -704,8 +710,6 @@ TEST(UNet, FusedNormInChannelsLastIsTheSameFunction) {
       rel_l2(yb_nhwc, y_nchw), rel_l2(gb_nhwc, g_nchw), rel_l2(yb_nchw, y_nchw), rel_l2(gb_nchw, g_nchw));
   EXPECT_GT(norms, 20);
   EXPECT_GT(y_nchw.abs().max().item<double>(), 1e-2);
-  EXPECT_LT(rel_l2(y_nhwc, y_nchw), 1e-5);
-  EXPECT_LT(rel_l2(g_nhwc, g_nchw), 1e-5);
   EXPECT_LT(rel_l2(yb_nhwc, yb_nchw), 3e-2);
   EXPECT_LT(rel_l2(gb_nhwc, gb_nchw), 6e-2);
   EXPECT_LT(rel_l2(yb_nhwc, y_nchw), 1.5 * rel_l2(yb_nchw, y_nchw));
@@ -973,6 +977,10 @@ TEST(UNet, ChannelsLastIsTheSameFunction) {
   EXPECT_GT(y_nchw.abs().max().item<double>(), 1e-2);
   EXPECT_LT(rel(y_nhwc, y_nchw), 1e-5);
   EXPECT_LT(rel(g_nhwc, g_nchw), 1e-5);
+  if (!diffuse::cpu_bf16_sums_in_float32()) {
+    GTEST_SKIP()
+        << "float32 checked; bf16 not: this CPU has no AVX-512, LibTorch's bf16 kernels sum in bf16 here";
+  }
   for (bool reduced : {false, true}) {
     diffuse::set_reduced_precision_norm(reduced);
     const auto [yb_nchw, gb_nchw] = pass(false, diffuse::Precision::kBFloat16);

@@ -2,6 +2,9 @@
 
 #include <ATen/autocast_mode.h>
 
+#include <atomic>
+#include <cstdio>
+
 #include "diffuse/common.h"
 
 namespace diffuse {
@@ -21,9 +24,24 @@ std::string precision_name(Precision p) {
   }
 }
 
+bool cpu_bf16_sums_in_float32() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
 void check_precision(Precision p, const c10::Device& device) {
   if (p == Precision::kFloat16 && !device.is_cuda()) {
     throw input_error("fp16 mixed precision needs a CUDA device; use bf16 on the CPU");
+  }
+  static std::atomic<bool> warned{false};
+  if (p == Precision::kBFloat16 && device.is_cpu() && !cpu_bf16_sums_in_float32() && !warned.exchange(true)) {
+    std::fprintf(stderr,
+                 "warning: this CPU has no AVX-512: LibTorch computes bf16 convolutions here with bf16 sums, "
+                 "slower and less exact than fp32 (--precision fp32)\n");
   }
 }
 
