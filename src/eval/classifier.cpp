@@ -20,8 +20,8 @@ namespace {
 
 constexpr const char* kConfigFile = "config.json";
 constexpr const char* kWeightsFile = "model.safetensors";
-constexpr const char* kCnnArch = "diffuse-cnn";
-constexpr const char* kInceptionArch = "fid-inception-v3";
+constexpr const char* kCnnArch = kClassifierArchCnn;
+constexpr const char* kInceptionArch = kClassifierArchFidInception;
 // Inception-v3 at 299x299 holds ~0.2 GB of activations per 10 images: it runs in smaller batches.
 constexpr int64_t kInceptionBatchCpu = 25;
 constexpr int64_t kInceptionBatchCuda = 250;

@@ -166,7 +166,7 @@ EvalReport evaluate_outputs(const ClassifierOutput& sample_out, const std::vecto
   ClassifierOutput ref_out = clf.run(ref.images, options.batch);
   // Accuracy only where the classifier learned the data set's labels: Inception's ImageNet classes are not
   // any data set's.
-  if (cc.arch == "diffuse-cnn" && ref.num_classes > 0 && ref.num_classes <= cc.num_classes) {
+  if (cc.arch == kClassifierArchCnn && ref.num_classes > 0 && ref.num_classes <= cc.num_classes) {
     r.classifier_ref_accuracy = ref_out.logits.argmax(1).eq(ref.labels).to(at::kDouble).mean().item<double>();
   }
   PrdcReference ref_prdc = prdc_reference(ref_out.features, options.prdc);

@@ -27,6 +27,10 @@
 
 namespace diffuse {
 
+// The feature network families (ClassifierConfig::arch).
+constexpr const char* kClassifierArchCnn = "diffuse-cnn";
+constexpr const char* kClassifierArchFidInception = "fid-inception-v3";
+
 struct ClassifierConfig {
   std::string arch = "diffuse-cnn";              // or "fid-inception-v3"
   int64_t in_channels = 1;                       // 1 (grey) or 3 (RGB); other inputs are converted
