@@ -1,5 +1,6 @@
 // `diffuse eval`: FD, KID, precision/recall, density/coverage of samples (a model, PNG folder, .npy or
-// IDX) against a reference data set, with the same numbers for real images as the floor.
+// IDX) against a reference data set, with the same numbers for real images as the floor; or FD against a
+// reference's feature statistics (.npz), which it also writes.
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -16,6 +17,7 @@ struct EvalArgs {
   std::string samples;
   std::string classifier;
   std::string out;
+  std::string save_ref_stats;
   std::string device = "cpu";
   bool no_ema = false;
   SampleOptions sample;
@@ -28,11 +30,34 @@ void register_eval(CLI::App& app, Common& common) {
   auto a = std::make_shared<EvalArgs>();
   CLI::App* sub = app.add_subcommand("eval", "measure samples against real data (FD, KID, precision/recall, density/coverage)");
   add_common(sub, common);
-  sub->add_option("--samples", a->samples, "run dir / checkpoint / diffusers folder (samples are drawn), PNG folder, .npy or IDX")->required();
-  sub->add_option("--ref", a->eval.ref, "reference data set")->capture_default_str();
-  sub->add_option("--ref-size", a->eval.ref_data.size, "resize the reference to this side (0: native)")->check(CLI::NonNegativeNumber);
-  sub->add_option("--ref-channels", a->eval.ref_data.channels, "convert the reference to 1 or 3 channels (0: native)")->check(CLI::IsMember({0, 1, 3}));
-  sub->add_option("--ref-limit", a->eval.ref_data.limit, "use the first N reference images (0: all)")->check(CLI::NonNegativeNumber);
+  sub->add_option(
+      "--samples", a->samples,
+      "run dir / checkpoint / diffusers folder (samples are drawn), PNG folder, .npy or IDX (required "
+      "unless --save-ref-stats alone is asked for)");
+  CLI::Option* ref = sub->add_option("--ref", a->eval.ref, "reference data set")->capture_default_str();
+  CLI::Option* ref_size =
+      sub->add_option("--ref-size", a->eval.ref_data.size, "resize the reference to this side (0: native)")
+          ->check(CLI::NonNegativeNumber);
+  CLI::Option* ref_channels = sub->add_option("--ref-channels", a->eval.ref_data.channels,
+                                              "convert the reference to 1 or 3 channels (0: native)")
+                                  ->check(CLI::IsMember({0, 1, 3}));
+  CLI::Option* ref_limit =
+      sub->add_option("--ref-limit", a->eval.ref_data.limit, "use the first N reference images (0: all)")
+          ->check(CLI::NonNegativeNumber);
+  CLI::Option* ref_stats =
+      sub->add_option(
+             "--ref-stats", a->eval.ref_stats,
+             "the reference as feature statistics (.npz with mu and sigma: pytorch-fid's --save-stats files, "
+             "or --save-ref-stats'); FD only")
+          ->excludes(ref)
+          ->excludes(ref_size)
+          ->excludes(ref_channels)
+          ->excludes(ref_limit);
+  sub->add_option(
+         "--save-ref-stats", a->save_ref_stats,
+         "write the reference's feature statistics to this .npz (pytorch-fid's layout, which --ref-stats "
+         "reads); without --samples, only that")
+      ->excludes(ref_stats);
   sub->add_option("--floor", a->eval.floor, "real images measured as the floor: auto (the :train split of --ref), none, or a data set")->capture_default_str();
   sub->add_option("--classifier", a->classifier,
                   "feature network directory: a `diffuse classifier train` output, or pytorch-fid's "
@@ -58,11 +83,37 @@ void register_eval(CLI::App& app, Common& common) {
   sub->callback([a, &common]() {
     run_guarded(common, [&]() {
       // --out opened first: an unwritable path fails before any sampling; the file appears at the end.
-      std::unique_ptr<AtomicFileWriter> out;
+      if (a->samples.empty() && a->save_ref_stats.empty()) {
+        throw input_error(
+            "--samples is required (or --save-ref-stats alone, to compute the reference's statistics)");
+      }
+      std::unique_ptr<AtomicFileWriter> out, stats_out;
       if (!a->out.empty()) out = std::make_unique<AtomicFileWriter>(a->out);
+      if (!a->save_ref_stats.empty()) stats_out = std::make_unique<AtomicFileWriter>(a->save_ref_stats);
       std::string dir = a->classifier.empty() ? default_classifier_dir() : a->classifier;
       Classifier clf = classifier_load(dir);  // first: a missing classifier should not cost a sampling run
       clf.to(at::Device(resolve_device(a->device)));  // the feature network runs where the model does
+      // Statistics that do not fit the network fail here, before any sampling.
+      if (!a->eval.ref_stats.empty()) reference_stats_load(a->eval.ref_stats, clf);
+      if (a->samples.empty()) {  // the reference's statistics only
+        ReferenceStats rs = reference_stats(clf, a->eval);
+        stats_out->write(reference_stats_serialize(rs));
+        stats_out->commit();
+        if (common.json) {
+          std::cout << nlohmann::json{{"stats", a->save_ref_stats},
+                                      {"ref", a->eval.ref},
+                                      {"count", rs.count},
+                                      {"feature_dim", rs.stats.mu.size(0)},
+                                      {"feature_network", rs.feature_network}}
+                           .dump()
+                    << "\n";
+        } else {
+          std::cout << "wrote " << a->save_ref_stats << ": statistics of " << rs.count << " images of "
+                    << a->eval.ref << " (" << rs.stats.mu.size(0) << " features of " << rs.feature_network
+                    << ")\n";
+        }
+        return 0;
+      }
       a->sample.prefer_ema = !a->no_ema;
       a->sample.device = a->device;
       a->eval.seed = a->sample.generate.seed;
@@ -70,9 +121,10 @@ void register_eval(CLI::App& app, Common& common) {
         a->sample.on_batch = [](int64_t done, int64_t total) { std::fprintf(stderr, "\rsampling %lld/%lld", (long long)done, (long long)total); };
       }
       if (is_model_path(a->samples)) {
-        std::vector<int64_t> shape = reference_shape(a->eval);  // {C, H, W}
-        a->sample.expect_channels = shape[0];
-        a->sample.expect_size = shape[1] == shape[2] ? shape[1] : 0;
+        std::vector<int64_t> shape =
+            reference_shape(a->eval);  // {C, H, W}; empty: statistics that do not say
+        a->sample.expect_channels = shape.empty() ? 0 : shape[0];
+        a->sample.expect_size = !shape.empty() && shape[1] == shape[2] ? shape[1] : 0;
       }
       SampleSet s;
       EvalReport r;
@@ -93,6 +145,11 @@ void register_eval(CLI::App& app, Common& common) {
         j["samples"]["seed"] = a->sample.generate.seed;
         j["samples"]["seconds"] = s.seconds;
       }
+      if (stats_out) {
+        stats_out->write(reference_stats_serialize(r.ref_stats));
+        stats_out->commit();
+        j["ref"]["saved_stats"] = a->save_ref_stats;
+      }
       if (out) {
         out->write(j.dump(2) + "\n");
         out->commit();
@@ -102,6 +159,7 @@ void register_eval(CLI::App& app, Common& common) {
       } else {
         std::cout << eval_report_text(r);
         if (!a->out.empty()) std::cout << "wrote " << a->out << "\n";
+        if (stats_out) std::cout << "wrote " << a->save_ref_stats << " (the reference's statistics)\n";
       }
       return 0;
     });

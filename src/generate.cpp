@@ -5,6 +5,7 @@
 
 #include "diffuse/common.h"
 #include "diffuse/io/file.h"
+#include "diffuse/io/npy.h"
 #include "diffuse/loss.h"
 #include "diffuse/train/cuda_graph.h"
 
@@ -149,23 +150,6 @@ at::Tensor generate(const Model& m, const GenerateOptions& g, const std::functio
 
 namespace {
 
-// NPY 1.0 header for uint8 (N, H, W[, C]): magic, version, header length (LE u16), the dict padded with
-// spaces to a multiple of 64.
-std::string npy_header_uint8(int64_t n, int64_t c, int64_t h, int64_t w) {
-  std::string shape = "(" + std::to_string(n) + ", " + std::to_string(h) + ", " + std::to_string(w) +
-                      (c == 1 ? "" : ", " + std::to_string(c)) + ")";
-  std::string header = "{'descr': '|u1', 'fortran_order': False, 'shape': " + shape + ", }";
-  size_t total = 10 + header.size() + 1;
-  header.append((64 - total % 64) % 64, ' ');
-  header.push_back('\n');
-  std::string bytes = "\x93NUMPY";
-  bytes.push_back('\x01');
-  bytes.push_back('\x00');
-  bytes.push_back(static_cast<char>(header.size() & 0xff));
-  bytes.push_back(static_cast<char>((header.size() >> 8) & 0xff));
-  return bytes + header;
-}
-
 // IDX header for uint8 (N, H, W): 0, 0, type 0x08, rank 3, then each dimension as a big-endian u32.
 std::string idx_header_uint8(int64_t n, int64_t h, int64_t w) {
   std::string bytes = {'\0', '\0', '\x08', '\x03'};
@@ -189,7 +173,8 @@ ImageArrayWriter::ImageArrayWriter(const std::string& path, const std::string& f
                                    int64_t height, int64_t width)
     : file_(path), n_(n), channels_(channels), height_(height), width_(width) {
   if (format == "npy") {
-    file_.write(npy_header_uint8(n, channels, height, width));
+    file_.write(npy_header(at::kByte, channels == 1 ? std::vector<int64_t>{n, height, width}
+                                                    : std::vector<int64_t>{n, height, width, channels}));
   } else if (format == "idx") {
     if (channels != 1) throw input_error(path + ": IDX holds single-channel images; these have " + std::to_string(channels));
     file_.write(idx_header_uint8(n, height, width));

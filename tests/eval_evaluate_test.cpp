@@ -1,12 +1,11 @@
 // `diffuse eval` pieces: the .npy reader, sample sources, evaluate_images on a tiny reference, and the
 // command line (exit codes, JSON) with the committed classifier.
-#include <gtest/gtest.h>
-
 #include <ATen/CPUGeneratorImpl.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
 
 #include <cstdio>
 #include <filesystem>
-#include <sys/wait.h>
 
 #include "diffuse/common.h"
 #include "diffuse/data/dataset.h"
@@ -14,7 +13,7 @@
 #include "diffuse/generate.h"
 #include "diffuse/io/file.h"
 #include "diffuse/io/image.h"
-
+#include "diffuse/io/npy.h"
 #include "test_util.h"
 
 namespace {
@@ -217,6 +216,134 @@ TEST(Evaluate, BadInputIsRefused) {
   diffuse_test::remove_tree(ref.dir);
 }
 
+// pytorch-fid's statistics file (tests/data/npz, written by NumPy as pytorch-fid writes them) gives the FD
+// that pytorch-fid's formula gives from the same statistics.
+TEST(ReferenceStats, PytorchFidFilesGiveItsFd) {
+  const std::string data = std::string(DIFFUSE_TEST_DATA) + "/npz/";
+  const diffuse::ReferenceStats rs = diffuse::reference_stats_load(data + "pytorch_fid_a.npz");
+  EXPECT_EQ(rs.count, 0);
+  EXPECT_TRUE(rs.image_shape.empty());
+  EXPECT_TRUE(rs.feature_network.empty());
+  const diffuse::NpzArchive f = diffuse::npz_load(data + "features.npz");
+  const at::Tensor a = diffuse::npz_array(f, "a"), b = diffuse::npz_array(f, "b");
+  const double expected = diffuse::npz_array(f, "fd").item<double>();
+  const diffuse::FeatureStats sa = diffuse::feature_stats(a), sb = diffuse::feature_stats(b);
+  EXPECT_LT((rs.stats.cov - sa.cov).abs().max().item<double>(), 1e-12);
+  EXPECT_LT((rs.stats.mu - sa.mu).abs().max().item<double>(), 1e-6);  // NumPy's float32 mean
+  const double fd = diffuse::fd_from_stats(rs.stats.mu, rs.stats.cov, sb.mu, sb.cov);
+  EXPECT_NEAR(fd, expected, 1e-6 * expected);
+  EXPECT_NEAR(diffuse::frechet_distance(a, b), expected, 1e-6 * expected);
+}
+
+TEST(ReferenceStats, RoundTripsAndRefusesWhatIsNoCovariance) {
+  const std::string dir = make_temp_dir("stats");
+  at::Tensor x = at::randn({50, 6}, at::detail::createCPUGenerator(3)).to(at::kDouble);
+  diffuse::ReferenceStats rs{
+      diffuse::feature_stats(x), 50, {1, 28, 28}, "diffuse-cnn crc32:0123abcd", "idx:a,b"};
+  diffuse::write_file_atomic(dir + "/s.npz", diffuse::reference_stats_serialize(rs));
+  const diffuse::ReferenceStats back = diffuse::reference_stats_load(dir + "/s.npz");
+  EXPECT_TRUE(at::equal(back.stats.mu, rs.stats.mu));
+  EXPECT_TRUE(at::equal(back.stats.cov, rs.stats.cov));
+  EXPECT_EQ(back.count, 50);
+  EXPECT_EQ(back.image_shape, rs.image_shape);
+  EXPECT_EQ(back.feature_network, rs.feature_network);
+  EXPECT_EQ(back.source, rs.source);
+
+  auto refused = [&](std::vector<std::pair<std::string, at::Tensor>> arrays) {
+    diffuse::npz_save(dir + "/bad.npz", arrays);
+    return diffuse_test::error_of([&] { diffuse::reference_stats_load(dir + "/bad.npz"); });
+  };
+  const at::Tensor mu = rs.stats.mu, cov = rs.stats.cov;
+  EXPECT_NE(refused({{"mu", mu}}).find("no array 'sigma'"), std::string::npos);
+  EXPECT_NE(refused({{"mu", mu}, {"sigma", cov.narrow(1, 0, 5)}}).find("expected [6, 6]"), std::string::npos);
+  EXPECT_NE(refused({{"mu", mu.unsqueeze(0)}, {"sigma", cov}}).find("expected [D]"), std::string::npos);
+  EXPECT_NE(refused({{"mu", mu.to(at::kLong)}, {"sigma", cov}}).find("float32 or float64"),
+            std::string::npos);
+  at::Tensor nan = cov.clone();
+  nan[2][3] = std::nan("");
+  EXPECT_NE(refused({{"mu", mu}, {"sigma", nan}}).find("NaN"), std::string::npos);
+  at::Tensor skew = cov.clone();
+  skew[0][1] += 0.5;
+  EXPECT_NE(refused({{"mu", mu}, {"sigma", skew}}).find("not symmetric"), std::string::npos);
+  EXPECT_NE(refused({{"mu", mu}, {"sigma", -cov}}).find("negative variance"), std::string::npos);
+  EXPECT_NE(refused({{"mu", mu}, {"sigma", cov}, {"count", at::scalar_tensor(int64_t(1), at::kLong)}})
+                .find("'count'"),
+            std::string::npos);
+  EXPECT_NE(
+      refused({{"mu", mu}, {"sigma", cov}, {"image_shape", at::ones({2}, at::kLong)}}).find("'image_shape'"),
+      std::string::npos);
+  // float32 statistics (as pytorch-fid's mu is) are read as they are.
+  diffuse::npz_save(dir + "/f32.npz", {{"mu", mu.to(at::kFloat)}, {"sigma", cov.to(at::kFloat)}});
+  EXPECT_TRUE(
+      at::equal(diffuse::reference_stats_load(dir + "/f32.npz").stats.mu, mu.to(at::kFloat).to(at::kDouble)));
+  diffuse_test::remove_tree(dir);
+}
+
+// The same reference as images or as the statistics saved from them gives the same FD, bit for bit;
+// statistics of another network, of other sizes or of other images are refused.
+TEST(Evaluate, StatisticsGiveTheImagesFd) {
+  Reference ref = make_reference(60);
+  diffuse::Classifier clf(small_classifier(), 1);
+  diffuse::EvalOptions opt;
+  opt.ref = ref.spec;
+  opt.floor = "none";
+  opt.kid.subsets = 5;
+  const at::Tensor samples = random_u8({30, 1, 16, 16}, 5);
+  const diffuse::EvalReport images = diffuse::evaluate_images(samples, clf, opt);
+  EXPECT_EQ(images.ref_stats.count, 60);
+  EXPECT_EQ(images.ref_stats.image_shape, (std::vector<int64_t>{1, 16, 16}));
+  EXPECT_EQ(images.ref_stats.feature_network, clf.fingerprint());
+  const diffuse::ReferenceStats direct = diffuse::reference_stats(clf, opt);
+  EXPECT_TRUE(at::equal(direct.stats.cov, images.ref_stats.stats.cov));
+  diffuse::write_file_atomic(ref.dir + "/s.npz", diffuse::reference_stats_serialize(direct));
+
+  diffuse::EvalOptions by_stats = opt;
+  by_stats.ref_stats = ref.dir + "/s.npz";
+  const diffuse::EvalReport stats = diffuse::evaluate_images(samples, clf, by_stats);
+  EXPECT_EQ(stats.samples.fd, images.samples.fd);
+  EXPECT_GT(stats.samples.fd, 0.0);
+  EXPECT_TRUE(stats.ref_is_stats);
+  EXPECT_EQ(stats.ref_count, 60);
+  EXPECT_FALSE(stats.samples.has_feature_metrics);
+  EXPECT_EQ(stats.samples.class_histogram, images.samples.class_histogram);
+  const nlohmann::json j = diffuse::eval_report_to_json(stats);
+  EXPECT_TRUE(j["kid"].is_null());
+  EXPECT_TRUE(j["coverage"].is_null());
+  EXPECT_EQ(j["ref"]["stats"], by_stats.ref_stats);
+  EXPECT_EQ(diffuse::eval_report_text(stats).find("coverage"), std::string::npos);
+  EXPECT_NE(diffuse::eval_report_text(images).find("coverage"), std::string::npos);
+  // An explicit floor is measured against the statistics too.
+  by_stats.floor = ref.spec;
+  const diffuse::EvalReport floored = diffuse::evaluate_images(samples, clf, by_stats);
+  EXPECT_TRUE(floored.has_floor);
+  EXPECT_LT(floored.floor_metrics.fd, floored.samples.fd);
+  by_stats.floor = "none";
+
+  // Another network (other weights, the same shape of features): refused, named.
+  diffuse::Classifier other(small_classifier(), 2);
+  EXPECT_NE(other.fingerprint(), clf.fingerprint());
+  EXPECT_NE(diffuse_test::error_of([&] {
+              diffuse::evaluate_images(samples, other, by_stats);
+            }).find("another feature network"),
+            std::string::npos);
+  // Other image sizes.
+  EXPECT_NE(diffuse_test::error_of([&] {
+              diffuse::evaluate_images(random_u8({30, 1, 12, 12}, 5), clf, by_stats);
+            }).find("s.npz is 16x16x1"),
+            std::string::npos);
+  // Statistics without the network's name or the image shape (pytorch-fid's) are taken as they are; of
+  // another feature count, refused.
+  diffuse::npz_save(ref.dir + "/plain.npz", {{"mu", direct.stats.mu}, {"sigma", direct.stats.cov}});
+  by_stats.ref_stats = ref.dir + "/plain.npz";
+  EXPECT_EQ(diffuse::evaluate_images(samples, other, by_stats).ref_count, 0);
+  by_stats.ref_stats = std::string(DIFFUSE_TEST_DATA) + "/npz/pytorch_fid_a.npz";
+  EXPECT_NE(diffuse_test::error_of([&] {
+              diffuse::evaluate_images(samples, clf, by_stats);
+            }).find("statistics of 8 features"),
+            std::string::npos);
+  diffuse_test::remove_tree(ref.dir);
+}
+
 // Runs the program; returns the exit code and fills out (stdout) and err (stderr).
 int run_cli(const std::string& args, std::string& out, std::string& err, const std::string& env = "") {
   std::string err_path = make_temp_dir("cli_err") + "/stderr";
@@ -262,6 +389,23 @@ TEST(EvalCli, RealImagesScoreNearTheFloor) {
   EXPECT_GT(j["class_entropy"].get<double>(), 2.0);  // ten classes, roughly balanced
   EXPECT_GE(j["classifier"]["ref_accuracy"].get<double>(), 0.92);
   EXPECT_EQ(nlohmann::json::parse(diffuse::read_file(dir + "/m.json"))["fd"], j["fd"]);
+
+  // The reference as statistics: written alone, then read in place of the images, the same FD.
+  code = run_cli("eval" + clf + " --save-ref-stats " + dir + "/ref.npz --json", out, err);
+  ASSERT_EQ(code, 0) << err;
+  EXPECT_EQ(nlohmann::json::parse(out)["count"], 2000);
+  code = run_cli("eval --samples " + dir + "/real.npy --classifier " + DIFFUSE_SOURCE_DIR +
+                     "/models/fmnist-classifier --ref-stats " + dir + "/ref.npz --json",
+                 out, err);
+  ASSERT_EQ(code, 0) << err;
+  nlohmann::json js = nlohmann::json::parse(out);
+  EXPECT_EQ(js["fd"], j["fd"]);
+  EXPECT_TRUE(js["kid"].is_null());
+  EXPECT_TRUE(js["floor"].is_null());  // no automatic floor for statistics
+  EXPECT_EQ(js["ref"]["count"], 2000);
+  code = run_cli("eval --samples " + dir + "/real.npy" + clf + " --ref-stats " + dir + "/ref.npz", out, err);
+  EXPECT_EQ(code, 2);  // --ref and --ref-stats
+  EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
 
   // Noise scores far worse.
   diffuse::npy_save_uint8(dir + "/noise.npy", random_u8({300, 1, 28, 28}, 3));

@@ -6,6 +6,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <set>
 
@@ -261,6 +262,24 @@ void Classifier::save(const std::string& dir) const {
   for (const auto& b : impl_->module().named_buffers()) tensors.emplace_back(b.key(), b.value().detach());
   safetensors_save(path_join(dir, kWeightsFile), tensors, {{"format", "pt"}, {"arch", impl_->config.arch}});
   write_file_atomic(path_join(dir, kConfigFile), classifier_config_to_json(impl_->config).dump(2) + "\n");
+}
+
+std::string Classifier::fingerprint() const {
+  const ClassifierConfig& c = impl_->config;
+  const std::string shaping = c.arch + " " + std::to_string(c.in_channels) + " " +
+                              std::to_string(c.image_size) + " " + std::to_string(c.feature_dim) + " " +
+                              nlohmann::json(c.feature_scale).dump();
+  uint32_t crc = crc32_update(0, shaping.data(), shaping.size());
+  auto add = [&](const std::string& name, const at::Tensor& t) {
+    const at::Tensor v = t.detach().to(at::kCPU).contiguous();
+    crc = crc32_update(crc, name.data(), name.size() + 1);  // with its terminating NUL
+    crc = crc32_update(crc, v.data_ptr(), v.numel() * v.element_size());
+  };
+  for (const auto& p : impl_->module().named_parameters()) add(p.key(), p.value());
+  for (const auto& b : impl_->module().named_buffers()) add(b.key(), b.value());
+  char hex[16];
+  std::snprintf(hex, sizeof(hex), "%08x", crc);
+  return c.arch + " crc32:" + hex;
 }
 
 Classifier classifier_load(const std::string& dir) {

@@ -28,19 +28,27 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-std::string describe_shape(const at::Tensor& images) {
-  return std::to_string(images.size(2)) + "x" + std::to_string(images.size(3)) + "x" + std::to_string(images.size(1));
-}
+// The reference side of the metrics: its feature statistics, and its features unless it is a statistics file.
+struct Reference {
+  FeatureStats stats;
+  bool has_features = false;
+  at::Tensor features;
+  PrdcReference prdc;
+};
 
-SetMetrics measure(const at::Tensor& ref_features, const PrdcReference& ref_prdc, const ClassifierOutput& out,
-                   int64_t num_classes, const EvalOptions& options) {
+SetMetrics measure(const Reference& ref, const ClassifierOutput& out, int64_t num_classes,
+                   const EvalOptions& options) {
   SetMetrics m;
   m.count = out.features.size(0);
-  m.fd = frechet_distance(ref_features, out.features);
-  KidOptions kid = options.kid;
-  kid.seed = options.seed;
-  m.kid = kernel_inception_distance(ref_features, out.features, kid);
-  m.prdc = prdc(ref_prdc, out.features);
+  const FeatureStats s = feature_stats(out.features);
+  m.fd = fd_from_stats(ref.stats.mu, ref.stats.cov, s.mu, s.cov);
+  m.has_feature_metrics = ref.has_features;
+  if (ref.has_features) {
+    KidOptions kid = options.kid;
+    kid.seed = options.seed;
+    m.kid = kernel_inception_distance(ref.features, out.features, kid);
+    m.prdc = prdc(ref.prdc, out.features);
+  }
   at::Tensor hist = at::bincount(out.logits.argmax(1), {}, num_classes);
   m.class_histogram.assign(hist.data_ptr<int64_t>(), hist.data_ptr<int64_t>() + hist.numel());
   m.class_entropy = histogram_entropy(hist);
@@ -48,15 +56,31 @@ SetMetrics measure(const at::Tensor& ref_features, const PrdcReference& ref_prdc
 }
 
 nlohmann::json set_metrics_json(const SetMetrics& m) {
+  // KID and the k-NN metrics are null against reference statistics.
+  auto value = [&](double v) { return m.has_feature_metrics ? nlohmann::json(v) : nlohmann::json(); };
   return {{"count", m.count},
           {"fd", m.fd},
-          {"kid", {{"mean", m.kid.mean}, {"std", m.kid.std}}},
-          {"precision", m.prdc.precision},
-          {"recall", m.prdc.recall},
-          {"density", m.prdc.density},
-          {"coverage", m.prdc.coverage},
+          {"kid", m.has_feature_metrics ? nlohmann::json{{"mean", m.kid.mean}, {"std", m.kid.std}}
+                                        : nlohmann::json()},
+          {"precision", value(m.prdc.precision)},
+          {"recall", value(m.prdc.recall)},
+          {"density", value(m.prdc.density)},
+          {"coverage", value(m.prdc.coverage)},
           {"class_histogram", m.class_histogram},
           {"class_entropy", m.class_entropy}};
+}
+
+std::string shape_text(const std::vector<int64_t>& chw) {
+  return std::to_string(chw[1]) + "x" + std::to_string(chw[2]) + "x" + std::to_string(chw[0]);
+}
+
+// Samples of shape {C, H, W} against the reference's (unchecked when the reference does not say).
+void check_shape(const std::vector<int64_t>& shape, const std::vector<int64_t>& ref_shape,
+                 const std::string& ref) {
+  if (ref_shape.empty() || shape == ref_shape) return;
+  throw input_error("samples: images are " + shape_text(shape) + " (HxWxC) but the reference " + ref +
+                    " is " + shape_text(ref_shape) +
+                    "; evaluate against a matching reference (--ref, --ref-size, --ref-channels)");
 }
 
 // Loads the model to sample from, checking its image shape against the one expected.
@@ -124,6 +148,7 @@ SampleSet load_samples(const std::string& path, const SampleOptions& options) {
 }
 
 std::vector<int64_t> reference_shape(const EvalOptions& options) {
+  if (!options.ref_stats.empty()) return reference_stats_load(options.ref_stats).image_shape;
   DataOptions opt = options.ref_data;
   opt.limit = 1;
   Dataset ref = load_dataset(options.ref, opt);
@@ -134,6 +159,45 @@ std::vector<int64_t> reference_shape(const EvalOptions& options) {
 std::string floor_spec_for(const std::string& ref) {
   if (ends_with(ref, ":test")) return ref.substr(0, ref.size() - 5) + ":train";
   return "";
+}
+
+namespace {
+
+// The reference data set (options.ref), with at least kMinImages images.
+Dataset load_reference(const EvalOptions& options) {
+  Dataset ref = load_dataset(options.ref, options.ref_data);
+  if (ref.size() < kMinImages) {
+    throw input_error(options.ref + ": the reference has " + std::to_string(ref.size()) +
+                      " images; at least 10 are needed");
+  }
+  return ref;
+}
+
+ReferenceStats stats_of(const Dataset& ref, const at::Tensor& features, const Classifier& clf,
+                        const std::string& spec) {
+  return {feature_stats(features),
+          ref.size(),
+          {ref.channels(), ref.height(), ref.width()},
+          clf.fingerprint(),
+          spec};
+}
+
+}  // namespace
+
+ReferenceStats reference_stats_load(const std::string& path, const Classifier& clf) {
+  ReferenceStats rs = reference_stats_load(path);
+  const int64_t d = rs.stats.mu.size(0);
+  if (d != clf.config().feature_dim) {
+    throw input_error(path + ": statistics of " + std::to_string(d) +
+                      " features, but the feature network gives " + std::to_string(clf.config().feature_dim) +
+                      "; use the network they were computed with (--classifier)");
+  }
+  if (!rs.feature_network.empty() && rs.feature_network != clf.fingerprint()) {
+    throw input_error(path + ": statistics of another feature network (" + rs.feature_network +
+                      "; this one is " + clf.fingerprint() +
+                      "); use the network they were computed with (--classifier)");
+  }
+  return rs;
 }
 
 namespace {
@@ -150,36 +214,49 @@ EvalReport evaluate_outputs(const ClassifierOutput& sample_out, const std::vecto
   const ClassifierConfig& cc = clf.config();
 
   EvalReport r;
-  r.ref = options.ref;
-  Dataset ref = load_dataset(options.ref, options.ref_data);
-  r.ref_count = ref.size();
-  if (ref.size() < kMinImages) throw input_error(options.ref + ": the reference has " + std::to_string(ref.size()) + " images; at least 10 are needed");
-  if (shape[0] != ref.channels() || shape[1] != ref.height() || shape[2] != ref.width()) {
-    throw input_error("samples: images are " + std::to_string(shape[1]) + "x" + std::to_string(shape[2]) + "x" +
-                      std::to_string(shape[0]) + " (HxWxC) but the reference " + options.ref + " is " +
-                      describe_shape(ref.images) + "; evaluate against a matching reference (--ref, --ref-size, --ref-channels)");
-  }
   r.feature_dim = cc.feature_dim;
   r.classifier_test_accuracy = cc.test_accuracy;
   r.class_names = cc.class_names;
-
-  ClassifierOutput ref_out = clf.run(ref.images, options.batch);
-  // Accuracy only where the classifier learned the data set's labels: Inception's ImageNet classes are not
-  // any data set's.
-  if (cc.arch == kClassifierArchCnn && ref.num_classes > 0 && ref.num_classes <= cc.num_classes) {
-    r.classifier_ref_accuracy = ref_out.logits.argmax(1).eq(ref.labels).to(at::kDouble).mean().item<double>();
+  Reference ref;
+  if (!options.ref_stats.empty()) {
+    r.ref = options.ref_stats;
+    r.ref_is_stats = true;
+    r.ref_stats = reference_stats_load(options.ref_stats, clf);
+    check_shape(shape, r.ref_stats.image_shape, options.ref_stats);
+    r.ref_count = r.ref_stats.count;
+    ref.stats = r.ref_stats.stats;
+  } else {
+    r.ref = options.ref;
+    Dataset data = load_reference(options);
+    r.ref_count = data.size();
+    check_shape(shape, {data.channels(), data.height(), data.width()}, options.ref);
+    ClassifierOutput ref_out = clf.run(data.images, options.batch);
+    // Accuracy only where the classifier learned the data set's labels: Inception's ImageNet classes are not
+    // any data set's.
+    if (cc.arch == kClassifierArchCnn && data.num_classes > 0 && data.num_classes <= cc.num_classes) {
+      r.classifier_ref_accuracy =
+          ref_out.logits.argmax(1).eq(data.labels).to(at::kDouble).mean().item<double>();
+    }
+    r.ref_stats = stats_of(data, ref_out.features, clf, options.ref);
+    ref.stats = r.ref_stats.stats;
+    ref.has_features = true;
+    ref.features = ref_out.features;
+    ref.prdc = prdc_reference(ref_out.features, options.prdc);
   }
-  PrdcReference ref_prdc = prdc_reference(ref_out.features, options.prdc);
-  r.samples = measure(ref_out.features, ref_prdc, sample_out, cc.num_classes, options);
+  r.samples = measure(ref, sample_out, cc.num_classes, options);
 
-  r.floor = options.floor == "auto" ? floor_spec_for(options.ref) : (options.floor == "none" ? "" : options.floor);
+  // No automatic floor for statistics: which images they came from is not known.
+  if (options.floor == "auto")
+    r.floor = r.ref_is_stats ? "" : floor_spec_for(options.ref);
+  else if (options.floor != "none")
+    r.floor = options.floor;
   if (!r.floor.empty()) {
     DataOptions opt;
-    opt.size = ref.height();
-    opt.channels = ref.channels();
+    opt.size = shape[1];
+    opt.channels = shape[0];
     Dataset real = load_dataset(r.floor, opt);
     if (real.size() < kMinImages) throw input_error(r.floor + ": the floor set has fewer than 10 images");
-    if (real.height() != ref.height() || real.width() != ref.width()) {
+    if (real.height() != shape[1] || real.width() != shape[2]) {
       throw input_error(r.floor + ": floor images are not the reference's size");
     }
     // As many real images as samples, a seeded random subset.
@@ -187,7 +264,7 @@ EvalReport evaluate_outputs(const ClassifierOutput& sample_out, const std::vecto
     at::Generator gen = at::detail::createCPUGenerator(options.seed + 1);
     at::Tensor idx = at::randperm(real.size(), gen, at::TensorOptions().dtype(at::kLong)).narrow(0, 0, n_real);
     ClassifierOutput real_out = clf.run(real.images.index_select(0, idx), options.batch);
-    r.floor_metrics = measure(ref_out.features, ref_prdc, real_out, cc.num_classes, options);
+    r.floor_metrics = measure(ref, real_out, cc.num_classes, options);
     r.has_floor = true;
   }
   r.seconds = seconds_since(t0);
@@ -195,6 +272,12 @@ EvalReport evaluate_outputs(const ClassifierOutput& sample_out, const std::vecto
 }
 
 }  // namespace
+
+ReferenceStats reference_stats(const Classifier& clf, const EvalOptions& options) {
+  if (!options.ref_stats.empty()) return reference_stats_load(options.ref_stats);
+  Dataset data = load_reference(options);
+  return stats_of(data, clf.run(data.images, options.batch).features, clf, options.ref);
+}
 
 EvalReport evaluate_images(const at::Tensor& samples_in, const Classifier& clf, const EvalOptions& options) {
   auto t0 = std::chrono::steady_clock::now();
@@ -205,12 +288,11 @@ EvalReport evaluate_images(const at::Tensor& samples_in, const Classifier& clf, 
   }
   at::Tensor samples = samples_in.scalar_type() == at::kByte ? samples_in : to_uint8(samples_in);
   // The reference's shape first: a mismatch should not cost a classifier pass over the samples.
-  std::vector<int64_t> ref_shape = reference_shape(options);
   const std::vector<int64_t> shape = {samples.size(1), samples.size(2), samples.size(3)};
-  if (shape != ref_shape) {
-    throw input_error("samples: images are " + describe_shape(samples) + " (HxWxC) but the reference " + options.ref + " is " +
-                      std::to_string(ref_shape[1]) + "x" + std::to_string(ref_shape[2]) + "x" + std::to_string(ref_shape[0]) +
-                      "; evaluate against a matching reference (--ref, --ref-size, --ref-channels)");
+  if (options.ref_stats.empty()) {
+    check_shape(shape, reference_shape(options), options.ref);
+  } else {
+    check_shape(shape, reference_stats_load(options.ref_stats, clf).image_shape, options.ref_stats);
   }
   EvalReport r = evaluate_outputs(clf.run(samples, options.batch), shape, clf, options);
   r.seconds = seconds_since(t0);
@@ -251,7 +333,9 @@ nlohmann::json eval_report_to_json(const EvalReport& r) {
   nlohmann::json j = set_metrics_json(r.samples);
   j["class_entropy_max"] = r.samples.class_histogram.empty() ? 0.0 : std::log(static_cast<double>(r.samples.class_histogram.size()));
   j["class_names"] = r.class_names;
-  j["ref"] = {{"spec", r.ref}, {"count", r.ref_count}};
+  j["ref"] = {{"spec", r.ref_is_stats ? nlohmann::json() : nlohmann::json(r.ref)},
+              {"stats", r.ref_is_stats ? nlohmann::json(r.ref) : nlohmann::json()},
+              {"count", r.ref_count > 0 ? nlohmann::json(r.ref_count) : nlohmann::json()}};
   j["classifier"] = {{"dir", r.classifier}, {"feature_dim", r.feature_dim}};
   j["classifier"]["test_accuracy"] = r.classifier_test_accuracy >= 0 ? nlohmann::json(r.classifier_test_accuracy) : nlohmann::json();
   j["classifier"]["ref_accuracy"] = r.classifier_ref_accuracy >= 0 ? nlohmann::json(r.classifier_ref_accuracy) : nlohmann::json();
@@ -270,7 +354,8 @@ std::string eval_report_text(const EvalReport& r) {
   char line[256];
   const SetMetrics& s = r.samples;
   const SetMetrics* f = r.has_floor ? &r.floor_metrics : nullptr;
-  o << s.count << " samples vs " << r.ref << " (" << r.ref_count << " images)";
+  o << s.count << " samples vs " << (r.ref_is_stats ? "the statistics " : "") << r.ref;
+  if (r.ref_count > 0) o << " (" << r.ref_count << " images)";
   if (f) o << "; floor: " << f->count << " real images of " << r.floor;
   o << "\n";
   std::snprintf(line, sizeof(line), "%-14s %14s %14s\n", "metric", "samples", f ? "floor" : "");
@@ -283,12 +368,14 @@ std::string eval_report_text(const EvalReport& r) {
     o << line;
   };
   row("FD", s.fd, f ? f->fd : 0, "%.4f");
-  row("KID", s.kid.mean, f ? f->kid.mean : 0, "%.5f");
-  row("KID std", s.kid.std, f ? f->kid.std : 0, "%.5f");
-  row("precision", s.prdc.precision, f ? f->prdc.precision : 0, "%.4f");
-  row("recall", s.prdc.recall, f ? f->prdc.recall : 0, "%.4f");
-  row("density", s.prdc.density, f ? f->prdc.density : 0, "%.4f");
-  row("coverage", s.prdc.coverage, f ? f->prdc.coverage : 0, "%.4f");
+  if (s.has_feature_metrics) {  // not against reference statistics
+    row("KID", s.kid.mean, f ? f->kid.mean : 0, "%.5f");
+    row("KID std", s.kid.std, f ? f->kid.std : 0, "%.5f");
+    row("precision", s.prdc.precision, f ? f->prdc.precision : 0, "%.4f");
+    row("recall", s.prdc.recall, f ? f->prdc.recall : 0, "%.4f");
+    row("density", s.prdc.density, f ? f->prdc.density : 0, "%.4f");
+    row("coverage", s.prdc.coverage, f ? f->prdc.coverage : 0, "%.4f");
+  }
   row("class entropy", s.class_entropy, f ? f->class_entropy : 0, "%.4f");
   // All classes when there are few; the ten most predicted of many (Inception's 1008).
   std::vector<size_t> shown(s.class_histogram.size());

@@ -228,18 +228,22 @@ void write_file_atomic(const std::string& path, const std::string& bytes) {
   f.commit();
 }
 
-std::string checksum_crc32(const std::string& bytes) {
-  uLong crc = ::crc32(0L, Z_NULL, 0);
-  const auto* p = reinterpret_cast<const Bytef*>(bytes.data());
-  size_t left = bytes.size();
-  while (left > 0) {  // zlib takes uInt lengths: feed files over 4 GiB in pieces
-    uInt n = static_cast<uInt>(std::min<size_t>(left, 1u << 30));
-    crc = ::crc32(crc, p, n);
+uint32_t crc32_update(uint32_t crc, const void* data, size_t size) {
+  uLong c = crc;
+  const auto* p = static_cast<const Bytef*>(data);
+  while (size > 0) {  // zlib takes uInt lengths: feed files over 4 GiB in pieces
+    const uInt n = static_cast<uInt>(std::min<size_t>(size, 1u << 30));
+    c = ::crc32(c, p, n);
     p += n;
-    left -= n;
+    size -= n;
   }
+  return static_cast<uint32_t>(c & 0xffffffffUL);
+}
+
+std::string checksum_crc32(const std::string& bytes) {
   char buf[16];
-  std::snprintf(buf, sizeof(buf), "%08lx", static_cast<unsigned long>(crc & 0xffffffffUL));
+  std::snprintf(buf, sizeof(buf), "%08lx",
+                static_cast<unsigned long>(crc32_update(0, bytes.data(), bytes.size())));
   return std::string("crc32:") + buf;
 }
 

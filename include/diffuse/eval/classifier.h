@@ -76,6 +76,10 @@ class Classifier {
 
   // Writes dir/config.json and dir/model.safetensors (fp32), atomically.
   void save(const std::string& dir) const;
+  // Names the function the features are: arch and a CRC-32 over what shapes them (input size and channels,
+  // feature_scale, every parameter and buffer by name), e.g. "fid-inception-v3 crc32:0a1b2c3d". Statistics
+  // files carry it, so that FD is never taken between features of two different networks.
+  std::string fingerprint() const;
 
   struct Impl;
   std::shared_ptr<Impl> impl() const { return impl_; }

@@ -55,8 +55,30 @@ struct SampleOptions {
 // a .npy or an IDX file (.gz or raw; rank 3 = grey [N, H, W]).
 SampleSet load_samples(const std::string& path, const SampleOptions& options);
 
+// A reference as statistics of its features, in pytorch-fid's .npz layout: arrays mu [D] and sigma [D, D]
+// (float32 or float64; written as float64). diffuse also writes count (int64), image_shape (int64 [3]: C, H,
+// W), and feature_network and source (text as uint8 arrays), which pytorch-fid ignores; files without them
+// (pytorch-fid's --save-stats, published statistics) are read too, unchecked on those points.
+struct ReferenceStats {
+  FeatureStats stats;                // mu [D], cov [D, D], float64
+  int64_t count = 0;                 // images behind them (0: unknown)
+  std::vector<int64_t> image_shape;  // {C, H, W} (empty: unknown)
+  std::string feature_network;       // Classifier::fingerprint() of the network ("": unknown)
+  std::string source;                // the data set spec they describe ("": unknown)
+};
+// Reads and checks a statistics file: both arrays present, shapes [D] and [D, D], finite, the covariance
+// symmetric with a non-negative diagonal. Errors name the file (exit code 2).
+ReferenceStats reference_stats_load(const std::string& path);
+// The same, checked against the feature network: as many features, and that very network where the file names
+// one.
+ReferenceStats reference_stats_load(const std::string& path, const Classifier& clf);
+// The .npz bytes of reference statistics (mu, sigma, count, image_shape).
+std::string reference_stats_serialize(const ReferenceStats& stats);
+
 struct EvalOptions {
   std::string ref = "fashion-mnist:test";  // reference data set (any load_dataset spec)
+  std::string ref_stats;                   // a statistics file instead of `ref` (FD only: KID and the k-NN
+                                           // metrics need the reference's features)
   DataOptions ref_data;                    // size / channels / limit applied to the reference (the floor
                                            // follows its size and channels), e.g. for a model trained at 8x8
   std::string floor = "auto";              // real images measured as a floor; "auto": the :train split of
@@ -71,6 +93,7 @@ struct EvalOptions {
 struct SetMetrics {
   int64_t count = 0;
   double fd = 0.0;
+  bool has_feature_metrics = true;  // kid and prdc measured (not against reference statistics)
   KidResult kid;
   PrdcResult prdc;
   std::vector<int64_t> class_histogram;  // predicted classes
@@ -78,8 +101,10 @@ struct SetMetrics {
 };
 
 struct EvalReport {
-  std::string ref;
-  int64_t ref_count = 0;
+  std::string ref;  // the data set spec, or the statistics file
+  bool ref_is_stats = false;
+  int64_t ref_count = 0;                  // 0: unknown (statistics without a count)
+  ReferenceStats ref_stats;               // the reference's feature statistics (for --save-ref-stats)
   std::string classifier;                 // its directory or description
   int64_t feature_dim = 0;
   double classifier_test_accuracy = -1;   // from its config (-1: unknown)
@@ -103,8 +128,11 @@ nlohmann::json eval_report_to_json(const EvalReport& r);
 // A few lines for people.
 std::string eval_report_text(const EvalReport& r);
 
-// Channels, height and width of the reference images evaluate_images would use.
+// Channels, height and width of the reference images evaluate_images would use (empty for statistics that
+// do not say).
 std::vector<int64_t> reference_shape(const EvalOptions& options);
+// The reference's feature statistics (options.ref through the classifier), as a statistics file holds them.
+ReferenceStats reference_stats(const Classifier& clf, const EvalOptions& options);
 
 // The :train split that goes with a :test reference ("" when there is none).
 std::string floor_spec_for(const std::string& ref);

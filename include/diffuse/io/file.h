@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <functional>
 #include <optional>
@@ -67,6 +68,9 @@ class AtomicFileWriter {
 void write_folder(const std::string& path, const std::function<void(const std::string& folder)>& fill);
 // CRC-32 (zlib's polynomial) of bytes as "crc32:" + 8 lowercase hex digits, for checksums in manifests.
 std::string checksum_crc32(const std::string& bytes);
+// The CRC-32 of data continued from crc (0 to start): crc32_update(crc32_update(0, a), b) is that of a then
+// b.
+uint32_t crc32_update(uint32_t crc, const void* data, size_t size);
 // True when path exists (file or directory).
 bool path_exists(const std::string& path);
 bool is_directory(const std::string& path);
