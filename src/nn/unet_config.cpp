@@ -9,6 +9,64 @@
 
 namespace diffuse {
 
+namespace nn_detail {
+
+// The blocks a config describes: channels in and out of every resnet, attention, resampling.
+UNetLayout unet_layout(const UNetConfig& c) {
+  const std::vector<int64_t>& ch = c.block_out_channels;
+  const int64_t n = static_cast<int64_t>(ch.size());
+  UNetLayout layout;
+  layout.temb_channels = c.time_embedding_dim.value_or(4 * ch[0]);
+  BlockSpec base;
+  base.temb_channels = layout.temb_channels;
+  base.groups = c.norm_num_groups;
+  base.attn_groups = c.norm_num_groups;
+  base.eps = c.norm_eps;
+  base.dropout = c.dropout;
+  auto set_heads = [&](BlockSpec& s) {
+    s.head_dim = c.attention_head_dim.value_or(s.out_channels);  // null: one head of all channels
+    s.heads = s.head_dim > 0 ? s.out_channels / s.head_dim : 0;
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    BlockSpec s = base;
+    s.out_channels = ch[i];
+    for (int64_t j = 0; j < c.layers_per_block; ++j)
+      s.resnet_in.push_back(j == 0 ? ch[i > 0 ? i - 1 : 0] : ch[i]);
+    s.attention = c.down_block_types[i] == "AttnDownBlock2D";
+    set_heads(s);
+    s.downsample = i != n - 1;
+    s.downsample_padding = c.downsample_padding;
+    layout.down.push_back(s);
+  }
+  BlockSpec& mid = layout.mid;
+  mid = base;
+  mid.out_channels = ch[n - 1];
+  mid.resnet_in = {ch[n - 1], ch[n - 1]};
+  mid.attention = c.add_attention;
+  mid.attn_groups = c.attn_norm_num_groups.value_or(c.norm_num_groups);
+  mid.output_scale_factor = c.mid_block_scale_factor;
+  set_heads(mid);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t prev = ch[n - 1 - (i > 0 ? i - 1 : 0)];
+    const int64_t out = ch[n - 1 - i];
+    const int64_t skip_in = ch[n - 1 - std::min(i + 1, n - 1)];
+    BlockSpec s = base;
+    s.out_channels = out;
+    for (int64_t j = 0; j <= c.layers_per_block; ++j) {
+      // resnet j sees [x, skip]: x has prev (j == 0) or out channels; the last skip comes from the block
+      // below.
+      s.resnet_in.push_back((j == 0 ? prev : out) + (j == c.layers_per_block ? skip_in : out));
+    }
+    s.attention = c.up_block_types[i] == "AttnUpBlock2D";
+    set_heads(s);
+    s.upsample = i != n - 1;
+    layout.up.push_back(s);
+  }
+  return layout;
+}
+
+}  // namespace nn_detail
+
 namespace {
 
 using nlohmann::json;
