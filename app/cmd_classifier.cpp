@@ -21,10 +21,6 @@ struct ClassifierArgs {
   ClassifierTrainOptions train;
 };
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 // "fashion-mnist" -> (":train", ":test"); "X:train" -> ("X:train", "X:test"); else --test is needed.
 std::pair<std::string, std::string> train_test_specs(const std::string& data, const std::string& test) {
   std::string train = data == "fashion-mnist" ? "fashion-mnist:train" : data;

@@ -37,10 +37,6 @@ struct EditArgs {
   EditArgs() { g.n = 1; }  // one result unless --n asks for variations
 };
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 CLI::App* add_edit_command(CLI::App& app, Common& common, const std::string& name, const std::string& help,
                            std::shared_ptr<EditArgs> a) {
   CLI::App* sub = app.add_subcommand(name, help);

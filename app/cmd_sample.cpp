@@ -30,10 +30,6 @@ struct SampleArgs {
   GenerateOptions g;
 };
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 }  // namespace
 
 void register_sample(CLI::App& app, Common& common) {

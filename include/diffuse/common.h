@@ -34,6 +34,9 @@ inline Error input_error(const std::string& message) { return Error(message, kEx
 // A run that failed for another reason: exit code 1.
 inline Error run_error(const std::string& message) { return Error(message, kExitFailure); }
 
+// Whether s ends with suffix (file extensions, split names).
+bool ends_with(const std::string& s, const std::string& suffix);
+
 // Number of hardware threads (at least 1).
 int64_t hardware_threads();
 // Sets LibTorch's intra-op threads (n <= 0: hardware_threads()). Debian's LibTorch starts with 1. Where LibTorch's

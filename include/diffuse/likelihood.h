@@ -24,6 +24,8 @@ namespace diffuse {
 
 // ---- shared Gaussian math (elementwise, in nats, computed in double) ----
 
+constexpr double kLog2Pi = 1.8378770664093454836;  // log(2 pi)
+
 // KL(N(mean1, exp(log_var1)) || N(mean2, exp(log_var2))).
 at::Tensor normal_kl(const at::Tensor& mean1, const at::Tensor& log_var1, const at::Tensor& mean2,
                      const at::Tensor& log_var2);

@@ -19,10 +19,6 @@ bool starts_with(const std::string& s, const std::string& prefix) {
   return s.compare(0, prefix.size(), prefix) == 0;
 }
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 // RGB -> grey with the ITU-R BT.601 luma weights, Y = 0.299 R + 0.587 G + 0.114 B.
 at::Tensor rgb_to_grey(const at::Tensor& images) {
   constexpr int64_t kChunk = 4096;

@@ -15,7 +15,6 @@ const std::vector<std::pair<VlbVariance, std::string>> kVarianceNames = {{VlbVar
                                                                          {VlbVariance::kFixedLarge, "large"},
                                                                          {VlbVariance::kLearned, "learned"}};
 
-constexpr double kLog2Pi = 1.8378770664093454836;
 constexpr double kHalfBin = 1.0 / 255.0;  // half the spacing of the 256-level grid on [-1, 1]
 
 // [n] doubles -> [n, 1, ..., 1] shaped like x (its rank), float64 on x's device.

@@ -14,8 +14,6 @@ namespace {
 const std::vector<std::pair<TraceEstimator, std::string>> kTraceNames = {
     {TraceEstimator::kRademacher, "rademacher"}, {TraceEstimator::kGaussian, "gaussian"}, {TraceEstimator::kExact, "exact"}};
 
-constexpr double kLog2Pi = 1.8378770664093454836;
-
 // v^T (dD/dx), row by row (the denoiser treats rows independently).
 at::Tensor vjp(const at::Tensor& denoised, const at::Tensor& x, const at::Tensor& v, bool retain) {
   return torch::autograd::grad({denoised}, {x}, {v}, /*retain_graph=*/retain, /*create_graph=*/false)[0];

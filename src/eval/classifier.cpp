@@ -57,10 +57,6 @@ struct CnnImpl : torch::nn::Module {
 };
 TORCH_MODULE(Cnn);
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 int64_t side_after_stages(const ClassifierConfig& c) {
   int64_t side = c.image_size;
   for (size_t i = 0; i < c.channels.size(); ++i) side /= 2;

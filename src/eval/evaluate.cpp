@@ -20,10 +20,6 @@ namespace {
 constexpr int64_t kMinImages = 10;            // FD needs 2, the k-NN manifolds more than k
 constexpr int64_t kDefaultModelSamples = 1000;
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }

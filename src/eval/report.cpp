@@ -23,10 +23,6 @@ std::string fmt(const char* format, double v) {
   return buf;
 }
 
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
 // "step_00001000.png" -> 1000; -1 when the name carries no step.
 int64_t step_of(const std::string& name) {
   size_t pos = name.find("step_");

@@ -18,17 +18,17 @@ namespace {
 constexpr size_t kMaxRank = 16;
 constexpr uint64_t kMaxElements = uint64_t(1) << 40;
 
-struct DtypeCode {
+struct NpyDtype {
   char kind;
   int size;
   at::ScalarType type;
 };
-constexpr DtypeCode kDtypes[] = {{'b', 1, at::kBool},  {'u', 1, at::kByte},  {'i', 1, at::kChar},
-                                 {'i', 2, at::kShort}, {'i', 4, at::kInt},   {'i', 8, at::kLong},
-                                 {'f', 2, at::kHalf},  {'f', 4, at::kFloat}, {'f', 8, at::kDouble}};
+constexpr NpyDtype kNpyDtypes[] = {{'b', 1, at::kBool},  {'u', 1, at::kByte},  {'i', 1, at::kChar},
+                                   {'i', 2, at::kShort}, {'i', 4, at::kInt},   {'i', 8, at::kLong},
+                                   {'f', 2, at::kHalf},  {'f', 4, at::kFloat}, {'f', 8, at::kDouble}};
 
 std::string descr_of(at::ScalarType type) {
-  for (const DtypeCode& d : kDtypes) {
+  for (const NpyDtype& d : kNpyDtypes) {
     if (d.type == type) return std::string(d.size == 1 ? "|" : "<") + d.kind + std::to_string(d.size);
   }
   throw input_error(std::string("npy: dtype ") + c10::toString(type) + " cannot be written");
@@ -67,7 +67,7 @@ at::ScalarType parse_descr(const std::string& header, const std::string& context
     order = code[0];
     code = code.substr(1);
   }
-  for (const DtypeCode& d : kDtypes) {
+  for (const NpyDtype& d : kNpyDtypes) {
     if (code != std::string(1, d.kind) + std::to_string(d.size)) continue;
     if (d.size > 1 && order == '>') {
       throw input_error(context + ": big-endian dtype '" + descr + "' is not supported (save it as '<" +
