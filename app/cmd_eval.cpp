@@ -48,7 +48,7 @@ void register_eval(CLI::App& app, Common& common) {
       sub->add_option(
              "--ref-stats", a->eval.ref_stats,
              "the reference as feature statistics (.npz with mu and sigma: pytorch-fid's --save-stats files, "
-             "or --save-ref-stats'); FD only")
+             "or those --save-ref-stats writes); FD only")
           ->excludes(ref)
           ->excludes(ref_size)
           ->excludes(ref_channels)
@@ -99,14 +99,17 @@ void register_eval(CLI::App& app, Common& common) {
         ReferenceStats rs = reference_stats(clf, a->eval);
         stats_out->write(reference_stats_serialize(rs));
         stats_out->commit();
+        const nlohmann::json j = {{"stats", a->save_ref_stats},
+                                  {"ref", a->eval.ref},
+                                  {"count", rs.count},
+                                  {"feature_dim", rs.stats.mu.size(0)},
+                                  {"feature_network", rs.feature_network}};
+        if (out) {
+          out->write(j.dump(2) + "\n");
+          out->commit();
+        }
         if (common.json) {
-          std::cout << nlohmann::json{{"stats", a->save_ref_stats},
-                                      {"ref", a->eval.ref},
-                                      {"count", rs.count},
-                                      {"feature_dim", rs.stats.mu.size(0)},
-                                      {"feature_network", rs.feature_network}}
-                           .dump()
-                    << "\n";
+          std::cout << j.dump() << "\n";
         } else {
           std::cout << "wrote " << a->save_ref_stats << ": statistics of " << rs.count << " images of "
                     << a->eval.ref << " (" << rs.stats.mu.size(0) << " features of " << rs.feature_network

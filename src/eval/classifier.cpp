@@ -27,6 +27,11 @@ constexpr const char* kInceptionArch = kClassifierArchFidInception;
 constexpr int64_t kInceptionBatchCpu = 25;
 constexpr int64_t kInceptionBatchCuda = 250;
 
+}  // namespace
+
+// Named, not anonymous: Classifier::Impl holds one.
+namespace detail {
+
 // conv 3x3 -> BatchNorm -> ReLU -> 2x2 max-pool per stage; flatten -> linear -> ReLU -> linear.
 struct CnnImpl : torch::nn::Module {
   std::vector<torch::nn::Conv2d> convs;
@@ -57,6 +62,10 @@ struct CnnImpl : torch::nn::Module {
 };
 TORCH_MODULE(Cnn);
 
+}  // namespace detail
+
+namespace {
+
 int64_t side_after_stages(const ClassifierConfig& c) {
   int64_t side = c.image_size;
   for (size_t i = 0; i < c.channels.size(); ++i) side /= 2;
@@ -67,7 +76,7 @@ int64_t side_after_stages(const ClassifierConfig& c) {
 
 struct Classifier::Impl {
   ClassifierConfig config;
-  Cnn net{nullptr};                         // arch "diffuse-cnn"
+  detail::Cnn net{nullptr};                 // arch "diffuse-cnn"
   detail::FidInception inception{nullptr};  // arch "fid-inception-v3"
   at::Device device = at::kCPU;
 
@@ -173,7 +182,7 @@ Classifier::Classifier(const ClassifierConfig& config, uint64_t seed) : impl_(st
   if (config.arch == kInceptionArch) {
     impl_->inception = detail::FidInception(config.num_classes);
   } else {
-    impl_->net = Cnn(config);
+    impl_->net = detail::Cnn(config);
   }
   impl_->module().eval();
 }

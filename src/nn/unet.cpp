@@ -17,14 +17,15 @@ namespace diffuse {
 namespace nn = torch::nn;
 using nn_detail::BlockSpec;
 
-namespace {
+namespace nn_detail {  // named, not anonymous: UNet2DModelImpl::Impl holds one
 // The reduced-precision weights a FrozenWeightsScope keeps between forwards.
 struct FrozenCast {
   int depth = 0;  // open scopes
   at::ScalarType dtype = at::kFloat;
   std::vector<at::Tensor> cast;
 };
-}  // namespace
+}  // namespace nn_detail
+using nn_detail::FrozenCast;
 
 struct UNet2DModelImpl::Impl {
   nn::Conv2d conv_in{nullptr};
