@@ -90,6 +90,14 @@ void register_eval(CLI::App& app, Common& common) {
       std::unique_ptr<AtomicFileWriter> out, stats_out;
       if (!a->out.empty()) out = std::make_unique<AtomicFileWriter>(a->out);
       if (!a->save_ref_stats.empty()) stats_out = std::make_unique<AtomicFileWriter>(a->save_ref_stats);
+      // The result as JSON: to --out (published complete) and, with --json, on stdout.
+      auto write_json = [&](const nlohmann::json& j) {
+        if (out) {
+          out->write(j.dump(2) + "\n");
+          out->commit();
+        }
+        if (common.json) std::cout << j.dump() << "\n";
+      };
       std::string dir = a->classifier.empty() ? default_classifier_dir() : a->classifier;
       Classifier clf = classifier_load(dir);  // first: a missing classifier should not cost a sampling run
       clf.to(at::Device(resolve_device(a->device)));  // the feature network runs where the model does
@@ -104,13 +112,8 @@ void register_eval(CLI::App& app, Common& common) {
                                   {"count", rs.count},
                                   {"feature_dim", rs.stats.mu.size(0)},
                                   {"feature_network", rs.feature_network}};
-        if (out) {
-          out->write(j.dump(2) + "\n");
-          out->commit();
-        }
-        if (common.json) {
-          std::cout << j.dump() << "\n";
-        } else {
+        write_json(j);
+        if (!common.json) {
           std::cout << "wrote " << a->save_ref_stats << ": statistics of " << rs.count << " images of "
                     << a->eval.ref << " (" << rs.stats.mu.size(0) << " features of " << rs.feature_network
                     << ")\n";
@@ -153,13 +156,8 @@ void register_eval(CLI::App& app, Common& common) {
         stats_out->commit();
         j["ref"]["saved_stats"] = a->save_ref_stats;
       }
-      if (out) {
-        out->write(j.dump(2) + "\n");
-        out->commit();
-      }
-      if (common.json) {
-        std::cout << j.dump() << "\n";
-      } else {
+      write_json(j);
+      if (!common.json) {
         std::cout << eval_report_text(r);
         if (!a->out.empty()) std::cout << "wrote " << a->out << "\n";
         if (stats_out) std::cout << "wrote " << a->save_ref_stats << " (the reference's statistics)\n";
