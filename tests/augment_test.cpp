@@ -18,12 +18,6 @@ namespace {
 
 using diffuse_test::untrained_model;
 
-std::string temp_dir(const std::string& name) {
-  fs::path p = diffuse_test::temp_root() / ("diffuse_augment_test_" + name + "_" + std::to_string(::getpid()));
-  diffuse_test::remove_tree(p);
-  return p.string();
-}
-
 GenerateOptions quick() {
   GenerateOptions g;
   g.steps = 3;
@@ -46,7 +40,7 @@ TEST(Augment, SynthesizesEveryClassAndRoundTripsThroughPngFoldersAndIdx) {
   EXPECT_EQ(ds.class_names.back(), "9");
   for (int64_t i = 0; i < 30; ++i) EXPECT_EQ(ds.labels[i].item<int64_t>(), i / 3);
 
-  const std::string png = temp_dir("png");
+  const std::string png = diffuse_test::temp_path("augment_png");
   save_labelled_dataset(ds, png, "png");
   EXPECT_TRUE(fs::exists(fs::path(png) / "7" / "000003.png"));
   const Dataset back = load_dataset("folder:" + png);
@@ -59,7 +53,7 @@ TEST(Augment, SynthesizesEveryClassAndRoundTripsThroughPngFoldersAndIdx) {
     EXPECT_TRUE(at::equal(a, b)) << "class " << c;
   }
 
-  const std::string idx = temp_dir("idx");
+  const std::string idx = diffuse_test::temp_path("augment_idx");
   save_labelled_dataset(ds, idx, "idx");
   const Dataset back_idx = load_dataset("idx:" + idx + "/images-idx3-ubyte," + idx + "/labels-idx1-ubyte");
   EXPECT_TRUE(at::equal(back_idx.images, ds.images));
@@ -79,7 +73,7 @@ TEST(Augment, SameSeedSameSetAndBadInput) {
   EXPECT_THROW(synthesize_dataset(m, 0, quick()), Error);
   Model rgb = untrained_model(3, true);
   const Dataset ds = synthesize_dataset(rgb, 1, quick());
-  const std::string dir = temp_dir("rgb");
+  const std::string dir = diffuse_test::temp_path("augment_rgb");
   EXPECT_THROW(save_labelled_dataset(ds, dir, "idx"), Error);
   EXPECT_THROW(save_labelled_dataset(ds, dir, "npz"), Error);
   diffuse_test::remove_tree(dir);

@@ -34,13 +34,7 @@ namespace fs = std::filesystem;
 namespace {
 
 using diffuse_test::CliRun;
-
-// Runs the CLI with arguments (a shell-quoted string); the commands that compute run single-threaded
-// (tests run two at a time on two cores).
-CliRun run_cli(const std::string& args) {
-  const bool compute = args.rfind("train", 0) == 0 || args.rfind("sample", 0) == 0 || args.rfind("convert", 0) == 0;
-  return diffuse_test::run_cli(args + (compute ? " --threads 1" : ""));
-}
+using diffuse_test::run_cli_serial;
 
 int count_lines(const std::string& s) {
   int n = 0;
@@ -57,7 +51,7 @@ std::string tmp(const std::string& name) {
 }  // namespace
 
 TEST(Cli, HelpListsSubcommands) {
-  CliRun r = run_cli("--help");
+  CliRun r = run_cli_serial("--help");
   EXPECT_EQ(r.code, 0);
   for (const char* sub : {"train", "sample", "info", "convert", "samplers"}) {
     EXPECT_NE(r.out.find(sub), std::string::npos) << sub;
@@ -66,7 +60,7 @@ TEST(Cli, HelpListsSubcommands) {
 
 // --version names the LibTorch and the optional parts this build has (gpu-check's summary quotes it).
 TEST(Cli, VersionSaysWhatTheBuildHolds) {
-  CliRun r = run_cli("--version");
+  CliRun r = run_cli_serial("--version");
   EXPECT_EQ(r.code, 0);
   EXPECT_EQ(r.out.rfind(std::string("diffuse ") + diffuse::version() + " (LibTorch " + TORCH_VERSION, 0), 0u) << r.out;
   for (const auto& [part, built] : std::vector<std::pair<std::string, bool>>{
@@ -80,7 +74,7 @@ TEST(Cli, VersionSaysWhatTheBuildHolds) {
 }
 
 TEST(Cli, InfoOnFashionMnistTrain) {
-  CliRun r = run_cli("info fashion-mnist:train --json");
+  CliRun r = run_cli_serial("info fashion-mnist:train --json");
   ASSERT_EQ(r.code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["count"], 60000);
@@ -91,7 +85,7 @@ TEST(Cli, InfoOnFashionMnistTrain) {
 }
 
 TEST(Cli, InfoOnDiffusersFixture) {
-  CliRun r = run_cli(std::string("info ") + DIFFUSE_FIXTURES + "/diffusers_unet2d/tiny --json");
+  CliRun r = run_cli_serial(std::string("info ") + DIFFUSE_FIXTURES + "/diffusers_unet2d/tiny --json");
   ASSERT_EQ(r.code, 0) << r.err;
   auto j = nlohmann::json::parse(r.out);
   EXPECT_EQ(j["parameters"], 702499);
@@ -121,7 +115,7 @@ TEST(Cli, BadInputIsOneLineAndExitCodeTwo) {
       "nosuchcommand",
   };
   for (const auto& c : cases) {
-    CliRun r = run_cli(c);
+    CliRun r = run_cli_serial(c);
     EXPECT_EQ(r.code, 2) << c << "\n" << r.err;
     EXPECT_GE(count_lines(r.err), 1) << c;
     EXPECT_LE(count_lines(r.err), 2) << c << "\n" << r.err;  // CLI11 may add a hint line
@@ -132,21 +126,23 @@ TEST(Cli, BadInputIsOneLineAndExitCodeTwo) {
 
 TEST(Cli, TrainSampleConvertRoundTrip) {
   std::string dir = tmp("roundtrip");
-  CliRun t = run_cli("train --preset tiny --steps 20 --sample-every 0 --out " + dir + "/run --json");
+  CliRun t = run_cli_serial("train --preset tiny --steps 20 --sample-every 0 --out " + dir + "/run --json");
   ASSERT_EQ(t.code, 0) << t.err;
   EXPECT_TRUE(t.err.empty()) << "--json: no progress lines on stderr, got " << t.err;
   EXPECT_EQ(nlohmann::json::parse(t.out).value("step", 0), 20) << t.out;
-  CliRun s = run_cli("sample --ckpt " + dir + "/run --n 9 --sampler ddim --steps 5 --out " + dir + "/grid.png --json");
+  CliRun s = run_cli_serial("sample --ckpt " + dir + "/run --n 9 --sampler ddim --steps 5 --out " + dir +
+                            "/grid.png --json");
   ASSERT_EQ(s.code, 0) << s.err;
   EXPECT_TRUE(fs::exists(dir + "/grid.png"));
-  CliRun n = run_cli("sample --ckpt " + dir + "/run --n 5 --steps 5 --out " + dir + "/s.npy");
+  CliRun n = run_cli_serial("sample --ckpt " + dir + "/run --n 5 --steps 5 --out " + dir + "/s.npy");
   ASSERT_EQ(n.code, 0) << n.err;
   EXPECT_EQ(fs::file_size(dir + "/s.npy"), 128u + 5 * 8 * 8);
-  CliRun c = run_cli("convert " + dir + "/run " + dir + "/hf");
+  CliRun c = run_cli_serial("convert " + dir + "/run " + dir + "/hf");
   ASSERT_EQ(c.code, 0) << c.err;
   EXPECT_TRUE(fs::exists(dir + "/hf/diffusion_pytorch_model.safetensors"));
   // The diffusers folder samples the same images as the checkpoint (EMA weights in both).
-  CliRun s2 = run_cli("sample --ckpt " + dir + "/hf --n 9 --sampler ddim --steps 5 --out " + dir + "/grid2.png");
+  CliRun s2 = run_cli_serial("sample --ckpt " + dir + "/hf --n 9 --sampler ddim --steps 5 --out " + dir +
+                             "/grid2.png");
   ASSERT_EQ(s2.code, 0) << s2.err;
   std::ifstream a(dir + "/grid.png", std::ios::binary), b(dir + "/grid2.png", std::ios::binary);
   std::string sa((std::istreambuf_iterator<char>(a)), {}), sb((std::istreambuf_iterator<char>(b)), {});
@@ -160,12 +156,12 @@ std::pair<bool, bool> train_then_resume(const std::string& dir, const std::strin
   auto value = [&] {
     return nlohmann::json::parse(diffuse::read_file(dir + "/run/config.json"))["train"].value(key, false);
   };
-  CliRun t = run_cli("train --preset tiny " + flags + " --steps 3 --ckpt-every 3 --sample-every 0 --out " + dir +
-                     "/run --json");
+  CliRun t = run_cli_serial("train --preset tiny " + flags +
+                            " --steps 3 --ckpt-every 3 --sample-every 0 --out " + dir + "/run --json");
   EXPECT_EQ(t.code, 0) << t.err;
   if (t.code != 0) return {false, false};
   const bool first = value();
-  CliRun r = run_cli("train --out " + dir + "/run --resume --steps 5 --json");
+  CliRun r = run_cli_serial("train --out " + dir + "/run --resume --steps 5 --json");
   EXPECT_EQ(r.code, 0) << r.err;
   if (r.code != 0) return {first, false};
   EXPECT_EQ(nlohmann::json::parse(r.out).value("step", 0), 5);
@@ -176,7 +172,7 @@ std::pair<bool, bool> train_then_resume(const std::string& dir, const std::strin
 // either failed (reported).
 bool sample_without_and_with(const std::string& dir, const std::string& args, const std::string& flag) {
   const std::string s = "sample --ckpt " + dir + "/run " + args + " --out ";
-  CliRun a = run_cli(s + dir + "/a.npy"), b = run_cli(s + dir + "/b.npy " + flag);
+  CliRun a = run_cli_serial(s + dir + "/a.npy"), b = run_cli_serial(s + dir + "/b.npy " + flag);
   EXPECT_EQ(a.code, 0) << a.err;
   EXPECT_EQ(b.code, 0) << b.err;
   return a.code == 0 && b.code == 0;
@@ -218,7 +214,7 @@ TEST(Cli, ChannelsLastTrainsAndSamples) {
 // the output nor its temporary file (a .npy written in pieces) or folder (a folder of PNGs being filled).
 TEST(Cli, TerminatedWriterLeavesNoTemporaryFile) {
   const std::string dir = tmp("sigterm"), run = dir + "/run", out = dir + "/out";
-  CliRun t = run_cli("train --preset tiny --steps 5 --sample-every 0 --out " + run + " --json");
+  CliRun t = run_cli_serial("train --preset tiny --steps 5 --sample-every 0 --out " + run + " --json");
   ASSERT_EQ(t.code, 0) << t.err;
   fs::create_directories(out);
   struct Case {
@@ -396,10 +392,10 @@ TEST(Cli, SigtermInsideACheckpointWriteLeavesNoPartialFolder) {
 // and a checkpoint without checksums (written before they existed) still loads.
 TEST(Cli, CheckpointChecksumsAreVerifiedOnLoad) {
   const std::string dir = tmp("checksum"), run = dir + "/run";
-  CliRun t = run_cli("train --preset tiny --steps 2 --sample-every 0 --out " + run);
+  CliRun t = run_cli_serial("train --preset tiny --steps 2 --sample-every 0 --out " + run);
   ASSERT_EQ(t.code, 0) << t.err;
   // Resuming a finished run trains nothing and says so.
-  CliRun again = run_cli("train --preset tiny --steps 2 --sample-every 0 --resume --out " + run);
+  CliRun again = run_cli_serial("train --preset tiny --steps 2 --sample-every 0 --resume --out " + run);
   ASSERT_EQ(again.code, 0) << again.err;
   EXPECT_EQ(again.out.rfind("already at step 2 of 2, nothing to train", 0), 0u) << again.out;
   const std::string ckpt = diffuse::checkpoint_resolve(run);
@@ -425,7 +421,7 @@ TEST(Cli, CheckpointChecksumsAreVerifiedOnLoad) {
       EXPECT_NE(std::string(e.what()).find(path), std::string::npos) << e.what();
       EXPECT_NE(std::string(e.what()).find("checksum"), std::string::npos) << e.what();
     }
-    CliRun s = run_cli("sample --ckpt " + run + " --n 1 --steps 1 --out " + dir + "/x.png");
+    CliRun s = run_cli_serial("sample --ckpt " + run + " --n 1 --steps 1 --out " + dir + "/x.png");
     if (std::string(name) != "optimizer.safetensors") {  // sampling does not read the optimizer
       EXPECT_EQ(s.code, 2) << name << ": " << s.err;
       EXPECT_EQ(count_lines(s.err), 1) << s.err;

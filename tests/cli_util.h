@@ -41,12 +41,15 @@ inline CliRun run_cli(const std::string& args) {
   return r;
 }
 
-// A fresh (removed) path under the temp directory, unique to this process.
-inline std::string temp_path(const std::string& name) {
-  namespace fs = std::filesystem;
-  fs::path p = diffuse_test::temp_root() / ("diffuse_test_" + name + "_" + std::to_string(::getpid()));
-  diffuse_test::remove_tree(p);
-  return p.string();
+// Runs `diffuse ARGS` single-threaded (`--threads 1` appended) when it computes (tests run two at a time on
+// two cores): ARGS starting with train, sample, convert or an editing command.
+inline CliRun run_cli_serial(const std::string& args) {
+  bool compute = false;
+  for (const char* c :
+       {"train", "sample", "convert", "inpaint", "upscale", "edit", "colorize", "trace", "augment"}) {
+    compute = compute || args.rfind(std::string(c) + " ", 0) == 0;
+  }
+  return run_cli(args + (compute ? " --threads 1" : ""));
 }
 
 }  // namespace diffuse_test

@@ -23,6 +23,8 @@
 
 namespace {
 
+using diffuse_test::rel_l2;
+
 #define REQUIRE_CUDA()                                                       \
   do {                                                                       \
     if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";      \
@@ -47,11 +49,6 @@ NetAndInput tiny_net_and_input() {
   at::Generator g = at::detail::createCPUGenerator(7);
   randomize_weights(m.net, g);
   return {m.net, at::randn({4, 1, 8, 8}, g), at::tensor({10.0f, 200.0f, 500.0f, 990.0f})};
-}
-
-double rel_l2(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor d = a.to(at::kCPU, at::kDouble) - b.to(at::kCPU, at::kDouble);
-  return (d.norm() / b.to(at::kCPU, at::kDouble).norm()).item<double>();
 }
 
 // Output and flat gradient of 0.5 * mean(out^2) for the fixture's input, on `device`.

@@ -14,12 +14,11 @@ using namespace diffuse;
 
 namespace {
 
-constexpr double kPi = 3.14159265358979323846;
 constexpr double kLn2 = 0.69314718055994530942;
 
 double normal_pdf(double x, double m, double sd) {
   const double z = (x - m) / sd;
-  return std::exp(-0.5 * z * z) / (sd * std::sqrt(2.0 * kPi));
+  return std::exp(-0.5 * z * z) / (sd * std::sqrt(2.0 * M_PI));
 }
 double normal_cdf(double z) { return 0.5 * std::erfc(-z / std::sqrt(2.0)); }
 
@@ -88,7 +87,7 @@ ModelFn gaussian_x0_model(const Process& process, double mu, double s, VarOut va
 // -log N(x; mu, s^2) in bits per dimension, per image.
 at::Tensor true_bpd(const at::Tensor& x, double mu, double s) {
   const int64_t n = x.size(0);
-  const at::Tensor nll = 0.5 * (std::log(2.0 * kPi * s * s) + (x - mu).pow(2) / (s * s));
+  const at::Tensor nll = 0.5 * (std::log(2.0 * M_PI * s * s) + (x - mu).pow(2) / (s * s));
   return nll.reshape({n, -1}).mean(1) / kLn2;
 }
 
@@ -133,7 +132,7 @@ struct FullGaussian {
     const int64_t n = x.size(0);
     const at::Tensor var = lambda + sigma * sigma;
     const at::Tensor z = (x.reshape({n, d}) - mu).matmul(q);
-    return -0.5 * (static_cast<double>(d) * std::log(2.0 * kPi) + var.log().sum() + (z.pow(2) / var).sum(1));
+    return -0.5 * (static_cast<double>(d) * std::log(2.0 * M_PI) + var.log().sum() + (z.pow(2) / var).sum(1));
   }
   // The exact flow from sigma0 to sigma1.
   at::Tensor flow(const at::Tensor& x, double sigma0, double sigma1) const {
@@ -201,7 +200,7 @@ TEST(LikelihoodMath, DiscretizedGaussianMatchesBinIntegrals) {
   // Far in the tail the bin mass is ~ Phi(b) (Mills ratio): finite, not clamped.
   const double m = 0.9, sd = 0.01, x = -0.5;
   const double b = (x - m + 1.0 / 255) / sd;
-  const double tail = -0.5 * b * b - std::log(-b) - 0.5 * std::log(2.0 * kPi);
+  const double tail = -0.5 * b * b - std::log(-b) - 0.5 * std::log(2.0 * M_PI);
   const double got = discretized_gaussian_log_likelihood(at::tensor(x), at::tensor(m), at::tensor(2.0 * std::log(sd))).item<double>();
   EXPECT_NEAR(got, tail, 1e-3);
   EXPECT_LT(got, -9000.0);
@@ -364,7 +363,7 @@ TEST(OdeLikelihood, ExactTraceMatchesClosedForm) {
   const double s0 = process->sigma_min(), s1 = process->sigma_max();
   // Exactly what the method computes: the change of variables of the exact flow plus the N(0, s1^2) prior.
   const at::Tensor x_end = g.flow(x, s0, s1).reshape({8, 4});
-  const at::Tensor prior = -0.5 * (4.0 * std::log(2.0 * kPi * s1 * s1) + x_end.pow(2).sum(1) / (s1 * s1));
+  const at::Tensor prior = -0.5 * (4.0 * std::log(2.0 * M_PI * s1 * s1) + x_end.pow(2).sum(1) / (s1 * s1));
   const at::Tensor expected = g.log_density(x, s0) - g.log_density(x_end, s1) + prior;
   std::printf("[   ode    ] exact trace: max |err| %.2e vs closed form, %.2e vs log N(x; mu, Sigma); nfe %lld\n",
               (r.log_likelihood - expected).abs().max().item<double>(),
@@ -387,7 +386,8 @@ TEST(OdeLikelihood, VariancePreservingPriorIsExactForUnitGaussianData) {
   o.trace = TraceEstimator::kExact;
   const OdeLikelihood r = ode_log_likelihood(d, *process, x, o, nullptr);
   const double s0 = process->sigma_min();
-  const at::Tensor expected = -0.5 * (3.0 * std::log(2.0 * kPi * (1.0 + s0 * s0)) + x.pow(2).sum(1) / (1.0 + s0 * s0));
+  const at::Tensor expected =
+      -0.5 * (3.0 * std::log(2.0 * M_PI * (1.0 + s0 * s0)) + x.pow(2).sum(1) / (1.0 + s0 * s0));
   EXPECT_LT((r.log_likelihood - expected).abs().max().item<double>(), 2e-3);
   EXPECT_NEAR(ode_prior_variance(*process, process->sigma_max()), 1.0 + std::pow(process->sigma_max(), 2), 1e-6);
   auto edm = make_process(edm_config());

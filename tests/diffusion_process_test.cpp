@@ -10,10 +10,6 @@ using namespace diffuse;
 
 namespace {
 
-constexpr double kPi = 3.14159265358979323846;
-
-std::unique_ptr<Process> process_of(ProcessKind kind) { return make_process(default_process_config(kind)); }
-
 void expect_valid_grid(const std::vector<double>& g, size_t n) {
   ASSERT_EQ(g.size(), n + 1);
   EXPECT_EQ(g.back(), 0.0);
@@ -26,7 +22,7 @@ void expect_valid_grid(const std::vector<double>& g, size_t n) {
 }  // namespace
 
 TEST(DiffusionProcess, DdpmLinearAlphaBarIsTheProductOfOneMinusBeta) {
-  auto p = process_of(ProcessKind::kDdpm);
+  auto p = make_process(default_process_config(ProcessKind::kDdpm));
   const auto& ab = p->alphas_cumprod();
   ASSERT_EQ(ab.size(), 1000u);
   EXPECT_NEAR(ab[0], 1.0 - 1e-4, 1e-15);
@@ -55,7 +51,7 @@ TEST(DiffusionProcess, DdpmCosineMatchesItsFormula) {
   auto p = make_process(cfg);
   const auto& ab = p->alphas_cumprod();
   auto f = [](double t) {
-    const double c = std::cos((t / 1000.0 + 0.008) / 1.008 * kPi / 2);
+    const double c = std::cos((t / 1000.0 + 0.008) / 1.008 * M_PI / 2);
     return c * c;
   };
   // Without clipping, alpha_bar_i = f(i + 1) / f(0) (the ratios telescope).
@@ -74,7 +70,7 @@ TEST(DiffusionProcess, DdpmSigmoidBetas) {
 
 TEST(DiffusionProcess, TimeOfSigmaInvertsSigma) {
   for (ProcessKind kind : {ProcessKind::kDdpm, ProcessKind::kVp, ProcessKind::kSubVp, ProcessKind::kVe, ProcessKind::kEdm}) {
-    auto p = process_of(kind);
+    auto p = make_process(default_process_config(kind));
     for (double u : {0.0, 0.013, 0.25, 0.5, 0.77, 0.999, 1.0}) {
       const double t = p->t_min() + u * (p->t_max() - p->t_min());
       EXPECT_NEAR(p->t_of_sigma(p->sigma(t)), t, 1e-9 * std::max(1.0, t)) << process_kind_name(kind) << " t=" << t;
@@ -82,13 +78,13 @@ TEST(DiffusionProcess, TimeOfSigmaInvertsSigma) {
     EXPECT_NEAR(p->scale_of_sigma(p->sigma_max()), p->scale(p->t_max()), 1e-12);
   }
   // DDPM: fractional t interpolates log sigma linearly between table entries.
-  auto p = process_of(ProcessKind::kDdpm);
+  auto p = make_process(default_process_config(ProcessKind::kDdpm));
   EXPECT_NEAR(std::log(p->sigma(10.25)), 0.75 * std::log(p->sigma(10)) + 0.25 * std::log(p->sigma(11)), 1e-12);
 }
 
 TEST(DiffusionProcess, ContinuousClosedForms) {
-  auto vp = process_of(ProcessKind::kVp);
-  auto subvp = process_of(ProcessKind::kSubVp);
+  auto vp = make_process(default_process_config(ProcessKind::kVp));
+  auto subvp = make_process(default_process_config(ProcessKind::kSubVp));
   for (double t : {1e-3, 0.1, 0.5, 1.0}) {
     const double ab = std::exp(-(0.1 * t + 0.5 * 19.9 * t * t));
     EXPECT_NEAR(vp->sigma(t), std::sqrt((1 - ab) / ab), 1e-10 * vp->sigma(t));
@@ -102,13 +98,13 @@ TEST(DiffusionProcess, ContinuousClosedForms) {
   EXPECT_FALSE(subvp->variance_preserving());
   EXPECT_DOUBLE_EQ(vp->t_min(), 1e-5);
 
-  auto ve = process_of(ProcessKind::kVe);
+  auto ve = make_process(default_process_config(ProcessKind::kVe));
   EXPECT_NEAR(ve->sigma(0.5), 0.01 * std::sqrt(5000.0), 1e-12);
   EXPECT_NEAR(ve->sigma(1.0), 50.0, 1e-12);
   EXPECT_DOUBLE_EQ(ve->scale(0.3), 1.0);
   EXPECT_NEAR(ve->c_noise(2.0), std::log(2.0), 1e-15);
 
-  auto edm = process_of(ProcessKind::kEdm);
+  auto edm = make_process(default_process_config(ProcessKind::kEdm));
   EXPECT_DOUBLE_EQ(edm->sigma(3.0), 3.0);
   EXPECT_DOUBLE_EQ(edm->sigma_min(), 0.002);
   EXPECT_DOUBLE_EQ(edm->sigma_max(), 80.0);
@@ -186,7 +182,7 @@ TEST(DiffusionGrid, Karras) {
 }
 
 TEST(DiffusionGrid, UniformAndLogSnr) {
-  auto vp = process_of(ProcessKind::kVp);
+  auto vp = make_process(default_process_config(ProcessKind::kVp));
   const auto u = grid_uniform_t(*vp, 8);
   expect_valid_grid(u, 8);
   EXPECT_NEAR(u[0], vp->sigma(1.0), 1e-12);
@@ -199,7 +195,7 @@ TEST(DiffusionGrid, UniformAndLogSnr) {
   EXPECT_NEAR(l[5], 0.01, 1e-14);
   for (int i = 0; i + 2 < 6; ++i) EXPECT_NEAR(std::log(l[i] / l[i + 1]), std::log(l[i + 1] / l[i + 2]), 1e-12);
 
-  auto edm = process_of(ProcessKind::kEdm);
+  auto edm = make_process(default_process_config(ProcessKind::kEdm));
   const auto k = make_grid_by_name("karras", *edm, 5);
   EXPECT_NEAR(k[0], 80.0, 1e-12);
   EXPECT_NEAR(k[4], 0.002, 1e-15);
@@ -208,7 +204,7 @@ TEST(DiffusionGrid, UniformAndLogSnr) {
 }
 
 TEST(DiffusionGrid, DdpmSpacingsMatchDiffusers) {
-  auto p = process_of(ProcessKind::kDdpm);
+  auto p = make_process(default_process_config(ProcessKind::kDdpm));
   const auto& ab = p->alphas_cumprod();
   auto sigma_at = [&](int t) { return std::sqrt((1.0 - ab[t]) / ab[t]); };
   const auto leading = grid_ddpm(*p, 10, "leading");
@@ -228,5 +224,5 @@ TEST(DiffusionGrid, DdpmSpacingsMatchDiffusers) {
   EXPECT_DOUBLE_EQ(all[0], sigma_at(999));
   EXPECT_THROW(grid_ddpm(*p, 1001, "leading"), Error);
   EXPECT_THROW(grid_ddpm(*p, 10, "middle"), Error);
-  EXPECT_THROW(grid_ddpm(*process_of(ProcessKind::kVe), 10, "trailing"), Error);
+  EXPECT_THROW(grid_ddpm(*make_process(default_process_config(ProcessKind::kVe)), 10, "trailing"), Error);
 }

@@ -14,7 +14,7 @@ using namespace diffuse;
 
 namespace {
 
-constexpr double kMu = 0.3, kS = 0.5;
+constexpr double kMean = 0.3, kStd = 0.5;
 
 at::Tensor per_sample(const at::Tensor& sigma, const at::Tensor& x) {
   std::vector<int64_t> shape(static_cast<size_t>(x.dim()), 1);
@@ -60,10 +60,11 @@ struct Mixture {
 double ode_error(const SamplerFn& fn, const std::vector<double>& sigmas) {
   const at::Tensor z = at::tensor(std::vector<double>{-1.7, -0.4, 0.6, 2.1}, at::kDouble).view({4, 1});
   const double s0 = sigmas.front(), s1 = sigmas[sigmas.size() - 2];
-  const at::Tensor x_start = kMu + z * std::sqrt(kS * kS + s0 * s0);
-  const at::Tensor x_end = kMu + (x_start - kMu) * (std::sqrt(kS * kS + s1 * s1) / std::sqrt(kS * kS + s0 * s0));
-  const at::Tensor exact = kMu + (x_end - kMu) * (kS * kS / (kS * kS + s1 * s1));
-  const at::Tensor out = fn(gaussian_denoiser(kMu, kS), x_start, sigmas, SamplerOptions());
+  const at::Tensor x_start = kMean + z * std::sqrt(kStd * kStd + s0 * s0);
+  const at::Tensor x_end =
+      kMean + (x_start - kMean) * (std::sqrt(kStd * kStd + s1 * s1) / std::sqrt(kStd * kStd + s0 * s0));
+  const at::Tensor exact = kMean + (x_end - kMean) * (kStd * kStd / (kStd * kStd + s1 * s1));
+  const at::Tensor out = fn(gaussian_denoiser(kMean, kStd), x_start, sigmas, SamplerOptions());
   return (out - exact).abs().max().item<double>();
 }
 
@@ -86,15 +87,16 @@ void expect_order(const std::string& name, double order, int64_t n, double band)
 void expect_gaussian_moments(const std::string& name, const std::vector<double>& sigmas, SamplerOptions opt,
                              double var_allowance, int64_t images = 500, int64_t dims = 256) {
   Noise start(1234, 0, images), noise(99, 0, images);
-  const at::Tensor x = kMu + start.randn({dims}).to(at::kDouble) * std::sqrt(kS * kS + sigmas[0] * sigmas[0]);
+  const at::Tensor x =
+      kMean + start.randn({dims}).to(at::kDouble) * std::sqrt(kStd * kStd + sigmas[0] * sigmas[0]);
   opt.noise = &noise;
-  const at::Tensor out = find_sampler(name).fn(gaussian_denoiser(kMu, kS), x, sigmas, opt);
+  const at::Tensor out = find_sampler(name).fn(gaussian_denoiser(kMean, kStd), x, sigmas, opt);
   const double m = static_cast<double>(images * dims);
   const double mean = out.mean().item<double>(), var = out.var().item<double>();
-  std::printf("[  moments ] %-12s %4zu steps: mean %.4f (%.2f), var %.4f (%.4f)\n", name.c_str(), sigmas.size() - 1,
-              mean, kMu, var, kS * kS);
-  EXPECT_NEAR(mean, kMu, 5 * kS / std::sqrt(m)) << name;
-  EXPECT_NEAR(var, kS * kS, 5 * kS * kS * std::sqrt(2.0 / m) + var_allowance) << name;
+  std::printf("[  moments ] %-12s %4zu steps: mean %.4f (%.2f), var %.4f (%.4f)\n", name.c_str(),
+              sigmas.size() - 1, mean, kMean, var, kStd * kStd);
+  EXPECT_NEAR(mean, kMean, 5 * kStd / std::sqrt(m)) << name;
+  EXPECT_NEAR(var, kStd * kStd, 5 * kStd * kStd * std::sqrt(2.0 / m) + var_allowance) << name;
 }
 
 }  // namespace
@@ -202,7 +204,7 @@ TEST(DiffusionOde, Rk45SolvesKnownOdes) {
 TEST(DiffusionSampler, DdimEta0IsEulerAndEta1IsDdpm) {
   std::vector<double> sigmas = grid_karras(12, 0.01, 50.0, 7.0);
   const at::Tensor x = at::randn({6, 1, 2, 2}, at::kDouble) * sigmas[0];
-  const DenoiseFn d = gaussian_denoiser(kMu, kS);
+  const DenoiseFn d = gaussian_denoiser(kMean, kStd);
   EXPECT_TRUE(at::allclose(sample_ddim(d, x, sigmas, SamplerOptions()), sample_euler(d, x, sigmas, SamplerOptions()),
                            1e-12, 1e-12));
   // With the same noise streams, DDIM eta = 1, DDPM (posterior variance) and Euler ancestral eta = 1
@@ -231,7 +233,7 @@ TEST(DiffusionSampler, DdpmLearnedVarianceInterpolates) {
   auto ddpm = make_process(ProcessConfig());
   const auto sigmas = grid_ddpm(*ddpm, 20, "leading");
   const at::Tensor x = at::randn({4, 1, 3, 3}, at::kDouble) * sigmas[0];
-  const DenoiseFn d = gaussian_denoiser(kMu, kS);
+  const DenoiseFn d = gaussian_denoiser(kMean, kStd);
   auto run = [&](bool large, double v) {
     Noise noise(3, 0, 4);
     SamplerOptions o;
@@ -296,7 +298,7 @@ TEST(DiffusionSampler, MixtureWeightsAndMoments) {
 TEST(DiffusionSampler, BatchIndependentNoise) {
   const auto sigmas = grid_karras(10, 0.002, 80.0, 7.0);
   const at::Tensor x = at::randn({6, 1, 3, 3}, at::kDouble) * 80.0;
-  const DenoiseFn d = gaussian_denoiser(kMu, kS);
+  const DenoiseFn d = gaussian_denoiser(kMean, kStd);
   for (const std::string name : {"ddpm", "euler_a", "dpmpp_2m_sde", "dpmpp_3m_sde", "pc"}) {
     Noise all(77, 0, 6), first(77, 0, 2), rest(77, 2, 4);
     SamplerOptions oa, of, orest;
@@ -313,7 +315,7 @@ TEST(DiffusionSampler, BatchIndependentNoise) {
 TEST(DiffusionSampler, CallbacksNfeAndValidation) {
   const auto sigmas = grid_karras(7, 0.002, 80.0, 7.0);
   const at::Tensor x = at::randn({2, 1, 2, 2}) * 80.0;
-  const DenoiseFn d = gaussian_denoiser(kMu, kS);
+  const DenoiseFn d = gaussian_denoiser(kMean, kStd);
   for (const SamplerInfo& info : samplers()) {
     Noise noise(1, 0, 2);
     int64_t nfe = -1;

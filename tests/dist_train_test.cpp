@@ -84,18 +84,20 @@ Proc spawn(const std::vector<std::string>& args, const std::vector<std::pair<std
 
 int exit_code(int status) { return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status); }
 
-struct CliRun {
+struct Outcome {
   int code = -1;
   std::string out, err;
   double seconds = 0;
 };
 
-CliRun run(const std::vector<std::string>& args, const std::vector<std::pair<std::string, std::string>>& env = {}) {
+Outcome run(const std::vector<std::string>& args,
+            const std::vector<std::pair<std::string, std::string>>& env = {}) {
   auto t0 = Clock::now();
   Proc p = spawn(args, env, tmp("log"));
   int status = 0;
   ::waitpid(p.pid, &status, 0);
-  CliRun r{exit_code(status), slurp(p.out), slurp(p.err), std::chrono::duration<double>(Clock::now() - t0).count()};
+  Outcome r{exit_code(status), slurp(p.out), slurp(p.err),
+            std::chrono::duration<double>(Clock::now() - t0).count()};
   fs::remove(p.out);
   fs::remove(p.err);
   return r;
@@ -175,11 +177,11 @@ TEST(Dist, TwoRanksWithHalfBatchEqualOneProcess) {
   if (!have_c10d()) GTEST_SKIP() << "built without c10d";
   const int64_t k = 12;
   std::string one = tmp("one"), two = tmp("two"), half = tmp("half");
-  CliRun r1 = run(tiny(one, k, 16));
+  Outcome r1 = run(tiny(one, k, 16));
   ASSERT_EQ(r1.code, 0) << r1.err;
-  CliRun r2 = run(plus(tiny(two, k, 16), {"--nproc", "2"}));
+  Outcome r2 = run(plus(tiny(two, k, 16), {"--nproc", "2"}));
   ASSERT_EQ(r2.code, 0) << r2.err;
-  CliRun rh = run(tiny(half, k, 8));
+  Outcome rh = run(tiny(half, k, 8));
   ASSERT_EQ(rh.code, 0) << rh.err;
   EXPECT_EQ(diffuse::checkpoint_load(two).state.step, k);
   const double d = max_param_diff(one, two), d_half = max_param_diff(one, half);
@@ -197,14 +199,14 @@ TEST(Dist, ResumeAcrossProcessCounts) {
   std::string straight = tmp("straight"), a = tmp("two_then_one"), b = tmp("one_then_two");
   ASSERT_EQ(run(tiny(straight, k, 16)).code, 0);
   // 2 ranks for 5 steps, then 1 process to the end.
-  CliRun a1 = run(plus(tiny(a, k, 16), {"--nproc", "2", "--stop-after", "5"}));
+  Outcome a1 = run(plus(tiny(a, k, 16), {"--nproc", "2", "--stop-after", "5"}));
   ASSERT_EQ(a1.code, 0) << a1.err;
   EXPECT_EQ(diffuse::checkpoint_load(a).state.step, 5);
-  CliRun a2 = run(plus(tiny(a, k, 16), {"--resume"}));
+  Outcome a2 = run(plus(tiny(a, k, 16), {"--resume"}));
   ASSERT_EQ(a2.code, 0) << a2.err;
   // 1 process for 5 steps, then 2 ranks to the end.
   ASSERT_EQ(run(plus(tiny(b, k, 16), {"--stop-after", "5"})).code, 0);
-  CliRun b2 = run(plus(tiny(b, k, 16), {"--resume", "--nproc", "2"}));
+  Outcome b2 = run(plus(tiny(b, k, 16), {"--resume", "--nproc", "2"}));
   ASSERT_EQ(b2.code, 0) << b2.err;
   for (const auto& dir : {a, b}) {
     diffuse::Checkpoint c = diffuse::checkpoint_load(dir);
@@ -215,7 +217,7 @@ TEST(Dist, ResumeAcrossProcessCounts) {
     EXPECT_LT(d, kTol) << dir;
   }
   // A global batch that does not divide over the processes is bad input, one line.
-  CliRun bad = run(plus(tiny(a, 20, 16), {"--resume", "--nproc", "3"}));
+  Outcome bad = run(plus(tiny(a, 20, 16), {"--resume", "--nproc", "3"}));
   EXPECT_EQ(bad.code, 2) << bad.err;
   EXPECT_EQ(count_lines(bad.err), 1) << bad.err;
   EXPECT_NE(bad.err.find("divide"), std::string::npos) << bad.err;
@@ -287,19 +289,19 @@ TEST(Dist, BadEnvironmentIsOneLineExitTwo) {
       {{"WORLD_SIZE", "2"}, {"RANK", "1"}, {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "70000"}},
   };
   for (const auto& env : envs) {
-    CliRun r = run(tiny(dir, 2, 16), env);
+    Outcome r = run(tiny(dir, 2, 16), env);
     EXPECT_EQ(r.code, 2) << r.err;
     EXPECT_EQ(count_lines(r.err), 1) << r.err;
     EXPECT_NE(r.err.find("error: "), std::string::npos) << r.err;
   }
   // A nonsense --nproc is a usage error (CLI11's message, exit 2).
   for (const std::string n : {"0", "-1", "abc", "2.5"}) {
-    CliRun r = run(plus(tiny(dir, 2, 16), {"--nproc", n}));
+    Outcome r = run(plus(tiny(dir, 2, 16), {"--nproc", n}));
     EXPECT_EQ(r.code, 2) << n << ": " << r.err;
     EXPECT_NE(r.err.find("--nproc"), std::string::npos) << n << ": " << r.err;
   }
   // --nproc inside a distributed environment.
-  CliRun r = run(plus(tiny(dir, 2, 16), {"--nproc", "2"}), {{"WORLD_SIZE", "2"}});
+  Outcome r = run(plus(tiny(dir, 2, 16), {"--nproc", "2"}), {{"WORLD_SIZE", "2"}});
   EXPECT_EQ(r.code, 2) << r.err;
   EXPECT_EQ(count_lines(r.err), 1) << r.err;
   diffuse_test::remove_tree(dir);

@@ -23,11 +23,8 @@ using namespace diffuse;
 
 namespace {
 
-// The editing commands run single-threaded (tests run two at a time on two cores).
 using diffuse_test::CliRun;
-CliRun run_cli(const std::string& args) { return diffuse_test::run_cli(args + " --threads 1"); }
-
-std::string temp_dir(const std::string& name) { return diffuse_test::temp_path("edit_cli_" + name); }
+using diffuse_test::run_cli_serial;
 
 }  // namespace
 
@@ -35,7 +32,7 @@ class EditCli : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     set_threads(1);
-    root_ = new std::string(temp_dir("root"));
+    root_ = new std::string(diffuse_test::temp_path("edit_cli_root"));
     const std::string data = path_join(*root_, "data");
     Noise noise(41, 0, 40);
     const at::Tensor images = (noise.randn({1, 8, 8}) * 0.5).clamp(-1.0, 1.0);
@@ -77,44 +74,49 @@ std::string* EditCli::root_ = nullptr;
 TEST_F(EditCli, InpaintKeepsKnownPixelsThroughPng) {
   for (const std::string method : {"replace", "repaint --jump 2 --resample 2"}) {
     const std::string out = p("inpainted.png");
-    CliRun r = run_cli("inpaint --ckpt " + p("uncond") + " --image " + p("in.png") + " --mask " + p("mask.png") +
-                    " --method " + method + " --steps 5 --out " + out);
+    CliRun r = run_cli_serial("inpaint --ckpt " + p("uncond") + " --image " + p("in.png") + " --mask " +
+                              p("mask.png") + " --method " + method + " --steps 5 --out " + out);
     ASSERT_EQ(r.code, 0) << r.err;
     const at::Tensor in = image_load(p("in.png")), res = image_load(out), keep = image_load(p("mask.png")) >= 128;
     EXPECT_TRUE(at::equal(res.masked_select(keep), in.masked_select(keep))) << method;
   }
-  CliRun r = run_cli("inpaint --ckpt " + p("uncond") + " --image " + p("in.png") + " --mask-rect 1,1,3,3 --n 3 --steps 4 --out " +
-                  p("variations"));
+  CliRun r = run_cli_serial("inpaint --ckpt " + p("uncond") + " --image " + p("in.png") +
+                            " --mask-rect 1,1,3,3 --n 3 --steps 4 --out " + p("variations"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_TRUE(fs::exists(path_join(p("variations"), "000002.png")));
 }
 
 TEST_F(EditCli, UpscaleEditColorizeTraceAugment) {
-  CliRun up = run_cli("upscale --ckpt " + p("uncond") + " --image " + p("low.png") + " --factor 2 --steps 5 --out " + p("up.png"));
+  CliRun up = run_cli_serial("upscale --ckpt " + p("uncond") + " --image " + p("low.png") +
+                             " --factor 2 --steps 5 --out " + p("up.png"));
   ASSERT_EQ(up.code, 0) << up.err;
   const at::Tensor hi = to_float(image_load(p("up.png"))).unsqueeze(0), low = to_float(image_load(p("low.png"))).unsqueeze(0);
   EXPECT_LT((downsample(hi, 2) - low).abs().max().item<double>(), 1.5 / 127.5) << "within the PNG rounding";
 
-  CliRun same = run_cli("edit --ckpt " + p("uncond") + " --image " + p("in.png") + " --strength 0 --out " + p("same.png"));
+  CliRun same = run_cli_serial("edit --ckpt " + p("uncond") + " --image " + p("in.png") +
+                               " --strength 0 --out " + p("same.png"));
   ASSERT_EQ(same.code, 0) << same.err;
   EXPECT_TRUE(at::equal(image_load(p("same.png")), image_load(p("in.png"))));
-  CliRun guided = run_cli("edit --ckpt " + p("cond") + " --image " + p("in.png") + " --strength 0.6 --class 3 --guidance 2 --steps 4 --out " +
-                       p("guided.png"));
+  CliRun guided = run_cli_serial("edit --ckpt " + p("cond") + " --image " + p("in.png") +
+                                 " --strength 0.6 --class 3 --guidance 2 --steps 4 --out " + p("guided.png"));
   EXPECT_EQ(guided.code, 0) << guided.err;
 
-  CliRun trace = run_cli("trace --ckpt " + p("uncond") + " --seeds 2 --steps 4 --image " + p("in.png") + " --out " + p("trace.png"));
+  CliRun trace = run_cli_serial("trace --ckpt " + p("uncond") + " --seeds 2 --steps 4 --image " +
+                                p("in.png") + " --out " + p("trace.png"));
   ASSERT_EQ(trace.code, 0) << trace.err;
   EXPECT_EQ(image_load(p("trace.png")).size(0), 3);
 
-  CliRun aug = run_cli("augment --ckpt " + p("cond") + " --per-class 2 --steps 3 --out " + p("syn") + " --format png");
+  CliRun aug = run_cli_serial("augment --ckpt " + p("cond") + " --per-class 2 --steps 3 --out " + p("syn") +
+                              " --format png");
   ASSERT_EQ(aug.code, 0) << aug.err;
   EXPECT_TRUE(fs::exists(path_join(path_join(p("syn"), "9"), "000002.png")));
-  CliRun aug_idx = run_cli("augment --ckpt " + p("cond") + " --per-class 1 --steps 3 --out " + p("syn_idx") + " --format idx");
+  CliRun aug_idx = run_cli_serial("augment --ckpt " + p("cond") + " --per-class 1 --steps 3 --out " +
+                                  p("syn_idx") + " --format idx");
   ASSERT_EQ(aug_idx.code, 0) << aug_idx.err;
   EXPECT_TRUE(fs::exists(path_join(p("syn_idx"), "labels-idx1-ubyte")));
 
-  CliRun resized = run_cli("edit --ckpt " + p("uncond") + " --image " + p("small.png") + " --resize --strength 0.3 --steps 4 --out " +
-                        p("resized.png"));
+  CliRun resized = run_cli_serial("edit --ckpt " + p("uncond") + " --image " + p("small.png") +
+                                  " --resize --strength 0.3 --steps 4 --out " + p("resized.png"));
   EXPECT_EQ(resized.code, 0) << resized.err;
 }
 
@@ -139,7 +141,7 @@ TEST_F(EditCli, BadInputIsOneLineAndExitCodeTwo) {
       {"trace" + un + " --sampler rk45" + out, "adaptive sampler in trace"},
   };
   for (const auto& [args, what] : cases) {
-    CliRun r = run_cli(args);
+    CliRun r = run_cli_serial(args);
     EXPECT_EQ(r.code, 2) << what << ": " << r.err;
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << what << ": " << r.err;
   }

@@ -51,12 +51,6 @@ struct TwinOptions {
   TwinOptions& operator=(const TwinOptions&) = delete;
 };
 
-std::string temp_dir(const std::string& name) {
-  fs::path p = diffuse_test::temp_root() / ("diffuse_edit_test_" + name + "_" + std::to_string(::getpid()));
-  diffuse_test::remove_tree(p);
-  return p.string();
-}
-
 }  // namespace
 
 TEST(EditLoop, SingleStepsComposeToTheFullGrid) {
@@ -283,7 +277,7 @@ class EditModel : public ::testing::Test {
   static void SetUpTestSuite() {
     set_threads(1);
     // A small labelled folder (10 classes of 8x8 patterns) keeps the two trainings to seconds.
-    data_dir_ = new std::string(temp_dir("data"));
+    data_dir_ = new std::string(diffuse_test::temp_path("edit_data"));
     Noise noise(40, 0, 80);
     const at::Tensor jitter = noise.randn({1, 8, 8}) * 0.3;
     const at::Tensor ramp = at::linspace(-1.0, 1.0, 8).view({1, 1, 8});
@@ -301,12 +295,12 @@ class EditModel : public ::testing::Test {
     cfg.train.sample_every = 0;
     cfg.train.log_every = 10;
     cfg.train.ckpt_every = 0;
-    dir_ = new std::string(temp_dir("uncond"));
+    dir_ = new std::string(diffuse_test::temp_path("edit_uncond"));
     train(cfg, *dir_, false, TrainControl{0, true});
     cfg.train.class_conditional = true;
     cfg.train.p_uncond = 0.2;
     cfg.model.num_class_embeds = 11;
-    cond_dir_ = new std::string(temp_dir("cond"));
+    cond_dir_ = new std::string(diffuse_test::temp_path("edit_cond"));
     train(cfg, *cond_dir_, false, TrainControl{0, true});
   }
   static void TearDownTestSuite() {

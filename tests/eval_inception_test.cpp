@@ -16,6 +16,8 @@
 
 namespace {
 
+using diffuse_test::rel_l2;
+
 using diffuse_test::error_of;
 using diffuse_test::TempDir;
 
@@ -83,11 +85,6 @@ void write_network(const std::string& dir, const diffuse::TensorDict& tensors,
   diffuse::make_directories(dir);
   diffuse::safetensors_save(dir + "/model.safetensors", tensors);
   diffuse::write_file_atomic(dir + "/config.json", config);
-}
-
-double rel_l2(const at::Tensor& a, const at::Tensor& b) {
-  return (a.to(at::kDouble) - b.to(at::kDouble)).norm().item<double>() /
-         b.to(at::kDouble).norm().item<double>();
 }
 
 TEST(FidInception, IsTheReferenceFunction) {

@@ -17,13 +17,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string temp_dir(const std::string& name) {
-  fs::path p = diffuse_test::temp_root() / ("diffuse_report_" + name + "_" + std::to_string(::getpid()));
-  diffuse_test::remove_tree(p);
-  diffuse_test::make_dirs(p);
-  return p.string();
-}
-
 int count_of(const std::string& text, const std::string& needle) {
   int n = 0;
   for (size_t pos = text.find(needle); pos != std::string::npos; pos = text.find(needle, pos + 1)) ++n;
@@ -32,7 +25,7 @@ int count_of(const std::string& text, const std::string& needle) {
 
 // A fake run: 50 metric records (FD on every tenth), 3 sample grids, a config and an eval.json.
 std::string make_run() {
-  std::string dir = temp_dir("run");
+  std::string dir = diffuse_test::make_temp_dir("report_run");
   std::string lines;
   for (int step = 10; step <= 500; step += 10) {
     nlohmann::json r{{"step", step}, {"loss", 1.0 / step + 0.05}, {"lr", 1e-4 * std::min(1.0, step / 100.0)},
@@ -111,7 +104,7 @@ TEST(Report, RendersInHeadlessChromium) {
   if (!diffuse::path_exists(chromium)) GTEST_SKIP() << "chromium is not installed (apt-get install chromium)";
   std::string dir = make_run();
   std::string path = diffuse::report_write(dir);
-  std::string profile = temp_dir("chromium_profile");
+  std::string profile = diffuse_test::make_temp_dir("report_chromium_profile");
   std::string cmd = chromium + " --headless --no-sandbox --disable-gpu --disable-background-networking --no-first-run"
                     " --user-data-dir=" + profile + " --dump-dom file://" + path + " 2>/dev/null";
   FILE* p = popen(cmd.c_str(), "r");

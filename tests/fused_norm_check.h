@@ -6,14 +6,16 @@
 #include <gtest/gtest.h>
 #include <torch/autograd.h>
 
-#include <cstdio>
-
 #include <cstdint>
+#include <cstdio>
 #include <vector>
 
 #include "nn/blocks.h"
+#include "test_util.h"
 
 namespace fused_norm_check {
+
+using diffuse_test::rel_l2;
 
 struct Case {
   std::vector<int64_t> shape;  // [N, C, ...]
@@ -24,11 +26,6 @@ struct Case {
 struct Errors {
   double y, dx, dw, db, da;  // relative L2 distances from the float64 reference (da: the addend's gradient, or 0)
 };
-
-inline double rel_l2(const at::Tensor& a, const at::Tensor& ref) {
-  const at::Tensor r = ref.to(at::kDouble).cpu();
-  return (a.to(at::kDouble).cpu() - r).norm().item<double>() / r.norm().item<double>();
-}
 
 // x, the upstream gradient and the parameters drawn from `seed`; x and the gradient hold values of `dtype`
 // exactly, so the reference sees what the kernels see. With `addend`: the normalization of x + a[:, :, None,

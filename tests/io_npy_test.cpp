@@ -15,7 +15,7 @@ namespace {
 
 using diffuse_test::error_of;
 
-const std::string kData = std::string(DIFFUSE_TEST_DATA) + "/npz/";
+const std::string kNpzDir = std::string(DIFFUSE_TEST_DATA) + "/npz/";
 
 at::Tensor parse_npy(const std::string& bytes) {
   return diffuse::npy_parse(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size(), "t.npy");
@@ -117,7 +117,7 @@ TEST(Npy, RefusesWhatItCannotRead) {
 
 TEST(Npz, ReadsWhatNumpyWrites) {
   const diffuse::NpzArchive f =
-      diffuse::npz_load(kData + "features.npz");  // np.savez: stored, ZIP64 local headers
+      diffuse::npz_load(kNpzDir + "features.npz");  // np.savez: stored, ZIP64 local headers
   ASSERT_EQ(f.members.size(), 3u);
   at::Tensor a = diffuse::npz_array(f, "a"), b = diffuse::npz_array(f, "b"), fd = diffuse::npz_array(f, "fd");
   EXPECT_EQ(a.scalar_type(), at::kFloat);
@@ -127,7 +127,7 @@ TEST(Npz, ReadsWhatNumpyWrites) {
   EXPECT_EQ(fd.dim(), 0);
   // pytorch-fid's layout: savez_compressed (deflate); the same arrays with ZIP64 records; and streamed with
   // data descriptors. All three hold mu float32 [8] and sigma float64 [8, 8] of the set a.
-  const diffuse::NpzArchive ref = diffuse::npz_load(kData + "pytorch_fid_a.npz");
+  const diffuse::NpzArchive ref = diffuse::npz_load(kNpzDir + "pytorch_fid_a.npz");
   at::Tensor mu = diffuse::npz_array(ref, "mu"), sigma = diffuse::npz_array(ref, "sigma");
   EXPECT_EQ(mu.scalar_type(), at::kFloat);
   EXPECT_EQ(sigma.scalar_type(), at::kDouble);
@@ -136,14 +136,14 @@ TEST(Npz, ReadsWhatNumpyWrites) {
   at::Tensor ac = a.to(at::kDouble) - a.to(at::kDouble).mean(0);
   EXPECT_LT((sigma - ac.t().mm(ac) / 39.0).abs().max().item<double>(), 1e-12);
   for (const char* name : {"zip64.npz", "descriptor.npz"}) {
-    const diffuse::NpzArchive z = diffuse::npz_load(kData + name);
+    const diffuse::NpzArchive z = diffuse::npz_load(kNpzDir + name);
     EXPECT_TRUE(at::equal(diffuse::npz_array(z, "mu"), mu)) << name;
     EXPECT_TRUE(at::equal(diffuse::npz_array(z, "sigma"), sigma)) << name;
   }
   EXPECT_FALSE(diffuse::npz_has(ref, "mu.npy"));
   EXPECT_NE(error_of([&] { diffuse::npz_array(ref, "features"); }).find("no array 'features'"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { diffuse::npz_load(kData + "missing.npz"); }).find("missing.npz"),
+  EXPECT_NE(error_of([&] { diffuse::npz_load(kNpzDir + "missing.npz"); }).find("missing.npz"),
             std::string::npos);
 }
 
@@ -174,9 +174,9 @@ TEST(Npz, WritesWhatItReadsTheSameBytesEachTime) {
 }
 
 TEST(Npz, RefusesCorruptArchives) {
-  const std::string deflated = diffuse::read_file(kData + "pytorch_fid_a.npz");
-  const std::string stored = diffuse::read_file(kData + "descriptor.npz");
-  const std::string zip64 = diffuse::read_file(kData + "zip64.npz");
+  const std::string deflated = diffuse::read_file(kNpzDir + "pytorch_fid_a.npz");
+  const std::string stored = diffuse::read_file(kNpzDir + "descriptor.npz");
+  const std::string zip64 = diffuse::read_file(kNpzDir + "zip64.npz");
   // Every truncation, and every byte inverted in turn: a clean refusal or a parse, never anything else.
   for (const std::string* file : {&deflated, &stored, &zip64}) {
     for (size_t n = 0; n < file->size(); ++n) {

@@ -7,16 +7,14 @@
 #include "diffuse/io/safetensors.h"
 #include "diffuse/nn/precision.h"
 #include "diffuse/nn/unet.h"
+#include "test_util.h"
 
 namespace {
 
+using diffuse_test::rel_l2;
+
 std::string fixture_dir(const std::string& name) {
   return std::string(DIFFUSE_FIXTURES) + "/diffusers_unet2d/" + name;
-}
-
-double rel_l2(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor d = a.to(at::kDouble) - b.to(at::kDouble);
-  return (d.norm() / b.to(at::kDouble).norm()).item<double>();
 }
 
 TEST(Precision, NamesParseAndNonsenseIsAnInputError) {

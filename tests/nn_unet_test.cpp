@@ -18,6 +18,8 @@
 
 namespace {
 
+using diffuse_test::rel_l2;
+
 using diffuse::TensorDict;
 using diffuse::UNet2DModel;
 using diffuse::UNetConfig;
@@ -42,11 +44,6 @@ FixtureIo load_io(const std::string& name) {
 double max_abs(const at::Tensor& a, const at::Tensor& b) {
   return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
 }
-double rel_l2(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor bd = b.to(at::kDouble);
-  return ((a.to(at::kDouble) - bd).norm() / bd.norm()).item<double>();
-}
-
 std::string sci(double v) {
   std::ostringstream s;
   s.precision(3);
@@ -63,13 +60,6 @@ std::string error_of(F f) {
     return e.what();
   }
   return "<no error>";
-}
-
-std::string temp_dir(const std::string& tag) {
-  std::random_device rd;
-  auto dir = diffuse_test::temp_root() / ("diffuse_nn_" + tag + "_" + std::to_string(rd()));
-  diffuse_test::make_dirs(dir);
-  return dir.string();
 }
 
 UNetConfig tiny_config() {
@@ -180,7 +170,7 @@ TEST(UNet, StateDictOrderIsDiffusersOrder) {
 
 TEST(UNet, SaveLoadRoundTripIsExact) {
   UNet2DModel ref = diffuse::load_diffusers_unet(fixture_dir("tiny_class_cond"));
-  const std::string dir = temp_dir("roundtrip");
+  const std::string dir = diffuse_test::make_temp_dir("nn_roundtrip");
   diffuse::save_diffusers_unet(*ref, dir);
   nlohmann::json j = nlohmann::json::parse(diffuse::read_file(dir + "/config.json"));
   EXPECT_EQ(j.at("_class_name"), "UNet2DModel");
@@ -396,7 +386,7 @@ TEST(UNet, UnsupportedConfigValuesNameTheKey) {
 TEST(UNet, MissingFolderOrPickleWeightsAreClearErrors) {
   EXPECT_NE(error_of([] { diffuse::load_diffusers_unet("/nonexistent/unet"); }).find("/nonexistent/unet"),
             std::string::npos);
-  const std::string dir = temp_dir("pickle");
+  const std::string dir = diffuse_test::make_temp_dir("nn_pickle");
   diffuse::write_file_atomic(dir + "/config.json", diffuse::read_file(fixture_dir("tiny") + "/config.json"));
   diffuse::write_file_atomic(dir + "/diffusion_pytorch_model.bin", "not a pickle");
   std::string e = error_of([&] { diffuse::load_diffusers_unet(dir); });

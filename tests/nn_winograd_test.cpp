@@ -12,12 +12,11 @@
 
 #include "nn/blocks.h"
 #include "nn/group_norm_cpu.h"
+#include "test_util.h"
 
 namespace {
 
-double rel_l2(const at::Tensor& a, const at::Tensor& ref) {
-  return ((a.to(at::kDouble) - ref).norm() / ref.norm()).item<double>();
-}
+using diffuse_test::rel_l2;
 
 struct Case {
   int64_t n, c, k, h, w;

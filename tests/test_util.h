@@ -76,6 +76,20 @@ inline std::string make_temp_dir(const std::string& name) {
   return p.string();
 }
 
+// A fresh (removed, not created) path under the temp dir, unique to this process.
+inline std::string temp_path(const std::string& name) {
+  std::filesystem::path p =
+      diffuse_test::temp_root() / ("diffuse_test_" + name + "_" + std::to_string(::getpid()));
+  diffuse_test::remove_tree(p);
+  return p.string();
+}
+
+// ||a - ref|| / ||ref||, computed in float64 on the CPU.
+inline double rel_l2(const at::Tensor& a, const at::Tensor& ref) {
+  const at::Tensor r = ref.to(at::kDouble).cpu();
+  return (a.to(at::kDouble).cpu() - r).norm().item<double>() / r.norm().item<double>();
+}
+
 // Runs fn, expecting a diffuse::Error for bad input (exit code 2); returns its message ("" and a test
 // failure when nothing or something else was thrown).
 inline std::string error_of(const std::function<void()>& fn) {

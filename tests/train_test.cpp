@@ -28,12 +28,6 @@ using namespace diffuse;
 
 namespace {
 
-std::string temp_dir(const std::string& name) {
-  fs::path p = diffuse_test::temp_root() / ("diffuse_train_test_" + name + "_" + std::to_string(::getpid()));
-  diffuse_test::remove_tree(p);
-  return p.string();
-}
-
 RunConfig tiny_config() {
   RunConfig cfg = load_preset("tiny");
   cfg.train.sample_every = 0;
@@ -49,7 +43,7 @@ TEST(Train, TinyPresetLossFallsWellBelowItsStart) {
   cfg.train.steps = 300;
   cfg.train.log_every = 30;
   cfg.train.ckpt_every = 0;
-  std::string dir = temp_dir("learns");
+  std::string dir = diffuse_test::temp_path("train_learns");
   TrainResult r = train(cfg, dir, false, TrainControl{0, true});
   EXPECT_EQ(r.step, 300);
   // An untrained eps-predictor has loss ~1 (the noise variance); a working one falls far below it.
@@ -69,7 +63,7 @@ TEST(Train, ResumeIsBitIdentical) {
   cfg.train.ckpt_every = 15;
   cfg.model.dropout = 0.1;  // dropout draws must be reproduced too
   cfg.train.deterministic = true;  // on a GPU (DIFFUSE_TEST_DEVICE=cuda) only deterministic kernels repeat bit for bit
-  std::string a = temp_dir("straight"), b = temp_dir("resumed");
+  std::string a = diffuse_test::temp_path("train_straight"), b = diffuse_test::temp_path("train_resumed");
   train(cfg, a, false, TrainControl{0, true});
   train(cfg, b, false, TrainControl{12, true});  // interrupted at step 12
   Checkpoint mid = checkpoint_load(b);
@@ -100,7 +94,7 @@ TEST(Train, DivergingLossStopsAndKeepsLastCheckpoint) {
   cfg.train.warmup_steps = 0;
   cfg.train.grad_clip = 0;
   cfg.train.lr = 1e30;  // certain to overflow
-  std::string dir = temp_dir("nan");
+  std::string dir = diffuse_test::temp_path("train_nan");
   try {
     train(cfg, dir, false, TrainControl{0, true});
     FAIL() << "expected the run to stop on a non-finite loss";
@@ -121,7 +115,7 @@ TEST(Train, RejectsDataThatDoesNotFitTheModel) {
   cfg.train.data = "fashion-mnist:test";
   cfg.model.in_channels = 3;
   cfg.model.out_channels = 3;
-  std::string dir = temp_dir("badshape");
+  std::string dir = diffuse_test::temp_path("train_badshape");
   // 3 channels requested from grey data converts; a wrong sample size with an explicit image size does not.
   cfg.train.image_size = 16;
   EXPECT_THROW(train(cfg, dir, false, TrainControl{1, true}), Error);
@@ -156,7 +150,7 @@ TEST(Generate, SameSeedSameImagesWhateverTheBatch) {
   set_threads(1);
   RunConfig cfg = tiny_config();
   cfg.train.steps = 5;
-  std::string dir = temp_dir("gen");
+  std::string dir = diffuse_test::temp_path("train_gen");
   train(cfg, dir, false, TrainControl{0, true});
   Model m = load_model(dir);
   for (const std::string sampler : {"ddim", "ddpm"}) {
@@ -219,7 +213,7 @@ TEST(Train, EvalEveryWritesFdIntoMetrics) {
   cfg.train.eval_n = 200;
   cfg.train.sample_steps = 5;
   cfg.train.classifier = clf;
-  std::string dir = temp_dir("fd");
+  std::string dir = diffuse_test::temp_path("train_fd");
   train(cfg, dir, false, TrainControl{0, true});
   std::ifstream f(path_join(dir, "metrics.jsonl"));
   std::string line;
@@ -518,7 +512,7 @@ TEST(Train, SampleGridsDrawFromThatStepsEma) {
   cfg.train.sample_n = 4;
   cfg.train.sample_sampler = "ddim";
   cfg.train.sample_steps = 5;
-  std::string dir = temp_dir("grids");
+  std::string dir = diffuse_test::temp_path("train_grids");
   train(cfg, dir, false, TrainControl{0, true});
   std::vector<at::Tensor> grids;
   for (const char* step : {"00000010", "00000020"}) {
