@@ -101,8 +101,11 @@ void register_eval(CLI::App& app, Common& common) {
       std::string dir = a->classifier.empty() ? default_classifier_dir() : a->classifier;
       Classifier clf = classifier_load(dir);  // first: a missing classifier should not cost a sampling run
       clf.to(at::Device(resolve_device(a->device)));  // the feature network runs where the model does
-      // Statistics that do not fit the network fail here, before any sampling.
-      if (!a->eval.ref_stats.empty()) reference_stats_load(a->eval.ref_stats, clf);
+      // Statistics that do not fit the network fail here, before any sampling; read once for the whole run.
+      if (!a->eval.ref_stats.empty()) {
+        a->eval.ref_stats_loaded =
+            std::make_shared<const ReferenceStats>(reference_stats_load(a->eval.ref_stats, clf));
+      }
       if (a->samples.empty()) {  // the reference's statistics only
         ReferenceStats rs = reference_stats(clf, a->eval);
         stats_out->write(reference_stats_serialize(rs));

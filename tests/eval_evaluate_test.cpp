@@ -318,6 +318,16 @@ TEST(Evaluate, StatisticsGiveTheImagesFd) {
   EXPECT_TRUE(floored.has_floor);
   EXPECT_LT(floored.floor_metrics.fd, floored.samples.fd);
   by_stats.floor = "none";
+  // Statistics read once and handed in (as `diffuse eval` does): the file is not read again.
+  diffuse::EvalOptions preloaded = by_stats;
+  preloaded.ref_stats_loaded =
+      std::make_shared<const diffuse::ReferenceStats>(diffuse::reference_stats_load(by_stats.ref_stats, clf));
+  diffuse::write_file_atomic(by_stats.ref_stats, "not an archive");
+  EXPECT_EQ(diffuse::evaluate_images(samples, clf, preloaded).samples.fd, images.samples.fd);
+  EXPECT_EQ(diffuse::reference_shape(preloaded), (std::vector<int64_t>{1, 16, 16}));
+  EXPECT_NE(diffuse_test::error_of([&] { diffuse::evaluate_images(samples, clf, by_stats); }).find("s.npz"),
+            std::string::npos);
+  diffuse::write_file_atomic(by_stats.ref_stats, diffuse::reference_stats_serialize(direct));
 
   // Another network (other weights, the same shape of features): refused, named.
   diffuse::Classifier other(small_classifier(), 2);

@@ -144,6 +144,7 @@ SampleSet load_samples(const std::string& path, const SampleOptions& options) {
 }
 
 std::vector<int64_t> reference_shape(const EvalOptions& options) {
+  if (options.ref_stats_loaded) return options.ref_stats_loaded->image_shape;
   if (!options.ref_stats.empty()) return reference_stats_load(options.ref_stats).image_shape;
   DataOptions opt = options.ref_data;
   opt.limit = 1;
@@ -198,8 +199,17 @@ ReferenceStats reference_stats_load(const std::string& path, const Classifier& c
 
 namespace {
 
+// The options with ref_stats read and checked once (a no-op without ref_stats, or when already done).
+EvalOptions with_stats_loaded(const EvalOptions& options, const Classifier& clf) {
+  EvalOptions o = options;
+  if (!o.ref_stats.empty() && !o.ref_stats_loaded) {
+    o.ref_stats_loaded = std::make_shared<const ReferenceStats>(reference_stats_load(o.ref_stats, clf));
+  }
+  return o;
+}
+
 // Measures samples that the classifier has already seen (their outputs) against the reference; `shape`
-// is the samples' {C, H, W}.
+// is the samples' {C, H, W}; options as from with_stats_loaded.
 EvalReport evaluate_outputs(const ClassifierOutput& sample_out, const std::vector<int64_t>& shape, const Classifier& clf,
                             const EvalOptions& options) {
   auto t0 = std::chrono::steady_clock::now();
@@ -217,7 +227,7 @@ EvalReport evaluate_outputs(const ClassifierOutput& sample_out, const std::vecto
   if (!options.ref_stats.empty()) {
     r.ref = options.ref_stats;
     r.ref_is_stats = true;
-    r.ref_stats = reference_stats_load(options.ref_stats, clf);
+    r.ref_stats = *options.ref_stats_loaded;
     check_shape(shape, r.ref_stats.image_shape, options.ref_stats);
     r.ref_count = r.ref_stats.count;
     ref.stats = r.ref_stats.stats;
@@ -270,12 +280,14 @@ EvalReport evaluate_outputs(const ClassifierOutput& sample_out, const std::vecto
 }  // namespace
 
 ReferenceStats reference_stats(const Classifier& clf, const EvalOptions& options) {
+  if (options.ref_stats_loaded) return *options.ref_stats_loaded;
   if (!options.ref_stats.empty()) return reference_stats_load(options.ref_stats);
   Dataset data = load_reference(options);
   return stats_of(data, clf.run(data.images, options.batch).features, clf, options.ref);
 }
 
-EvalReport evaluate_images(const at::Tensor& samples_in, const Classifier& clf, const EvalOptions& options) {
+EvalReport evaluate_images(const at::Tensor& samples_in, const Classifier& clf,
+                           const EvalOptions& options_in) {
   auto t0 = std::chrono::steady_clock::now();
   if (!samples_in.defined() || samples_in.dim() != 4) throw input_error("samples: expected images [N, C, H, W]");
   if (samples_in.size(0) == 0) throw input_error("samples: the sample set is empty");
@@ -285,11 +297,8 @@ EvalReport evaluate_images(const at::Tensor& samples_in, const Classifier& clf, 
   at::Tensor samples = samples_in.scalar_type() == at::kByte ? samples_in : to_uint8(samples_in);
   // The reference's shape first: a mismatch should not cost a classifier pass over the samples.
   const std::vector<int64_t> shape = {samples.size(1), samples.size(2), samples.size(3)};
-  if (options.ref_stats.empty()) {
-    check_shape(shape, reference_shape(options), options.ref);
-  } else {
-    check_shape(shape, reference_stats_load(options.ref_stats, clf).image_shape, options.ref_stats);
-  }
+  const EvalOptions options = with_stats_loaded(options_in, clf);
+  check_shape(shape, reference_shape(options), options.ref_stats.empty() ? options.ref : options.ref_stats);
   EvalReport r = evaluate_outputs(clf.run(samples, options.batch), shape, clf, options);
   r.seconds = seconds_since(t0);
   return r;
@@ -322,7 +331,8 @@ EvalReport evaluate_model(const std::string& path, const SampleOptions& options,
     info->nfe = nfe;
     info->seconds = sampling_seconds;
   }
-  return evaluate_outputs(all, {m.channels(), m.image_size(), m.image_size()}, clf, eval);
+  return evaluate_outputs(all, {m.channels(), m.image_size(), m.image_size()}, clf,
+                          with_stats_loaded(eval, clf));
 }
 
 nlohmann::json eval_report_to_json(const EvalReport& r) {
