@@ -305,9 +305,10 @@ EvalReport evaluate_images(const at::Tensor& samples_in, const Classifier& clf,
 }
 
 EvalReport evaluate_model(const std::string& path, const SampleOptions& options, const Classifier& clf,
-                          const EvalOptions& eval, SampleSet* info) {
+                          const EvalOptions& eval_in, SampleSet* info) {
   auto t0 = std::chrono::steady_clock::now();
   if (options.n < 0) throw input_error("--n: must be >= 0");
+  const EvalOptions eval = with_stats_loaded(eval_in, clf);  // statistics that do not fit fail before sampling
   Model m = load_sample_model(path, options);
   GenerateOptions g = sample_generate_options(m, options);
   if (g.n < kMinImages) {
@@ -331,8 +332,7 @@ EvalReport evaluate_model(const std::string& path, const SampleOptions& options,
     info->nfe = nfe;
     info->seconds = sampling_seconds;
   }
-  return evaluate_outputs(all, {m.channels(), m.image_size(), m.image_size()}, clf,
-                          with_stats_loaded(eval, clf));
+  return evaluate_outputs(all, {m.channels(), m.image_size(), m.image_size()}, clf, eval);
 }
 
 nlohmann::json eval_report_to_json(const EvalReport& r) {

@@ -9,11 +9,11 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <nlohmann/json.hpp>
 
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -80,10 +80,9 @@ struct EvalOptions {
   std::string ref = "fashion-mnist:test";  // reference data set (any load_dataset spec)
   std::string ref_stats;                   // a statistics file instead of `ref` (FD only: KID and the k-NN
                                            // metrics need the reference's features)
-  std::shared_ptr<const ReferenceStats>
-      ref_stats_loaded;                    // ref_stats as read and checked against the feature
-                                           // network (reference_stats_load(path, clf)); when null, each call
-                                           // reads the file itself
+  // ref_stats as read and checked against the feature network (reference_stats_load(path, clf)), so that one
+  // run reads it once; when null, each call reads the file itself.
+  std::shared_ptr<const ReferenceStats> ref_stats_loaded;
   DataOptions ref_data;                    // size / channels / limit applied to the reference (the floor
                                            // follows its size and channels), e.g. for a model trained at 8x8
   std::string floor = "auto";              // real images measured as a floor; "auto": the :train split of
